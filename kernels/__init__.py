@@ -1,0 +1,22 @@
+"""postembed_fast.kernels: one public launcher per op, each with backend=None|"torch"|"triton"|"cpp".
+
+"torch" is the pure-torch reference beside each kernel; None picks the fastest
+available for the tensor's device (see dispatch.PREFERENCE).
+"""
+from .attention import varlen_attention
+from .dispatch import BACKENDS, implemented, unavailable_reason
+from .gelu import bias_gelu
+from .layernorm import add_layernorm
+from .pooling import pool_normalize
+from .quantize import quantize_embeddings
+
+__all__ = [
+    "varlen_attention",
+    "pool_normalize",
+    "add_layernorm",
+    "bias_gelu",
+    "quantize_embeddings",
+    "BACKENDS",
+    "implemented",
+    "unavailable_reason",
+]

