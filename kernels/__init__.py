@@ -3,6 +3,7 @@
 "torch" is the pure-torch reference beside each kernel; None picks the fastest
 available for the tensor's device (see dispatch.PREFERENCE).
 """
+from . import cpp_ops  # noqa: F401  (registers the "cpp" backend)
 from .attention import varlen_attention
 from .dispatch import BACKENDS, implemented, unavailable_reason
 from .gelu import bias_gelu
