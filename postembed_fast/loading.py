@@ -137,7 +137,12 @@ def read_model_folder(folder: Path) -> ModelFolder:
     st_cfg = _read_json(st_cfg_path) if st_cfg_path.is_file() else {}
     offset = 0 if cfg.get("model_type") == "bert" else cfg.get("pad_token_id", 1) + 1
     limit = cfg.get("max_position_embeddings", 512) - offset
-    max_len = min(int(st_cfg.get("max_seq_length") or limit), limit)
+    # sentence-transformers < 5 writes max_seq_length to sentence_bert_config.json; newer
+    # versions keep it as the tokenizer's model_max_length.
+    tok_cfg_path = encoder_folder / "tokenizer_config.json"
+    tok_max = _read_json(tok_cfg_path).get("model_max_length") if tok_cfg_path.is_file() else None
+    max_len = st_cfg.get("max_seq_length") or (tok_max if isinstance(tok_max, int) and tok_max < 1e6 else None)
+    max_len = min(int(max_len or limit), limit)
     return ModelFolder(encoder_folder, pooling, dense, max_len, bool(st_cfg.get("do_lower_case", False)))
 
 

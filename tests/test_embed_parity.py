@@ -1,0 +1,76 @@
+"""Parity with sentence-transformers / transformers: real posts, and random models of other shapes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_parity_with_sentence_transformers_on_500_real_posts(embedder, st_model, posts):
+    texts = posts[:500]
+    ours = embedder.embed(texts)
+    ref = st_model.encode(texts, batch_size=32, convert_to_numpy=True)
+    assert ours.shape == ref.shape == (500, 384)
+    assert ours.dtype == np.float32
+    cos = cosines(ours, ref)
+    assert cos.min() >= 0.99999, f"worst text {cos.argmin()}: cosine {cos.min()}"
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+
+
+def test_one_text_alone_equals_it_inside_a_large_mixed_batch(embedder, posts):
+    batch = posts[:300] + ["", "   ", "We are hiring", "x " * 600]
+    together = embedder.embed(batch)
+    probe = [0, 7, 97, 129, 299, 300, 301, 302, 303]
+    for i in probe:
+        alone = embedder.embed(batch[i])
+        assert alone.shape == (1, 384)
+        cos = cosines(alone, together[i : i + 1])[0]
+        assert cos >= 0.999999, (i, cos)
+
+
+def test_output_order_is_input_order(embedder, posts):
+    texts = posts[:60]
+    fwd = embedder.embed(texts, batch_tokens=512)
+    rev = embedder.embed(texts[::-1], batch_tokens=512)
+    np.testing.assert_allclose(fwd, rev[::-1], atol=1e-5)
+    # and the rows are not all the same vector (a constant output would pass the line above)
+    assert cosines(fwd[:-1], fwd[1:]).min() < 0.99
+
+
+def test_embed_iter_equals_embed(embedder, posts):
+    texts = posts[:101]
+    whole = embedder.embed(texts, batch_tokens=1000)
+    chunks = list(embedder.embed_iter(iter(texts), chunk_size=37, batch_tokens=1000))
+    assert [len(c) for c in chunks] == [37, 37, 27]
+    np.testing.assert_allclose(np.concatenate(chunks), whole, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(model_type="bert", hidden=256, heads=4, layers=3, intermediate=512, pooling="cls", dense_out=64),
+        dict(model_type="bert", hidden=128, heads=2, layers=2, intermediate=256, pooling="mean", dense_out=None),
+        dict(model_type="roberta", hidden=96, heads=3, layers=2, intermediate=192, pooling="mean", dense_out=None),
+    ],
+    ids=["bert256-cls-dense64", "bert128-mean", "roberta96-mean"],
+)
+def test_parity_on_random_models_of_other_shapes(make_random_model, posts, shape):
+    from sentence_transformers import SentenceTransformer
+
+    from postembed_fast import Embedder
+
+    folder = make_random_model(max_seq_length=64, **shape)
+    texts = posts[:40] + ["", "short", "日本語のテキスト 🚀"]
+    ref = SentenceTransformer(str(folder), device="cpu").encode(texts, batch_size=8)
+    emb = Embedder(folder, device="cpu")
+    assert emb.dim == (shape["dense_out"] or shape["hidden"])
+    assert emb.max_seq_length == 64
+    ours = emb.embed(texts)
+    assert ours.shape == ref.shape
+    cos = cosines(ours, ref)
+    assert cos.min() >= 0.99999, cos.min()
