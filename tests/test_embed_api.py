@@ -1,0 +1,286 @@
+"""The public API: fast_embed / Embedder arguments, precisions, dimensions, bad input, threads."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import postembed_fast
+from postembed_fast import Embedder, fast_embed
+
+TEXTS = [
+    "Excited to share our new paper on post embeddings!",
+    "We are hiring",
+    "",
+    "   \t\n ",
+    "emoji 🚀🔥👩‍💻 and RTL שלום עולם مرحبا",
+    "CJK 日本語のテキスト 中文 한국어",
+    "zero\u200bwidth\u200djoiner and control \x07\x1b chars",
+    "NUL \x00 inside",
+    "accents: café naïve Ångström",
+]
+
+
+# ---- basics ------------------------------------------------------------------------------
+def test_fast_embed_returns_normalized_float32_in_input_order(embedder):
+    emb = fast_embed(TEXTS[:2])
+    assert isinstance(emb, np.ndarray) and emb.shape == (2, 384) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(emb, embedder.embed(TEXTS[:2]), atol=1e-6)
+    assert float(emb[0] @ emb[1]) < 0.9  # two different posts are different vectors
+
+
+def test_fast_embed_reuses_one_cached_embedder():
+    from postembed_fast.embedder import get_embedder
+
+    assert get_embedder() is get_embedder(None, "cpu", torch.float32)
+    assert get_embedder("all-MiniLM-L6-v2", "cpu") is get_embedder()
+
+
+def test_a_single_str_gives_one_row(embedder):
+    one = fast_embed("We are hiring")
+    assert one.shape == (1, 384)
+    np.testing.assert_allclose(one[0], embedder.embed(["We are hiring"])[0], atol=1e-6)
+
+
+def test_empty_list_gives_zero_rows(embedder):
+    for precision, cols, dtype in [("float32", 384, np.float32), ("int8", 384, np.int8), ("binary", 48, np.int8)]:
+        out = embedder.embed([], precision=precision)
+        assert out.shape == (0, cols) and out.dtype == dtype
+    assert fast_embed([], output="torch").shape == (0, 384)
+
+
+def test_output_torch(embedder):
+    out = embedder.embed(TEXTS[:3], output="torch")
+    assert isinstance(out, torch.Tensor) and out.shape == (3, 384) and out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), embedder.embed(TEXTS[:3]), atol=1e-6)
+
+
+def test_properties(embedder):
+    assert embedder.dim == 384
+    assert embedder.max_seq_length == 256
+    r = embedder.quantization_ranges
+    assert r.shape == (2, 384) and r.dtype == np.float32 and (r[1] > r[0]).all()
+    r[:] = 0  # a copy: the embedder's ranges are not writable through it
+    assert (embedder.quantization_ranges[1] > embedder.quantization_ranges[0]).all()
+
+
+def test_info():
+    info = postembed_fast.info()
+    for key in ("version", "cpu_ext", "cuda_ext", "triton", "cuda_available"):
+        assert key in info
+    assert info["version"] == postembed_fast.__version__
+    assert info["cuda_available"] == torch.cuda.is_available()
+    assert info["cpu_ext"] is True, info["cpu_ext_error"]  # the wheel always builds the C++ part
+
+
+def test_import_does_not_touch_the_gpu():
+    code = "import torch, postembed_fast; postembed_fast.info(); print(torch.cuda.is_initialized())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# ---- unicode, empty and long texts: like sentence-transformers ---------------------------
+def test_unicode_empty_and_whitespace_texts_match_sentence_transformers(embedder, st_model, cos):
+    ours = embedder.embed(TEXTS)
+    ref = st_model.encode(TEXTS, batch_size=32)
+    assert np.isfinite(ours).all()
+    assert cos(ours, ref).min() >= 0.99999
+
+
+def test_long_texts_are_truncated_like_sentence_transformers(embedder, st_model, posts, cos):
+    long = " ".join(posts[:40])  # thousands of tokens
+    ids = embedder.tokenize([long])[0]
+    assert len(ids) == embedder.max_seq_length
+    ours = embedder.embed([long, long[:200]])
+    ref = st_model.encode([long, long[:200]])
+    assert cos(ours, ref).min() >= 0.99999
+    assert cos(ours[:1], ours[1:])[0] < 0.9999  # truncation kept 256 tokens, not 200 characters
+
+
+# ---- precisions: against numpy references of the contract formulas ------------------------
+@pytest.mark.parametrize("precision", ["float16", "int8", "uint8", "binary", "ubinary"])
+def test_every_precision_matches_the_numpy_reference(embedder, posts, precision, reference_quantize, tie_mask):
+    texts = posts[:64] + TEXTS
+    x = embedder.embed(texts)
+    ranges = embedder.quantization_ranges
+    got = embedder.embed(texts, precision=precision)
+    want = reference_quantize(x, precision, ranges)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if precision in ("int8", "uint8"):
+        # Codes are computed from the same float32 math; only exact rounding ties may differ (by 1).
+        diff = got.astype(np.int32) - want.astype(np.int32)
+        assert (np.abs(diff) <= 1).all()
+        assert (diff[~tie_mask(x, ranges)] == 0).all()
+        assert len(np.unique(got)) > 50  # real spread over the code range, not a constant
+    elif precision == "float16":
+        np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=1e-3, atol=1e-4)
+    else:
+        np.testing.assert_array_equal(got, want)
+
+
+def test_binary_bits_follow_numpy_packbits_msb_first(embedder):
+    x = embedder.embed(TEXTS[:4])
+    ub = embedder.embed(TEXTS[:4], precision="ubinary")
+    assert ub.shape == (4, 48)
+    bits = np.unpackbits(ub, axis=1)  # MSB first
+    np.testing.assert_array_equal(bits.astype(bool), x > 0)
+    b = embedder.embed(TEXTS[:4], precision="binary")
+    np.testing.assert_array_equal(b.astype(np.int16) + 128, ub.astype(np.int16))
+
+
+def test_codes_of_a_text_do_not_depend_on_the_rest_of_the_call(embedder, posts):
+    alone = embedder.embed(posts[3], precision="int8")
+    with_others = embedder.embed(posts[:50], precision="int8")
+    assert np.abs(alone[0].astype(int) - with_others[3].astype(int)).max() <= 1
+
+
+def test_dimensions_truncates_and_renormalizes(embedder, posts):
+    full = embedder.embed(posts[:20])
+    for k in (1, 64, 383):
+        got = embedder.embed(posts[:20], dimensions=k)
+        want = full[:, :k] / np.linalg.norm(full[:, :k], axis=1, keepdims=True)
+        assert got.shape == (20, k)
+        np.testing.assert_allclose(got, want, atol=2e-6)
+    np.testing.assert_allclose(embedder.embed(posts[:5], dimensions=384), full[:5], atol=1e-6)
+    packed = embedder.embed(posts[:20], dimensions=12, precision="ubinary")
+    np.testing.assert_array_equal(packed, np.packbits(full[:, :12] > 0, axis=1))
+
+
+def test_normalize_false_returns_the_raw_pooled_vector(embedder, posts):
+    raw = embedder.embed(posts[:5], normalize=False)
+    norms = np.linalg.norm(raw, axis=1)
+    assert (np.abs(norms - 1) > 1e-3).all()
+    np.testing.assert_allclose(raw / norms[:, None], embedder.embed(posts[:5]), atol=1e-5)
+
+
+def test_other_models_need_calibration_or_ranges_for_int8(make_random_model, posts, reference_quantize):
+    folder = make_random_model(hidden=64, heads=2, layers=1, intermediate=128, pooling="mean", max_seq_length=32)
+    emb = Embedder(folder)
+    assert emb.quantization_ranges is None
+    with pytest.raises(ValueError, match="calibrate"):
+        emb.embed(["a post"], precision="int8")
+    with pytest.raises(ValueError, match="calibrate"):
+        fast_embed(["a post"], model=folder, precision="uint8")
+    assert emb.embed(["a post"], precision="binary").shape == (1, 8)  # binary needs no ranges
+    x = emb.embed(posts[:30])
+    r = emb.calibrate(posts[100:300])
+    np.testing.assert_array_equal(r, emb.quantization_ranges)
+    assert r.shape == (2, 64) and (r[1] > r[0]).all()
+    got = emb.embed(posts[:30], precision="uint8")
+    assert np.abs(got.astype(int) - reference_quantize(x, "uint8", r).astype(int)).max() <= 1
+    # ranges= overrides, and truncated dimensions get their own ranges from the calibration set
+    explicit = np.stack([np.full(64, -1.0), np.full(64, 1.0)]).astype(np.float32)
+    got = emb.embed(posts[:30], precision="uint8", ranges=explicit)
+    assert np.abs(got.astype(int) - reference_quantize(x, "uint8", explicit).astype(int)).max() <= 1
+    assert emb.embed(posts[:3], precision="int8", dimensions=16).shape == (3, 16)
+
+
+# ---- bad input: clear exceptions ---------------------------------------------------------
+@pytest.mark.parametrize(
+    "texts, match",
+    [
+        (["ok", 3, "ok"], r"texts\[1\]"),
+        (["ok", None], r"texts\[1\]"),
+        (["ok", b"bytes"], r"texts\[1\]"),
+        ([["nested"]], r"texts\[0\]"),
+        (42, "str or a sequence"),
+        (None, "str or a sequence"),
+        (b"bytes", "str or a sequence"),
+        ((t for t in ["a generator"]), "embed_iter"),
+    ],
+)
+def test_non_text_input_raises_type_error_naming_the_problem(texts, match):
+    with pytest.raises(TypeError, match=match):
+        fast_embed(texts)
+
+
+def test_embed_iter_names_the_bad_index(embedder):
+    with pytest.raises(TypeError, match=r"texts\[5\]"):
+        list(embedder.embed_iter(["a"] * 5 + [7], chunk_size=2))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(precision="int4"), "float32, float16, int8, uint8, binary, ubinary"),
+        (dict(output="list"), "numpy, torch"),
+        (dict(dimensions=0), "dimensions"),
+        (dict(dimensions=385), "dimensions"),
+        (dict(dimensions=2.5), "dimensions"),
+        (dict(batch_tokens=0), "batch_tokens"),
+        (dict(device="tpu"), "'cpu', 'cuda'"),
+        (dict(device="not a device"), "'cpu', 'cuda'"),
+        (dict(dtype="int8"), "torch.float32"),
+        (dict(model="no-such-model"), "all-MiniLM-L6-v2"),
+        (dict(precision="int8", normalize=False), "normalize=False"),
+        (dict(precision="int8", ranges=np.zeros((2, 10))), r"\(2, 384\)"),
+        (dict(precision="int8", dimensions=64), "calibrate"),
+    ],
+)
+def test_bad_arguments_raise_value_error_listing_valid_choices(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fast_embed(["a post"], **kwargs)
+
+
+def test_bad_ranges_values_are_rejected(embedder):
+    flat = np.zeros((2, 384), np.float32)
+    with pytest.raises(ValueError, match="greater than"):
+        embedder.embed(["a post"], precision="uint8", ranges=flat)
+    nan = np.stack([np.full(384, -1.0), np.full(384, np.nan)])
+    with pytest.raises(ValueError, match="finite"):
+        embedder.embed(["a post"], precision="uint8", ranges=nan)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_raises_a_clear_error():
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        fast_embed(["a post"], device="cuda")
+
+
+def test_model_folder_missing_pieces(tmp_path, default_folder):
+    import shutil
+
+    with pytest.raises(ValueError, match="config.json"):
+        Embedder(tmp_path)  # an empty folder
+    broken = tmp_path / "m"
+    shutil.copytree(default_folder, broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="model.safetensors"):
+        Embedder(broken)
+    cfg = (broken / "config.json").read_text().replace('"bert"', '"gpt2"')
+    (broken / "config.json").write_text(cfg)
+    with pytest.raises(ValueError, match="model_type"):
+        Embedder(broken)
+
+
+# ---- progress and threads ----------------------------------------------------------------
+def test_show_progress_draws_a_tqdm_bar(embedder, capsys):
+    embedder.embed(TEXTS, show_progress=True, batch_tokens=16)
+    assert "9/9" in capsys.readouterr().err
+
+
+def test_an_embedder_is_safe_to_call_from_several_threads(embedder, posts):
+    chunks = [posts[i * 20 : (i + 1) * 20] for i in range(4)]
+    want = [embedder.embed(c) for c in chunks]
+    got = [None] * 4
+    errors = []
+
+    def work(i):
+        try:
+            got[i] = embedder.embed(chunks[i], batch_tokens=700)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-5)
