@@ -1,10 +1,206 @@
 // Thin pybind11 boundary of postembed_fast._C: argument checks happen here
 // (and in the Python launchers), kernels live in their own files.
+//
+// The API takes raw pointers (tensor.data_ptr()) as integers, sizes, dtype /
+// mode / precision codes (exported as DTYPE_CODES, MODE_CODES, PRECISION_CODES)
+// and, for CUDA, a device index and a stream handle
+// (torch.cuda.current_stream().cuda_stream). It never links libtorch. Every
+// check failure raises ValueError (std::invalid_argument) before any kernel
+// touches memory; the CPU kernels run with the GIL released.
 #include <pybind11/pybind11.h>
 
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
 #include "cuda_api.h"
+#include "embedding_math.h"
+#include "kernels.h"
 
 namespace py = pybind11;
+using namespace postembed;
+
+namespace {
+
+template <typename... Ts>
+std::string cat(const Ts&... parts) {
+  std::ostringstream s;
+  (s << ... << parts);
+  return s.str();
+}
+
+#define PE_CHECK(cond, ...)                                              \
+  do {                                                                   \
+    if (!(cond)) throw std::invalid_argument(cat(__VA_ARGS__));          \
+  } while (0)
+
+constexpr int64_t kI32Max = std::numeric_limits<int32_t>::max();
+
+void check_ptr(const char* fn, const char* name, uintptr_t p) { PE_CHECK(p != 0, fn, ": ", name, " is a null pointer"); }
+
+void check_codes(const char* fn, int dtype, int precision) {
+  PE_CHECK(dtype == kF32 || dtype == kF16 || dtype == kBF16, fn, ": invalid dtype code ", dtype,
+           " (0=float32, 1=float16, 2=bfloat16)");
+  PE_CHECK(precision >= kPFloat32 && precision <= kPUBinary, fn, ": invalid precision code ", precision,
+           " (0=float32, 1=float16, 2=int8, 3=uint8, 4=binary, 5=ubinary)");
+}
+
+void check_matrix(const char* fn, const char* name, int64_t rows, int64_t D, int64_t ld) {
+  PE_CHECK(rows > 0, fn, ": ", name, " needs at least one row, got ", rows);
+  PE_CHECK(D > 0, fn, ": D must be > 0, got ", D);
+  PE_CHECK(ld >= D, fn, ": row pitch ld=", ld, " of ", name, " must be >= D=", D);
+  PE_CHECK(rows <= std::numeric_limits<int64_t>::max() / 8 / ld, fn, ": ", name, " is too large (", rows, " x ", ld,
+           ")");
+}
+
+void check_out(const char* fn, int64_t B, int64_t D, int precision, int64_t out_rows, int64_t out_cols,
+               int64_t out_itemsize) {
+  const int64_t cols = output_cols(D, precision);
+  const int64_t isz = output_elem_size(precision);
+  PE_CHECK(out_rows == B && out_cols == cols, fn, ": out must be [", B, ", ", cols, "] for D=", D, " and precision code ",
+           precision, ", got [", out_rows, ", ", out_cols, "]");
+  PE_CHECK(out_itemsize == isz, fn, ": out element size must be ", isz, " bytes for precision code ", precision, ", got ",
+           out_itemsize);
+}
+
+bool needs_ranges(int precision) { return precision == kPInt8 || precision == kPUInt8; }
+
+// Host-side re-check of cu_seqlens (CPU path only: reading it is cheap there).
+void check_cu_host(const char* fn, const int32_t* cu, int64_t B, int64_t total) {
+  PE_CHECK(cu[0] == 0, fn, ": cu_seqlens[0] must be 0, got ", cu[0]);
+  for (int64_t i = 0; i < B; ++i) {
+    PE_CHECK(cu[i + 1] > cu[i], fn, ": cu_seqlens must be strictly increasing, but cu_seqlens[", i + 1, "]=", cu[i + 1],
+             " <= cu_seqlens[", i, "]=", cu[i]);
+  }
+  PE_CHECK(cu[B] == total, fn, ": cu_seqlens[-1]=", cu[B], " must equal total_tokens=", total);
+}
+
+void check_ranges_host(const char* fn, const float* r, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) {
+    const float lo = r[d], hi = r[D + d];
+    PE_CHECK(std::isfinite(lo) && std::isfinite(hi) && hi > lo, fn, ": ranges[:, ", d, "] = (", lo, ", ", hi,
+             ") must be finite with max > min");
+  }
+}
+
+PoolArgs pool_args(const char* fn, uintptr_t hidden, uintptr_t cu, int64_t total_tokens, int64_t B, int64_t D,
+                   int64_t ld, int dtype, int mode, bool normalize, int precision, uintptr_t ranges, uintptr_t out,
+                   int64_t out_rows, int64_t out_cols, int64_t out_itemsize) {
+  check_codes(fn, dtype, precision);
+  PE_CHECK(mode == kMean || mode == kCls, fn, ": invalid mode code ", mode, " (0=mean, 1=cls)");
+  PE_CHECK(B > 0, fn, ": B (number of sequences) must be > 0, got ", B);
+  check_matrix(fn, "hidden", total_tokens, D, ld);
+  PE_CHECK(total_tokens <= kI32Max, fn, ": total_tokens=", total_tokens, " does not fit int32 cu_seqlens");
+  PE_CHECK(B <= total_tokens, fn, ": B=", B, " sequences need at least B tokens, got total_tokens=", total_tokens);
+  check_out(fn, B, D, precision, out_rows, out_cols, out_itemsize);
+  check_ptr(fn, "hidden", hidden);
+  check_ptr(fn, "cu_seqlens", cu);
+  check_ptr(fn, "out", out);
+  if (needs_ranges(precision)) check_ptr(fn, "ranges (needed for int8/uint8)", ranges);
+  PoolArgs a;
+  a.hidden = reinterpret_cast<const void*>(hidden);
+  a.cu = reinterpret_cast<const int32_t*>(cu);
+  a.total_tokens = total_tokens;
+  a.B = B;
+  a.D = D;
+  a.ld = ld;
+  a.dtype = dtype;
+  a.mode = mode;
+  a.normalize = normalize;
+  a.precision = precision;
+  a.lo = needs_ranges(precision) ? reinterpret_cast<const float*>(ranges) : nullptr;
+  a.hi = a.lo ? a.lo + D : nullptr;
+  a.out = reinterpret_cast<void*>(out);
+  return a;
+}
+
+QuantArgs quant_args(const char* fn, uintptr_t x, int64_t B, int64_t D, int64_t ld, int dtype, int precision,
+                     uintptr_t ranges, uintptr_t out, int64_t out_rows, int64_t out_cols, int64_t out_itemsize) {
+  check_codes(fn, dtype, precision);
+  check_matrix(fn, "x", B, D, ld);
+  PE_CHECK(B <= kI32Max, fn, ": B=", B, " rows is too many for one launch");
+  check_out(fn, B, D, precision, out_rows, out_cols, out_itemsize);
+  check_ptr(fn, "x", x);
+  check_ptr(fn, "out", out);
+  if (needs_ranges(precision)) check_ptr(fn, "ranges (needed for int8/uint8)", ranges);
+  QuantArgs a;
+  a.x = reinterpret_cast<const void*>(x);
+  a.B = B;
+  a.D = D;
+  a.ld = ld;
+  a.dtype = dtype;
+  a.precision = precision;
+  a.lo = needs_ranges(precision) ? reinterpret_cast<const float*>(ranges) : nullptr;
+  a.hi = a.lo ? a.lo + D : nullptr;
+  a.out = reinterpret_cast<void*>(out);
+  return a;
+}
+
+void py_pool_cpu(uintptr_t hidden, uintptr_t cu, int64_t total_tokens, int64_t B, int64_t D, int64_t ld, int dtype,
+                 int mode, bool normalize, int precision, uintptr_t ranges, uintptr_t out, int64_t out_rows,
+                 int64_t out_cols, int64_t out_itemsize) {
+  const char* fn = "pool_normalize_cpu";
+  const PoolArgs a = pool_args(fn, hidden, cu, total_tokens, B, D, ld, dtype, mode, normalize, precision, ranges, out,
+                               out_rows, out_cols, out_itemsize);
+  check_cu_host(fn, a.cu, B, total_tokens);
+  if (a.lo) check_ranges_host(fn, a.lo, D);
+  py::gil_scoped_release nogil;
+  pool_normalize_cpu(a);
+}
+
+void py_quant_cpu(uintptr_t x, int64_t B, int64_t D, int64_t ld, int dtype, int precision, uintptr_t ranges,
+                  uintptr_t out, int64_t out_rows, int64_t out_cols, int64_t out_itemsize) {
+  const char* fn = "quantize_cpu";
+  const QuantArgs a = quant_args(fn, x, B, D, ld, dtype, precision, ranges, out, out_rows, out_cols, out_itemsize);
+  if (a.lo) check_ranges_host(fn, a.lo, D);
+  py::gil_scoped_release nogil;
+  quantize_cpu(a);
+}
+
+[[noreturn]] void no_cuda(const char* fn) {
+  throw std::runtime_error(cat(fn, ": postembed_fast._C was built without CUDA kernels"));
+}
+
+void py_pool_cuda(uintptr_t hidden, uintptr_t cu, int64_t total_tokens, int64_t B, int64_t D, int64_t ld, int dtype,
+                  int mode, bool normalize, int precision, uintptr_t ranges, uintptr_t out, int64_t out_rows,
+                  int64_t out_cols, int64_t out_itemsize, int device, uintptr_t stream) {
+  const char* fn = "pool_normalize_cuda";
+  const PoolArgs a = pool_args(fn, hidden, cu, total_tokens, B, D, ld, dtype, mode, normalize, precision, ranges, out,
+                               out_rows, out_cols, out_itemsize);
+  PE_CHECK(device >= 0, fn, ": device index must be >= 0, got ", device);
+#ifdef POSTEMBED_WITH_CUDA
+  PE_CHECK(B <= kI32Max, fn, ": B=", B, " sequences is too many for one launch");
+  PE_CHECK(D <= pool_normalize_cuda_max_dim(dtype), fn, ": D=", D, " exceeds the CUDA kernel's limit of ",
+           pool_normalize_cuda_max_dim(dtype));
+  py::gil_scoped_release nogil;
+  pool_normalize_cuda(a, stream, device);
+#else
+  (void)a;
+  (void)stream;
+  no_cuda(fn);
+#endif
+}
+
+void py_quant_cuda(uintptr_t x, int64_t B, int64_t D, int64_t ld, int dtype, int precision, uintptr_t ranges,
+                   uintptr_t out, int64_t out_rows, int64_t out_cols, int64_t out_itemsize, int device,
+                   uintptr_t stream) {
+  const char* fn = "quantize_cuda";
+  const QuantArgs a = quant_args(fn, x, B, D, ld, dtype, precision, ranges, out, out_rows, out_cols, out_itemsize);
+  PE_CHECK(device >= 0, fn, ": device index must be >= 0, got ", device);
+#ifdef POSTEMBED_WITH_CUDA
+  py::gil_scoped_release nogil;
+  quantize_cuda(a, stream, device);
+#else
+  (void)a;
+  (void)stream;
+  no_cuda(fn);
+#endif
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "postembed_fast compiled kernels (C++/OpenMP, optional CUDA)";
@@ -17,4 +213,41 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("openmp") = false;
 #endif
+
+  py::dict dtypes, modes, precisions;
+  dtypes["float32"] = int(kF32);
+  dtypes["float16"] = int(kF16);
+  dtypes["bfloat16"] = int(kBF16);
+  modes["mean"] = int(kMean);
+  modes["cls"] = int(kCls);
+  precisions["float32"] = int(kPFloat32);
+  precisions["float16"] = int(kPFloat16);
+  precisions["int8"] = int(kPInt8);
+  precisions["uint8"] = int(kPUInt8);
+  precisions["binary"] = int(kPBinary);
+  precisions["ubinary"] = int(kPUBinary);
+  m.attr("DTYPE_CODES") = dtypes;
+  m.attr("MODE_CODES") = modes;
+  m.attr("PRECISION_CODES") = precisions;
+
+  const char* pool_doc =
+      "Pool (mean/cls), optionally L2-normalize and quantize packed hidden states.\n"
+      "hidden: [total_tokens, D] with row pitch ld (elements); cu: int32 [B+1]; ranges: float32 [2, D] or 0;\n"
+      "out: contiguous [out_rows, out_cols] with out_itemsize-byte elements. Pointers are data_ptr() integers.";
+  m.def("pool_normalize_cpu", &py_pool_cpu, pool_doc, py::arg("hidden"), py::arg("cu_seqlens"),
+        py::arg("total_tokens"), py::arg("B"), py::arg("D"), py::arg("ld"), py::arg("dtype"), py::arg("mode"),
+        py::arg("normalize"), py::arg("precision"), py::arg("ranges"), py::arg("out"), py::arg("out_rows"),
+        py::arg("out_cols"), py::arg("out_itemsize"));
+  m.def("pool_normalize_cuda", &py_pool_cuda, pool_doc, py::arg("hidden"), py::arg("cu_seqlens"),
+        py::arg("total_tokens"), py::arg("B"), py::arg("D"), py::arg("ld"), py::arg("dtype"), py::arg("mode"),
+        py::arg("normalize"), py::arg("precision"), py::arg("ranges"), py::arg("out"), py::arg("out_rows"),
+        py::arg("out_cols"), py::arg("out_itemsize"), py::arg("device"), py::arg("stream"));
+  const char* quant_doc =
+      "Quantize float embeddings x [B, D] (row pitch ld) into out (see pool_normalize_cpu).";
+  m.def("quantize_cpu", &py_quant_cpu, quant_doc, py::arg("x"), py::arg("B"), py::arg("D"), py::arg("ld"),
+        py::arg("dtype"), py::arg("precision"), py::arg("ranges"), py::arg("out"), py::arg("out_rows"),
+        py::arg("out_cols"), py::arg("out_itemsize"));
+  m.def("quantize_cuda", &py_quant_cuda, quant_doc, py::arg("x"), py::arg("B"), py::arg("D"), py::arg("ld"),
+        py::arg("dtype"), py::arg("precision"), py::arg("ranges"), py::arg("out"), py::arg("out_rows"),
+        py::arg("out_cols"), py::arg("out_itemsize"), py::arg("device"), py::arg("stream"));
 }

@@ -2,7 +2,131 @@
 
 Layering as in flash-attention: raw extension (_C, raw pointers + sizes + stream)
 -> the functions here (argument checks already done by the launchers; this file
-passes pointers and shapes) -> the public launchers in this package.
-Filled in by the csrc issue; until then nothing is registered and "cpp" reports
-itself unimplemented.
+allocates outputs and passes pointers, shapes and the stream) -> the public
+launchers in this package. Nothing is registered when _C is unavailable, so
+"cpp" then reports itself unimplemented/unavailable and dispatch falls back.
+
+Layout policy: hidden / embeddings may have any row stride (a row slice or a
+column slice of a bigger tensor is read in place, via the row pitch `ld`); only
+a tensor whose last dimension is not contiguous (stride(1) != 1, e.g. a
+transpose) or whose rows overlap (expand) is copied with .contiguous() first. cu_seqlens and ranges are tiny
+and are made contiguous freely. On CUDA nothing is synchronized: cu_seqlens is
+read by the kernel, the launch goes to torch.cuda.current_stream(device).
+
+Every impl takes an optional `out=` (a preallocated, contiguous tensor of the
+exact result shape/dtype/device); the tests use it with poisoned buffers to
+prove that every element gets written.
 """
+from __future__ import annotations
+
+import torch
+
+from postembed_fast import _ext
+
+from .dispatch import register
+
+_C = _ext._C
+
+OUT_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "binary": torch.int8,
+    "ubinary": torch.uint8,
+}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def output_shape(rows: int, dim: int, precision: str) -> tuple[int, int]:
+    return (rows, (dim + 7) // 8) if precision in ("binary", "ubinary") else (rows, dim)
+
+
+def _rows_view(name: str, t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(tensor whose rows are contiguous, row pitch in elements)."""
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if t.dtype not in _DTYPE_NAMES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    rows, dim = t.shape
+    if (dim > 1 and t.stride(1) != 1) or (rows > 1 and t.stride(0) < dim):
+        t = t.contiguous()  # transposed, column-strided or expanded (overlapping rows): rare, copy once
+    return t, (t.stride(0) if rows > 1 else dim)
+
+
+def _out(out, rows: int, dim: int, precision: str, device: torch.device) -> torch.Tensor:
+    shape, dtype = output_shape(rows, dim, precision), OUT_DTYPES[precision]
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous {dtype} tensor of shape {shape} on {device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device} (contiguous={out.is_contiguous()})"
+        )
+    return out
+
+
+def _ranges(ranges, dim: int, device: torch.device):
+    if ranges is None:
+        return None, 0
+    r = torch.as_tensor(ranges, dtype=torch.float32, device=device).contiguous()
+    if tuple(r.shape) != (2, dim):
+        raise ValueError(f"ranges must have shape (2, {dim}), got {tuple(r.shape)}")
+    return r, r.data_ptr()
+
+
+def _cuda_args(device: torch.device) -> tuple[int, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return index, torch.cuda.current_stream(device).cuda_stream
+
+
+def pool_normalize_cpp(hidden, cu_seqlens, mode, normalize, precision, ranges, out=None):
+    """Fused pool + L2 normalize + quantize on CPU (OpenMP) or CUDA; see kernels/pooling.py."""
+    hidden, ld = _rows_view("hidden", hidden)
+    device = hidden.device
+    total, dim = hidden.shape
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but hidden is on {device}")
+    cu = cu_seqlens.contiguous()
+    B = cu.numel() - 1
+    result = _out(out, B, dim, precision, device)
+    if result.numel() == 0:  # D == 0: nothing to compute (the C++ API requires D > 0)
+        return result
+    r, r_ptr = _ranges(ranges, dim, device) if precision in ("int8", "uint8") else (None, 0)
+    args = (hidden.data_ptr(), cu.data_ptr(), total, B, dim, ld, _C.DTYPE_CODES[_DTYPE_NAMES[hidden.dtype]],
+            _C.MODE_CODES[mode], bool(normalize), _C.PRECISION_CODES[precision], r_ptr, result.data_ptr(),
+            result.shape[0], result.shape[1], result.element_size())
+    if device.type == "cuda":
+        _C.pool_normalize_cuda(*args, *_cuda_args(device))
+    elif device.type == "cpu":
+        _C.pool_normalize_cpu(*args)
+    else:
+        raise ValueError(f"pool_normalize (cpp): unsupported device {device}")
+    return result
+
+
+def quantize_cpp(x, precision, ranges, out=None):
+    """quantize_embeddings on CPU (OpenMP) or CUDA; see kernels/quantize.py."""
+    x, ld = _rows_view("embeddings", x)
+    device = x.device
+    rows, dim = x.shape
+    result = _out(out, rows, dim, precision, device)
+    if result.numel() == 0 or dim == 0:
+        return result
+    r, r_ptr = _ranges(ranges, dim, device) if precision in ("int8", "uint8") else (None, 0)
+    args = (x.data_ptr(), rows, dim, ld, _C.DTYPE_CODES[_DTYPE_NAMES[x.dtype]], _C.PRECISION_CODES[precision], r_ptr,
+            result.data_ptr(), result.shape[0], result.shape[1], result.element_size())
+    if device.type == "cuda":
+        _C.quantize_cuda(*args, *_cuda_args(device))
+    elif device.type == "cpu":
+        _C.quantize_cpu(*args)
+    else:
+        raise ValueError(f"quantize_embeddings (cpp): unsupported device {device}")
+    return result
+
+
+if _C is not None:
+    register("pool_normalize", "cpp", devices=("cpu", "cuda"))(pool_normalize_cpp)
+    register("quantize_embeddings", "cpp", devices=("cpu", "cuda"))(quantize_cpp)

@@ -1,0 +1,55 @@
+// Kernel entry points behind the pybind11 boundary (bindings.cpp). Arguments are
+// already validated there: pointers are non-null and point to buffers of the
+// documented sizes, codes are valid, B > 0, D > 0.
+#pragma once
+
+#include <cstdint>
+
+namespace postembed {
+
+// hidden: [total_tokens, D] rows ld elements apart (ld >= D), dtype by code;
+// cu: int32 [B+1] on the same device; lo/hi: float32 [D] each (int8/uint8 only, else may be null);
+// out: contiguous [B, output_cols(D, precision)] of the precision's element type.
+struct PoolArgs {
+  const void* hidden;
+  const int32_t* cu;
+  int64_t total_tokens;
+  int64_t B;
+  int64_t D;
+  int64_t ld;
+  int dtype;
+  int mode;
+  bool normalize;
+  int precision;
+  const float* lo;
+  const float* hi;
+  void* out;
+};
+
+// x: [B, D] rows ld elements apart; out as above.
+struct QuantArgs {
+  const void* x;
+  int64_t B;
+  int64_t D;
+  int64_t ld;
+  int dtype;
+  int precision;
+  const float* lo;
+  const float* hi;
+  void* out;
+};
+
+void pool_normalize_cpu(const PoolArgs& a);
+void quantize_cpu(const QuantArgs& a);
+
+#ifdef POSTEMBED_WITH_CUDA
+// Launch on `stream` (a cudaStream_t as an integer) of CUDA device `device`
+// (all pointers live there); throws std::runtime_error on a launch error. Never
+// synchronizes.
+void pool_normalize_cuda(const PoolArgs& a, uintptr_t stream, int device);
+void quantize_cuda(const QuantArgs& a, uintptr_t stream, int device);
+// Largest D the CUDA pooling kernel takes (shared memory bound).
+int64_t pool_normalize_cuda_max_dim(int dtype);
+#endif
+
+}  // namespace postembed
