@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from .checks import check_cu_seqlens, check_float, check_precision, check_ranges
-from .dispatch import choose, register
-from .quantize import quantize_torch
+from .dispatch import TRITON_IMPORT_ERROR, choose, register
+from .quantize import PRECISION_CODE, quantize_torch
 
 POOL_MODES = ("mean", "cls")
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize (sentence-transformers' Normalize)
@@ -45,3 +45,65 @@ def pool_normalize(hidden, cu_seqlens, mode="mean", normalize=True, precision="f
     r = check_ranges(ranges, hidden.shape[1], hidden.device) if precision in ("int8", "uint8") else None
     fn = choose("pool_normalize", hidden.device, backend)
     return fn(hidden, cu_seqlens, mode, bool(normalize), precision, r)
+
+
+if TRITON_IMPORT_ERROR is None:
+    import triton
+    import triton.language as tl
+
+    from .quantize import precision_output, store_precision
+
+    @triton.jit
+    def _pool_normalize_kernel(
+        out_ptr,
+        hidden_ptr,
+        cu_seqlens_ptr,
+        lo_ptr,
+        hi_ptr,
+        out_row_stride,
+        hidden_row_stride,
+        n_cols,
+        MEAN: tl.constexpr,
+        NORMALIZE: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        seq = tl.program_id(0).to(tl.int64)
+        start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
+        cols = tl.arange(0, BLOCK_D)
+        col_mask = cols < n_cols
+        if MEAN:
+            end = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int64)
+            # [BLOCK_T, BLOCK_D] tiles of tokens, summed in fp32
+            acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+            for t0 in range(start, end, BLOCK_T):
+                toks = t0 + tl.arange(0, BLOCK_T)
+                ptrs = hidden_ptr + toks[:, None] * hidden_row_stride + cols[None, :]
+                acc += tl.load(ptrs, mask=(toks[:, None] < end) & col_mask[None, :], other=0.0).to(tl.float32)
+            x = tl.math.div_rn(tl.sum(acc, axis=0), (end - start).to(tl.float32))
+        else:  # cls: the sequence's first token
+            x = tl.load(hidden_ptr + start * hidden_row_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if NORMALIZE:
+            # sqrt_rn / div_rn: IEEE results, so quantized codes match the reference
+            norm = tl.sqrt_rn(tl.sum(x * x, axis=0))
+            x = tl.math.div_rn(x, tl.maximum(norm, 1e-12))
+        store_precision(out_ptr + seq * out_row_stride, x, lo_ptr, hi_ptr, n_cols, PRECISION, BLOCK_D)
+
+    @register("pool_normalize", "triton", devices=("cpu", "cuda"))
+    def pool_normalize_triton(hidden, cu_seqlens, mode, normalize, precision, ranges, out=None):
+        """out: test-only preallocated output (tests pass a sentinel-filled buffer)."""
+        if hidden.stride(-1) != 1:
+            hidden = hidden.contiguous()
+        B, D = cu_seqlens.numel() - 1, hidden.shape[1]
+        y, BLOCK_D = precision_output(B, D, precision, hidden.device)
+        y = y if out is None else out
+        lo, hi = (hidden, hidden) if ranges is None else (ranges[0].contiguous(), ranges[1].contiguous())
+        # ~8K fp32 accumulators per program: enough tokens per step to hide load latency
+        BLOCK_T = max(1, min(32, 8192 // BLOCK_D))
+        _pool_normalize_kernel[(B,)](
+            y, hidden, cu_seqlens, lo, hi, y.stride(0), hidden.stride(0), D,
+            MEAN=mode == "mean", NORMALIZE=normalize, PRECISION=PRECISION_CODE[precision],
+            BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
+        )
+        return y

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .checks import check_float, check_precision, check_ranges
-from .dispatch import choose, register
+from .dispatch import TRITON_IMPORT_ERROR, choose, register
 
 _BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
 
@@ -56,3 +56,82 @@ def quantize_embeddings(emb, precision: str, ranges=None, backend: str | None = 
     r = check_ranges(ranges, x.shape[1], x.device) if precision in ("int8", "uint8") else None
     out = choose("quantize_embeddings", x.device, backend)(x, precision, r)
     return out.cpu().numpy() if is_numpy else out
+
+
+# Compile-time precision codes for the Triton kernels (pooling.py shares them).
+PRECISION_CODE = {"float32": 0, "float16": 1, "int8": 2, "uint8": 3, "binary": 4, "ubinary": 5}
+
+if TRITON_IMPORT_ERROR is None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def store_precision(out_row_ptr, x, lo_ptr, hi_ptr, n_cols, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Write one fp32 row x [BLOCK_D] (lanes >= n_cols hold 0) in the requested precision.
+
+        Shared by the quantize and pool_normalize kernels, so both repeat the
+        reference's op order exactly."""
+        cols = tl.arange(0, BLOCK_D)
+        mask = cols < n_cols
+        if PRECISION <= 1:  # float32 / float16
+            tl.store(out_row_ptr + cols, x.to(out_row_ptr.dtype.element_ty), mask=mask)
+        elif PRECISION <= 3:  # int8 / uint8
+            lo = tl.load(lo_ptr + cols, mask=mask, other=0.0)
+            hi = tl.load(hi_ptr + cols, mask=mask, other=1.0)
+            # div_rn: plain '/' is an approximate division on GPUs; the codes must
+            # match the reference's IEEE division.
+            step = tl.math.div_rn(hi - lo, 255.0)
+            q = tl.floor(tl.math.div_rn(x - lo, step) + 0.5)
+            q = tl.minimum(tl.maximum(q, 0.0), 255.0)
+            if PRECISION == 2:
+                q -= 128.0
+            tl.store(out_row_ptr + cols, q.to(out_row_ptr.dtype.element_ty), mask=mask)
+        else:  # binary / ubinary: 8 sign bits per byte, MSB first (numpy.packbits)
+            bits = tl.reshape((x > 0).to(tl.int32), (BLOCK_D // 8, 8))
+            weights = 128 >> tl.arange(0, 8)
+            packed = tl.sum(bits * weights[None, :], axis=1)
+            if PRECISION == 4:
+                packed -= 128
+            bcols = tl.arange(0, BLOCK_D // 8)
+            tl.store(out_row_ptr + bcols, packed.to(out_row_ptr.dtype.element_ty), mask=bcols < (n_cols + 7) // 8)
+
+    @triton.jit
+    def _quantize_kernel(
+        out_ptr,
+        x_ptr,
+        lo_ptr,
+        hi_ptr,
+        out_row_stride,
+        x_row_stride,
+        n_cols,
+        PRECISION: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + row * x_row_stride + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        store_precision(out_ptr + row * out_row_stride, x, lo_ptr, hi_ptr, n_cols, PRECISION, BLOCK_D)
+
+    def precision_output(B, D, precision, device):
+        """The output buffer of a [B, D] row-per-program kernel, and BLOCK_D (>= 8 for bit packing)."""
+        dtype = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8,
+                 "uint8": torch.uint8, "binary": torch.int8, "ubinary": torch.uint8}[precision]
+        cols = (D + 7) // 8 if precision in ("binary", "ubinary") else D
+        return torch.empty(B, cols, dtype=dtype, device=device), max(8, triton.next_power_of_2(D))
+
+    @register("quantize_embeddings", "triton", devices=("cpu", "cuda"))
+    def quantize_triton(x, precision, ranges, out=None):
+        """out: test-only preallocated output (tests pass a sentinel-filled buffer)."""
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        B, D = x.shape
+        y, BLOCK_D = precision_output(B, D, precision, x.device)
+        y = y if out is None else out
+        if B == 0:
+            return y
+        lo, hi = (x, x) if ranges is None else (ranges[0].contiguous(), ranges[1].contiguous())
+        _quantize_kernel[(B,)](
+            y, x, lo, hi, y.stride(0), x.stride(0), D,
+            PRECISION=PRECISION_CODE[precision], BLOCK_D=BLOCK_D,
+        )
+        return y
