@@ -2,13 +2,33 @@
 // iteration of an OpenMP loop; the inner loops run over D with float
 // accumulators and compile to SIMD at the baseline ISA. The arithmetic itself is
 // embedding_math.h, shared with the CUDA kernels.
+#include <algorithm>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "embedding_math.h"
 #include "kernels.h"
 
 namespace postembed {
 namespace {
+
+// Below this many input elements a call runs on one thread: a fork/join costs
+// more than it saves (and on a loaded machine a barrier can cost milliseconds).
+constexpr int64_t kParallelMinElems = 1 << 18;
+
+int threads_for(int64_t items, int64_t elems) {
+#ifdef _OPENMP
+  if (elems < kParallelMinElems) return 1;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), items)));
+#else
+  (void)items;
+  (void)elems;
+  return 1;
+#endif
+}
 
 // acc[0..D) = fp32 sum of rows [start, end) of x (row pitch ld).
 template <typename T>
@@ -28,7 +48,8 @@ void pool_impl(const PoolArgs& a) {
   const int64_t D = a.D;
   const int64_t row_bytes = output_cols(D, a.precision) * output_elem_size(a.precision);
   char* out = static_cast<char*>(a.out);
-#pragma omp parallel
+  const int nthreads = threads_for(a.B, (a.mode == kCls ? a.B : a.total_tokens) * D);
+#pragma omp parallel num_threads(nthreads)
   {
     std::vector<float> buf(static_cast<size_t>(D));
     float* acc = buf.data();
@@ -56,7 +77,8 @@ void quant_impl(const QuantArgs& a) {
   const T* x = static_cast<const T*>(a.x);
   const int64_t row_bytes = output_cols(a.D, a.precision) * output_elem_size(a.precision);
   char* out = static_cast<char*>(a.out);
-#pragma omp parallel for schedule(static)
+  const int nthreads = threads_for(a.B, a.B * a.D);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t b = 0; b < a.B; ++b) {
     finalize_row(x + b * a.ld, a.D, 1.0f, a.precision, a.lo, a.hi, out + b * row_bytes, 0, 1);
   }
