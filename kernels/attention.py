@@ -149,6 +149,8 @@ if TRITON_IMPORT_ERROR is None:
             raise ValueError(f"varlen_attention (triton): head_dim must be 16, 32, 64 or 128, got {D}")
         o = torch.empty((T, H, D), dtype=q.dtype, device=q.device) if out is None else out
         B = cu_seqlens.numel() - 1
+        if B > 65535:  # CUDA's grid z-dimension limit
+            raise ValueError(f"varlen_attention (triton): at most 65535 sequences per call, got {B}")
         # The interpreter's tl.dot multiplies bf16's raw bits (numpy has no
         # bfloat16): there, feed the dots fp32 copies instead.
         upcast = q.dtype == torch.bfloat16 and q.device.type == "cpu"
