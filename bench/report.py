@@ -1,0 +1,147 @@
+"""Printing: header, roofline, the table, PASS/FAIL against the targets, the plot, the JSON."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TARGET_SPEEDUP, TARGET_COS = 1.4, 0.99999
+TARGET_INT8, TARGET_BINARY, TARGET_MEMORY_MB = 0.99, 0.90, 200.0
+
+
+def header(r) -> str:
+    m = r["machine"]
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    v = m["versions"]
+    lines = [f"machine: {m['cpu']} ({m['cpu_affinity']} cores usable, torch threads {m['torch_threads']}){gpu}",
+             "versions: " + ", ".join(f"{k} {x}" for k, x in v.items() if x),
+             f"device: {m['device']}; corpus: {r['corpus']}"]
+    if r["quick"]:
+        lines.append("QUICK MODE: fewer posts, repeats, latency requests and retrieval posts than the full run; "
+                     f"sizes {r['config']}")
+    return "\n".join(lines)
+
+
+def roofline_text(rf) -> str:
+    p = rf["per_token"]
+    ceil = ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in rf["ceiling_flops"].items())
+    return (f"roofline: {p['flops'] / 1e6:.2f} MFLOP/token ({p['flops_linear'] / 1e6:.2f} linear + "
+            f"{p['flops_attention'] / 1e6:.2f} attention at L={p['mean_len']:.1f}); min {p['min_bytes'] / 1e3:.1f} kB/token "
+            f"(weights {p['weight_bytes'] / 2**20:.1f} MiB read once per {p['batch_tokens']}-token batch); "
+            f"intensity {p['arithmetic_intensity']:.0f} FLOP/B -> compute-bound; measured ceiling: {ceil}")
+
+
+def table(r) -> str:
+    hdr = ("system", "posts/s", "tokens/s", "x ST", "1 post p50/p99 ms", "8 posts p50/p99 ms", "RSS+ MB",
+           "cos min", "cos mean", "% ceiling")
+    gpu = bool(r["machine"].get("gpu"))
+    if gpu:
+        hdr = hdr[:7] + ("CUDA MB",) + hdr[7:]
+    out = []
+    for s in r["systems"]:
+        lat = [f"{s[k]['p50_ms']:.1f} / {s[k]['p99_ms']:.1f}" if k in s else "-" for k in ("latency_1", "latency_8")]
+        row = [s["system"], f"{s['posts_per_s']:.1f}", f"{s['tokens_per_s']:.0f}", f"{s['ratio_to_st']:.2f}", *lat,
+               f"{s['rss_growth_mb']:.0f}"]
+        if gpu:
+            row.append(f"{s.get('cuda_max_allocated_mb', 0):.0f}")
+        row += ([f"{s['cos_min']:.6f}", f"{s['cos_mean']:.6f}"] if "cos_min" in s else ["-", "-"])
+        row.append(f"{100 * s['fraction_of_ceiling']:.1f}%")
+        out.append(row)
+    w = [max(len(str(x)) for x in col) for col in zip(hdr, *out)]
+    fmt = lambda row: "| " + " | ".join(str(x).ljust(n) for x, n in zip(row, w)) + " |"  # noqa: E731
+    lines = [fmt(hdr), "|" + "|".join("-" * (n + 2) for n in w) + "|", *map(fmt, out)]
+    c = r["corpus_stats"]
+    lines.append(f"\nthroughput: {c['throughput_posts']} posts ({c['mean_tokens_per_post']:.1f} tokens/post), "
+                 f"tokenization included, median of {r['config']['repeats']} after a warm-up; x ST = ratio to "
+                 "sentence-transformers float32. Latency over "
+                 f"{r['config']['requests']} requests. RSS+ = peak process RSS during the timed calls minus RSS "
+                 "just before them (model loaded, warmed up; sampled every 2 ms, in one process after gc + "
+                 "malloc_trim: a lower bound of each system's working memory). cos = per-post cosine against "
+                 "sentence-transformers float32. % ceiling = useful FLOP/s (no padding) / measured GEMM FLOP/s. "
+                 "transformers SDPA: batches of 32 in length-sorted order, padded per batch.")
+    ret = r.get("retrieval", {})
+    if ret.get("posts"):
+        lines.append(f"retrieval ({ret['posts']} posts, title -> own text, recall@10; int8 ranges "
+                     f"{r['int8_ranges']}; codes from {ret['codes']}): float32 {ret['recall@10_float32']:.4f}, "
+                     f"int8 {ret['recall@10_int8']:.4f} (retention {ret['retention_int8']:.4f}), "
+                     f"binary {ret['recall@10_binary']:.4f} (retention {ret['retention_binary']:.4f})")
+        lines.append(f"quantize_embeddings(float32 output) == embed(precision=...): {r['quantize_matches_embed']}")
+    return "\n".join(lines)
+
+
+def targets(r) -> list:
+    """Print PASS/FAIL per target; a target this run did not measure says so."""
+    res = []
+    m = r["machine"]
+    sysrows = {s["system"]: s for s in r.get("systems", [])}
+    f32 = sysrows.get("postembed_fast float32")
+    if m.get("gpu") is None and f32:
+        ok = f32["ratio_to_st"] >= TARGET_SPEEDUP and f32["cos_min"] >= TARGET_COS
+        res.append((ok, f"CPU ({m['cpu_affinity']} cores) float32: {f32['ratio_to_st']:.2f}x sentence-transformers "
+                        f"(target >= {TARGET_SPEEDUP}x) at min cosine {f32['cos_min']:.7f} (target >= {TARGET_COS})"))
+    elif r.get("systems"):
+        res.append((None, "CPU speed target: not measured (this run is on a GPU)"))
+    ret = r.get("retrieval", {})
+    if ret.get("posts"):
+        res.append((ret["retention_int8"] >= TARGET_INT8,
+                    f"int8 retention {ret['retention_int8']:.4f} (target >= {TARGET_INT8})"))
+        res.append((ret["retention_binary"] >= TARGET_BINARY,
+                    f"binary retention {ret['retention_binary']:.4f} (target >= {TARGET_BINARY})"))
+    elif r.get("systems"):
+        res.append((None, "retention targets: not measured (no titles in the corpus)"))
+    mem = r.get("memory")
+    if mem:
+        a, b = mem["runs"][0], mem["runs"][-1]
+        res.append((mem["passed"], f"memory: embed_iter peak RSS {b['ru_maxrss_mb']:.0f} MB for {b['posts']} posts vs "
+                                   f"{a['ru_maxrss_mb']:.0f} MB for {a['posts']}: +{mem['peak_delta_mb']:.0f} MB "
+                                   f"(target <= {TARGET_MEMORY_MB:.0f} MB)"))
+    else:
+        res.append((None, "memory target: not run here; run `python -m bench --memory` (1,000 vs 50,000 posts)"))
+    if r.get("quick"):
+        res.append((None, "quick mode: the numbers above use small sizes; targets are judged on a full run"))
+    print("\ntargets:")
+    for ok, msg in res:
+        print(f"  {'PASS' if ok else 'FAIL' if ok is False else 'n/a '}  {msg}")
+    r["targets"] = [dict(passed=ok, target=msg) for ok, msg in res]
+    return res
+
+
+def plot(r, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sw = r["batch_tokens_sweep"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = [row["batch_tokens"] for row in sw["rows"]]
+    ax.plot(xs, [row["posts_per_s"] for row in sw["rows"]], "o-", label=f"postembed_fast {sw['dtype']} (sweep)")
+    eff = r["baseline_effective_batch_tokens"]
+    for i, s in enumerate(x for x in r["systems"] if not x["system"].startswith("postembed_fast")):
+        line = ax.axhline(s["posts_per_s"], ls="--", color=f"C{i + 1}")
+        ax.plot([eff], [s["posts_per_s"]], "s", color=line.get_color(),
+                label=f"{s['system']} (batch 32 = ~{eff:.0f} tokens; dashed = reference line)")
+    for s in r["systems"]:
+        if s["system"].startswith("postembed_fast") and "->" in s["system"]:
+            ax.plot([_default_bt(r)], [s["posts_per_s"]], "^", label=f"{s['system']} (default batch_tokens)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch_tokens (baselines: batch size x mean tokens/post)")
+    ax.set_ylabel("posts/s (tokenization included)")
+    m = r["machine"]
+    ax.set_title(f"{m.get('gpu') or m['cpu']} ({m['device']}), {r['corpus_stats']['mean_tokens_per_post']:.0f} "
+                 f"tokens/post" + (" [QUICK]" if r["quick"] else ""), fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def _default_bt(r) -> int:
+    return r["roofline"]["per_token"]["batch_tokens"]
+
+
+def save(r, path) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(r, indent=1, default=str))
+        print(f"json: {path}")
