@@ -63,19 +63,14 @@ PE_HD float half_to_float(uint16_t h) {
 #ifdef __CUDA_ARCH__
   return __half2float(__ushort_as_half(h));
 #else
-  // Branch-free (masks, no selects) so the host accumulation loop vectorizes:
-  // rebias the exponent; inf/nan get the all-ones exponent; subnormals are
-  // renormalized by subtracting 2^-14 in float (exact).
+  // Branch-free so the host accumulation loop vectorizes (F. Giesen's
+  // half_to_float_fast5): place exponent+mantissa in a float and scale by
+  // 2^(127-15), which rebiases normals and renormalizes subnormals exactly; an
+  // all-ones half exponent lands at >= 2^16 and becomes inf/nan.
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t o = static_cast<uint32_t>(h & 0x7fffu) << 13;
-  const uint32_t exp = o & 0x0f800000u;
-  const uint32_t is_inf = 0u - static_cast<uint32_t>(exp == 0x0f800000u);
-  const uint32_t is_sub = 0u - static_cast<uint32_t>(exp == 0u);
-  o += (127u - 15u) << 23;
-  o += is_inf & ((128u - 16u) << 23);
-  o += is_sub & (1u << 23);
-  const uint32_t sub = float_to_bits(bits_to_float(o) - 6.103515625e-05f);
-  return bits_to_float(((is_sub & sub) | (~is_sub & o)) | sign);
+  const float scaled = bits_to_float(static_cast<uint32_t>(h & 0x7fffu) << 13) * 0x1p112f;
+  const uint32_t infnan = (0u - static_cast<uint32_t>(scaled >= 65536.0f)) & 0x7f800000u;
+  return bits_to_float(float_to_bits(scaled) | infnan | sign);
 #endif
 }
 
