@@ -112,17 +112,21 @@ def plot(r, path) -> None:
     import matplotlib.pyplot as plt
 
     sw = r["batch_tokens_sweep"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
     xs = [row["batch_tokens"] for row in sw["rows"]]
-    ax.plot(xs, [row["posts_per_s"] for row in sw["rows"]], "o-", label=f"postembed_fast {sw['dtype']} (sweep)")
+    ax.plot(xs, [row["posts_per_s"] for row in sw["rows"]], "o-", color="C0",
+            label=f"postembed_fast {sw['dtype']}: batch_tokens sweep ({sw['posts']} posts)")
     eff = r["baseline_effective_batch_tokens"]
-    for i, s in enumerate(x for x in r["systems"] if not x["system"].startswith("postembed_fast")):
-        line = ax.axhline(s["posts_per_s"], ls="--", color=f"C{i + 1}")
-        ax.plot([eff], [s["posts_per_s"]], "s", color=line.get_color(),
-                label=f"{s['system']} (batch 32 = ~{eff:.0f} tokens; dashed = reference line)")
-    for s in r["systems"]:
-        if s["system"].startswith("postembed_fast") and "->" in s["system"]:
-            ax.plot([_default_bt(r)], [s["posts_per_s"]], "^", label=f"{s['system']} (default batch_tokens)")
+    pe = [s for s in r["systems"] if s["system"].startswith("postembed_fast")]
+    base = [s for s in r["systems"] if not s["system"].startswith("postembed_fast")]
+    for i, s in enumerate(base):
+        color = f"C{i + 1}"
+        ax.axhline(s["posts_per_s"], ls="--", color=color, lw=1)
+        ax.plot([eff], [s["posts_per_s"]], "s", color=color,
+                label=f"{s['system']}: batch 32 (~{eff:.0f} tokens), dashed line = its level")
+    for i, s in enumerate(pe):
+        ax.plot([_default_bt(r)], [s["posts_per_s"]], "^*vPX"[i % 5], color=f"C{i + 1 + len(base)}", ms=8,
+                label=f"{s['system']} (default batch_tokens, {r['corpus_stats']['throughput_posts']} posts)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch_tokens (baselines: batch size x mean tokens/post)")
     ax.set_ylabel("posts/s (tokenization included)")
@@ -130,7 +134,7 @@ def plot(r, path) -> None:
     ax.set_title(f"{m.get('gpu') or m['cpu']} ({m['device']}), {r['corpus_stats']['mean_tokens_per_post']:.0f} "
                  f"tokens/post" + (" [QUICK]" if r["quick"] else ""), fontsize=9)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

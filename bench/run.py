@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def main(argv=None):
     device = resolve_device(a.device)
     gpu = device.type == "cuda"
     corpus = a.corpus or DEFAULT_CORPUS
-    results = dict(command="python -m bench " + " ".join(os.sys.argv[1:]), quick=a.quick, config=cfg,
+    results = dict(command="python -m bench " + " ".join(sys.argv[1:]), quick=a.quick, config=cfg,
                    corpus=str(corpus), machine=measure.machine(device))
     print(report.header(results))
 
@@ -184,7 +185,7 @@ def main(argv=None):
         sw_tokens = sum(map(len, e.tokenize(sw_texts)))
         values = cfg["sweep_values"] if not gpu else (4096, 16384, 65536, 131072)
         print(f"batch_tokens sweep on {len(sw_texts)} posts ({cfg['sweep_repeats']} timed call each):")
-        results["batch_tokens_sweep"] = dict(posts=len(sw_texts), dtype=str(e.dtype),
+        results["batch_tokens_sweep"] = dict(posts=len(sw_texts), dtype=str(e.dtype).replace("torch.", ""),
                                              rows=sweep(e, sw_texts, sw_tokens, values, cfg["sweep_repeats"], device,
                                                         warmup_posts=cfg["warmup_posts"]))
         results["baseline_effective_batch_tokens"] = HF_BATCH * mean_len

@@ -70,7 +70,7 @@ class HFMeanPool:
             enc = self.tok([texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_length,
                            return_tensors="pt").to(self.device)
             hidden = self.m(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1).float() / mask.sum(1).float().clamp_min(1e-9)
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden.float() * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
             out[idx] = torch.nn.functional.normalize(pooled, dim=1).cpu().numpy()
         return out
