@@ -214,6 +214,10 @@ PYBIND11_MODULE(_C, m) {
   m.attr("openmp") = false;
 #endif
 
+  m.def("cpu_f16c", &postembed::f16c_enabled, "True if CPU float32->float16 conversion uses F16C instructions");
+  m.def("_set_cpu_f16c_allowed", &postembed::set_f16c_allowed, py::arg("allowed"),
+        "Testing hook: allow/forbid the F16C path (not thread-safe); returns the previous setting");
+
   py::dict dtypes, modes, precisions;
   dtypes["float32"] = int(kF32);
   dtypes["float16"] = int(kF16);

@@ -88,28 +88,20 @@ PE_HD uint16_t float_to_half_bits(float f) {
 #ifdef __CUDA_ARCH__
   return __half_as_ushort(__float2half_rn(f));
 #else
+  // Branch-free (selects only) so host loops vectorize; after F. Giesen's
+  // float_to_half_fast3_rtne. Subnormal results: adding 0.5f rounds |f| to a
+  // multiple of 2^-24 with the FPU's round-to-nearest-even. Normal results:
+  // rebias and round the 13 dropped mantissa bits to nearest even (a carry can
+  // bump the exponent, up to inf at >= 65520). nan -> quiet nan.
   const uint32_t x = float_to_bits(f);
-  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
-  const uint32_t ax = x & 0x7fffffffu;
-  if (ax >= 0x7f800000u) {  // inf or nan (keep nan quiet and non-zero)
-    return static_cast<uint16_t>(sign | 0x7c00u | (ax > 0x7f800000u ? (0x0200u | ((ax >> 13) & 0x3ffu)) : 0u));
-  }
-  if (ax >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to >= 65520 -> inf
-  if (ax < 0x38800000u) {  // below the smallest normal half (2^-14): subnormal or zero
-    if (ax < 0x33000000u) return sign;  // < 2^-25: rounds to zero (2^-25 itself ties to even 0)
-    const uint32_t e = ax >> 23;                     // 102..112
-    const uint32_t m = (ax & 0x7fffffu) | 0x800000u;  // implicit bit
-    const uint32_t shift = 126u - e;                 // 14..24
-    uint32_t q = m >> shift;
-    const uint32_t rem = m & ((1u << shift) - 1u);
-    const uint32_t half = 1u << (shift - 1u);
-    if (rem > half || (rem == half && (q & 1u))) ++q;
-    return static_cast<uint16_t>(sign | q);
-  }
-  // normal: rebias, round the 13 dropped mantissa bits to nearest even (carry may bump the exponent)
-  uint32_t r = ax - ((127u - 15u) << 23);
-  r += 0x0fffu + ((r >> 13) & 1u);
-  return static_cast<uint16_t>(sign | (r >> 13));
+  const uint32_t sign = x & 0x80000000u;
+  const uint32_t ax = x ^ sign;
+  const uint32_t sub = float_to_bits(bits_to_float(ax) + 0.5f) - 0x3f000000u;
+  const uint32_t norm = (ax + 0xc8000fffu + ((ax >> 13) & 1u)) >> 13;  // 0xc8000000 == (15 - 127) << 23
+  const uint32_t infnan = ax > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  uint32_t o = ax < 0x38800000u ? sub : norm;  // below 2^-14: subnormal or zero
+  o = ax >= 0x47800000u ? infnan : o;          // >= 65536 (or inf/nan)
+  return static_cast<uint16_t>(o | (sign >> 16));
 #endif
 }
 
@@ -129,15 +121,25 @@ PE_HD float l2_denom(float sum_sq, bool normalize) {
 
 // ---- quantization -----------------------------------------------------------------
 
-PE_HD uint8_t quantize_u8(float x, float lo, float hi) {
-  const float step = (hi - lo) / 255.0f;
-  const float q = floorf((x - lo) / step + 0.5f);
-  return static_cast<uint8_t>(fminf(fmaxf(q, 0.0f), 255.0f));  // fmaxf maps nan -> 0 (no UB cast)
+// step = (max - min) / 255, per dimension (the CPU precomputes it once per call;
+// the result is bit-identical to computing it inline).
+PE_HD float quant_step(float lo, float hi) { return (hi - lo) / 255.0f; }
+
+PE_HD uint8_t quantize_u8_step(float x, float lo, float step) {
+  const float v = (x - lo) / step + 0.5f;
+  // clip(floor(v), 0, 255) == min(trunc(clamp(v, 0, 256)), 255) for every v (nan -> 0,
+  // +-inf -> 255 / 0); truncation of a value >= 0 is floor, and it vectorizes at the
+  // baseline x86-64 ISA (cvttps2dq) where floorf does not.
+  const float w = v > 0.0f ? (v < 256.0f ? v : 256.0f) : 0.0f;
+  const int q = static_cast<int>(w);
+  return static_cast<uint8_t>(q < 255 ? q : 255);
 }
 
-PE_HD int8_t quantize_i8(float x, float lo, float hi) {
-  return static_cast<int8_t>(static_cast<int>(quantize_u8(x, lo, hi)) - 128);
-}
+PE_HD uint8_t quantize_u8(float x, float lo, float hi) { return quantize_u8_step(x, lo, quant_step(lo, hi)); }
+
+PE_HD int8_t u8_to_i8(uint8_t q) { return static_cast<int8_t>(static_cast<int>(q) - 128); }
+
+PE_HD int8_t quantize_i8(float x, float lo, float hi) { return u8_to_i8(quantize_u8(x, lo, hi)); }
 
 // Byte j of the packed sign bits of v[0..n) / denom: element 8j+k -> bit (7-k).
 template <typename T>
@@ -160,49 +162,66 @@ PE_HD int64_t output_elem_size(int precision) {
   return precision == kPFloat32 ? 4 : (precision == kPFloat16 ? 2 : 1);
 }
 
-// Write one output row from v[0..D) / denom in the requested precision. Element
-// (or packed byte) indices start, start+stride, ...: the CPU calls it with (0, 1),
-// a CUDA block with (threadIdx.x, blockDim.x). lo/hi: per-dimension ranges
-// (int8/uint8 only).
-template <typename T>
-PE_HD void finalize_row(const T* v, int64_t D, float denom, int precision, const float* lo, const float* hi,
-                        void* out_row, int64_t start, int64_t stride) {
+// v[d] / denom; kUnit: denom == 1, where the division is the identity and is skipped.
+template <bool kUnit, typename T>
+PE_HD float scaled_at(const T* v, int64_t d, float denom) {
+  return kUnit ? load_f(v, d) : load_f(v, d) / denom;
+}
+
+template <bool kUnit, typename T>
+PE_HD void finalize_row_impl(const T* v, int64_t D, float denom, int precision, const float* lo, const float* hi,
+                             const float* step, void* out_row, int64_t start, int64_t stride) {
   switch (precision) {
     case kPFloat32: {
       float* o = static_cast<float*>(out_row);
-      for (int64_t d = start; d < D; d += stride) o[d] = load_f(v, d) / denom;
+      for (int64_t d = start; d < D; d += stride) o[d] = scaled_at<kUnit>(v, d, denom);
       break;
     }
     case kPFloat16: {
       uint16_t* o = static_cast<uint16_t*>(out_row);
-      for (int64_t d = start; d < D; d += stride) o[d] = float_to_half_bits(load_f(v, d) / denom);
+      for (int64_t d = start; d < D; d += stride) o[d] = float_to_half_bits(scaled_at<kUnit>(v, d, denom));
       break;
     }
-    case kPUInt8: {
-      uint8_t* o = static_cast<uint8_t*>(out_row);
-      for (int64_t d = start; d < D; d += stride) o[d] = quantize_u8(load_f(v, d) / denom, lo[d], hi[d]);
-      break;
-    }
+    case kPUInt8:
     case kPInt8: {
-      int8_t* o = static_cast<int8_t*>(out_row);
-      for (int64_t d = start; d < D; d += stride) o[d] = quantize_i8(load_f(v, d) / denom, lo[d], hi[d]);
-      break;
-    }
-    case kPUBinary: {
+      // int8 = uint8 - 128: one loop body, the same bytes offset by 128 (two's complement)
       uint8_t* o = static_cast<uint8_t*>(out_row);
-      const int64_t nb = (D + 7) / 8;
-      for (int64_t j = start; j < nb; j += stride) o[j] = pack_bits8(v, D, j, denom);
+      const unsigned shift = precision == kPInt8 ? 128u : 0u;
+      if (step != nullptr) {
+        for (int64_t d = start; d < D; d += stride)
+          o[d] = static_cast<uint8_t>(quantize_u8_step(scaled_at<kUnit>(v, d, denom), lo[d], step[d]) ^ shift);
+      } else {
+        for (int64_t d = start; d < D; d += stride)
+          o[d] = static_cast<uint8_t>(quantize_u8(scaled_at<kUnit>(v, d, denom), lo[d], hi[d]) ^ shift);
+      }
       break;
     }
+    case kPUBinary:
     case kPBinary: {
-      int8_t* o = static_cast<int8_t*>(out_row);
+      uint8_t* o = static_cast<uint8_t*>(out_row);
+      const unsigned shift = precision == kPBinary ? 128u : 0u;
       const int64_t nb = (D + 7) / 8;
-      for (int64_t j = start; j < nb; j += stride)
-        o[j] = static_cast<int8_t>(static_cast<int>(pack_bits8(v, D, j, denom)) - 128);
+      for (int64_t j = start; j < nb; j += stride) o[j] = static_cast<uint8_t>(pack_bits8(v, D, j, denom) ^ shift);
       break;
     }
     default:
       break;  // validated at the boundary
+  }
+}
+
+// Write one output row from v[0..D) / denom in the requested precision. Element
+// (or packed byte) indices start, start+stride, ...: the CPU calls it with (0, 1),
+// a CUDA block with (threadIdx.x, blockDim.x). lo/hi: per-dimension ranges
+// (int8/uint8 only); step: quant_step(lo, hi) precomputed per dimension, or null
+// to compute it inline. int8/binary bytes are the uint8/ubinary codes minus 128,
+// written as (code ^ 0x80), which is the same two's-complement byte.
+template <typename T>
+PE_HD void finalize_row(const T* v, int64_t D, float denom, int precision, const float* lo, const float* hi,
+                        const float* step, void* out_row, int64_t start, int64_t stride) {
+  if (denom == 1.0f) {
+    finalize_row_impl<true>(v, D, denom, precision, lo, hi, step, out_row, start, stride);
+  } else {
+    finalize_row_impl<false>(v, D, denom, precision, lo, hi, step, out_row, start, stride);
   }
 }
 

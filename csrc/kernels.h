@@ -40,6 +40,10 @@ struct QuantArgs {
 };
 
 void pool_normalize_cpu(const PoolArgs& a);
+// CPU float32 -> float16 uses F16C when the CPU has it (runtime check) unless
+// disallowed; tests turn it off to exercise the portable conversion too.
+bool f16c_enabled();
+bool set_f16c_allowed(bool allowed);  // returns the previous setting
 void quantize_cpu(const QuantArgs& a);
 
 #ifdef POSTEMBED_WITH_CUDA

@@ -103,7 +103,7 @@ pool_normalize_kernel(const T* __restrict__ x, const int32_t* __restrict__ cu, i
     ss += m * m;
   }
   ss = block_sum(ss, scratch);  // also the barrier before other threads read part[0][*]
-  finalize_row(static_cast<const float*>(part), D, l2_denom(ss, normalize), precision, lo, hi,
+  finalize_row(static_cast<const float*>(part), D, l2_denom(ss, normalize), precision, lo, hi, nullptr,
                out + b * out_row_bytes, tid, blockDim.x);
 }
 
@@ -112,7 +112,7 @@ __global__ void quantize_kernel(const T* __restrict__ x, int64_t D, int64_t ld, 
                                 const float* __restrict__ lo, const float* __restrict__ hi,
                                 char* __restrict__ out, int64_t out_row_bytes) {
   const int64_t b = blockIdx.x;
-  finalize_row(x + b * ld, D, 1.0f, precision, lo, hi, out + b * out_row_bytes, threadIdx.x, blockDim.x);
+  finalize_row(x + b * ld, D, 1.0f, precision, lo, hi, nullptr, out + b * out_row_bytes, threadIdx.x, blockDim.x);
 }
 
 void check_launch(const char* what) {

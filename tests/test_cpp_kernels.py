@@ -213,7 +213,16 @@ def test_all_half_and_bfloat16_values_convert_exactly():
         assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))  # bitwise, incl. -0
 
 
-def test_float_to_half_rounding_is_bit_exact():
+@pytest.mark.parametrize("f16c", [True, False], ids=["f16c-if-cpu-has-it", "portable"])
+def test_float_to_half_rounding_is_bit_exact(f16c):
+    prev = C._set_cpu_f16c_allowed(f16c)
+    try:
+        _check_float_to_half()
+    finally:
+        C._set_cpu_f16c_allowed(prev)
+
+
+def _check_float_to_half():
     g = torch.Generator().manual_seed(0)
     rnd = torch.randint(-2**31, 2**31 - 1, (200_000,), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32)
     # values around every fp16 boundary: subnormals, ties, the overflow threshold
