@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # (README: throughput is flat from 2k to 16k tokens; smaller batches cost Python
 # overhead, larger ones cache misses). GPUs want far larger batches.
 DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 65536}
+# Texts tokenized per step; the next step's tokenization overlaps the model's work on this one.
+TOKENIZE_CHUNK = 4096
 _OUT_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8,
                "uint8": np.uint8, "binary": np.int8, "ubinary": np.uint8}
 _DEFAULT_RANGES = Path(__file__).resolve().parent / "data" / "all-MiniLM-L6-v2.ranges.npy"
@@ -103,9 +106,10 @@ def pack(seqs: list[list[int]], device: torch.device):
     cu = np.zeros(len(seqs) + 1, dtype=np.int32)
     np.cumsum(lens, out=cu[1:])
     positions = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), lens)
-    to = dict(device=device, non_blocking=True)
-    return (torch.from_numpy(ids).to(**to), torch.from_numpy(positions).to(**to),
-            torch.from_numpy(cu).to(**to), int(lens.max()))
+    host = [torch.from_numpy(a) for a in (ids, positions, cu)]
+    if device.type == "cuda":  # pinned staging so the copies are truly asynchronous
+        host = [t.pin_memory().to(device, non_blocking=True) for t in host]
+    return (*host, int(lens.max()))
 
 
 class Embedder:
@@ -227,21 +231,39 @@ class Embedder:
                     ranges=self._resolve_ranges(precision, bool(normalize), dimensions, ranges))
 
     def _embed_list(self, texts: list[str], opts: dict, show_progress: bool) -> np.ndarray:
+        """Rows in input order; batches are planned (sorted by length) within each tokenized chunk."""
         precision, width = opts["precision"], opts["dimensions"] or self.dim
         cols = (width + 7) // 8 if precision in ("binary", "ubinary") else width
         out = np.empty((len(texts), cols), dtype=_OUT_DTYPES[precision])
         if not texts:
             return out
-        seqs = self.tokenize(texts)
-        lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
         bar = _progress(len(texts), show_progress)
-        for idx in plan_batches(lengths, opts["batch_tokens"]):
-            out[idx] = self._embed_batch([seqs[i] for i in idx], opts).cpu().numpy()
-            if bar is not None:
-                bar.update(len(idx))
+        readback = _Readback(out, self.device)
+        for start, seqs in self._tokenized_chunks(texts):
+            lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+            for idx in plan_batches(lengths, opts["batch_tokens"]):
+                readback.put(start + idx, self._embed_batch([seqs[i] for i in idx], opts))
+                if bar is not None:
+                    bar.update(len(idx))
+        readback.flush()
         if bar is not None:
             bar.close()
         return out
+
+    def _tokenized_chunks(self, texts: list[str]):
+        """Yield (start, token id lists) per TOKENIZE_CHUNK texts; the next chunk is tokenized on a
+        background thread while the caller runs the model on this one."""
+        if len(texts) <= TOKENIZE_CHUNK:  # small requests: no thread hop on the latency path
+            yield 0, self.tokenize(texts)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="postembed-tokenize") as pool:
+            pending = pool.submit(self.tokenize, texts[:TOKENIZE_CHUNK])
+            for start in range(0, len(texts), TOKENIZE_CHUNK):
+                seqs = pending.result()
+                nxt = start + TOKENIZE_CHUNK
+                if nxt < len(texts):
+                    pending = pool.submit(self.tokenize, texts[nxt : nxt + TOKENIZE_CHUNK])
+                yield start, seqs
 
     def _embed_batch(self, seqs: list[list[int]], opts: dict, backend=None) -> torch.Tensor:
         ids, positions, cu, max_len = pack(seqs, self.device)
@@ -259,6 +281,33 @@ class Embedder:
             if opts["normalize"]:
                 x = torch.nn.functional.normalize(x, dim=1)
             return quantize_embeddings(x.contiguous(), opts["precision"], opts["ranges"], backend=backend)
+
+
+class _Readback:
+    """Writes each batch's rows at their input positions. On a GPU the copy to (pinned) host
+    memory is asynchronous and a batch is collected only after the next one is launched, so
+    the device never waits for Python; on CPU it writes at once."""
+
+    def __init__(self, out: np.ndarray, device: torch.device):
+        self.out, self.cuda, self.pending = out, device.type == "cuda", None
+
+    def put(self, rows: np.ndarray, result: torch.Tensor) -> None:
+        if not self.cuda:
+            self.out[rows] = result.numpy()
+            return
+        host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
+        host.copy_(result, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self.flush()
+        self.pending = (rows, host, done)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            rows, host, done = self.pending
+            done.synchronize()
+            self.out[rows] = host.numpy()
+            self.pending = None
 
 
 def ranges_of(emb: np.ndarray) -> np.ndarray:

@@ -74,3 +74,13 @@ def test_parity_on_random_models_of_other_shapes(make_random_model, posts, shape
     assert ours.shape == ref.shape
     cos = cosines(ours, ref)
     assert cos.min() >= 0.99999, cos.min()
+
+
+def test_chunked_tokenization_keeps_order_and_values(embedder, posts, monkeypatch):
+    import postembed_fast.embedder as mod
+
+    texts = posts[:23]
+    want = embedder.embed(texts)
+    monkeypatch.setattr(mod, "TOKENIZE_CHUNK", 5)  # 5 chunks, the next tokenized on a thread
+    got = embedder.embed(texts, batch_tokens=300)
+    assert cosines(got, want).min() >= 0.999999
