@@ -56,7 +56,9 @@ def table(r) -> str:
                  f"{r['config']['requests']} requests. RSS+ = peak process RSS during the timed calls minus RSS "
                  "just before them (model loaded, warmed up; sampled every 2 ms, in one process after gc + "
                  "malloc_trim: a lower bound of each system's working memory). cos = per-post cosine against "
-                 "sentence-transformers float32. % ceiling = useful FLOP/s (no padding) / measured GEMM FLOP/s. "
+                 "sentence-transformers float32. % ceiling = useful FLOP/s (no padding) / measured GEMM FLOP/s "
+                 f"({', '.join(f'{k} {v / 1e9:.1f} G' for k, v in r['roofline']['ceiling_flops'].items())}; "
+                 "over 100% = the machine was busier when the ceiling was measured). "
                  "transformers SDPA: batches of 32 in length-sorted order, padded per batch.")
     ret = r.get("retrieval", {})
     if ret.get("posts"):

@@ -97,15 +97,20 @@ def main(argv=None):
           f"(tokenizer of the model, truncated at {e.max_seq_length})")
 
     # --- the device's ceiling and the roofline -------------------------------------------
-    ceilings = {"float32": measure.gemm_ceiling(device, torch.float32)}
-    if gpu:
-        for dt in (torch.float16, torch.bfloat16):
-            ceilings[str(dt).replace("torch.", "")] = measure.gemm_ceiling(device, dt, n=8192)
+    def measure_ceilings():
+        c = {"float32": measure.gemm_ceiling(device, torch.float32)}
+        if gpu:
+            for dt in (torch.float16, torch.bfloat16):
+                c[str(dt).replace("torch.", "")] = measure.gemm_ceiling(device, dt, n=8192)
+        return c
+
+    ceilings = measure_ceilings()  # measured again after the systems; the higher counts
     bt = DEFAULT_BATCH_TOKENS[device.type]
     roof = roofline.per_token(e.encoder.config, mean_len, roofline.weight_bytes(e.encoder), bt,
                               act_bytes=e.encoder.word.element_size())
     results["roofline"] = dict(per_token=roof, ceiling_flops={k: v for k, v in ceilings.items()},
-                               ceiling_from="torch.mm 2048^3 (fp32; 8192^3 for fp16/bf16 on GPU), median of 5")
+                               ceiling_from="torch.mm 2048^3 (fp32; 8192^3 for fp16/bf16 on GPU), best of 5, "
+                                                            "before and after the systems, the higher")
     print(report.roofline_text(results["roofline"]))
 
     # --- int8 ranges: shipped, else calibrated on posts outside the retrieval set ----------
@@ -145,11 +150,15 @@ def main(argv=None):
                 row[f"latency_{b}"] = measure.latency(s, texts, b, cfg["requests"], device,
                                                      cfg["warmup_requests"])
         row["ratio_to_st"] = row["posts_per_s"] / rows[0]["posts_per_s"] if rows else 1.0
-        ceil = ceilings.get(s.dtype, ceilings["float32"])
         row["flops_per_s"] = row["tokens_per_s"] * roof["flops"]
-        row["fraction_of_ceiling"] = row["flops_per_s"] / ceil
         rows.append(row)
     results["systems"] = rows
+    after = measure_ceilings()
+    results["roofline"]["ceiling_before_after"] = dict(before=ceilings, after=after)
+    ceilings = {k: max(v, after[k]) for k, v in ceilings.items()}
+    results["roofline"]["ceiling_flops"] = ceilings
+    for row in rows:
+        row["fraction_of_ceiling"] = row["flops_per_s"] / ceilings.get(row["dtype"], ceilings["float32"])
 
     # --- quantized outputs: derive from float32 only if that equals embed(precision=...) -----
     f32 = outputs[Postembed(e).name]
