@@ -15,6 +15,10 @@ def header(r) -> str:
     lines = [f"machine: {m['cpu']} ({m['cpu_affinity']} cores usable, torch threads {m['torch_threads']}){gpu}",
              "versions: " + ", ".join(f"{k} {x}" for k, x in v.items() if x),
              f"device: {m['device']}; corpus: {r['corpus']}"]
+    g = m.get("git")
+    if g:
+        lines.append(f"package at git {str(g['head'])[:10]}" +
+                     (f" with uncommitted edits in {', '.join(g['uncommitted'])}" if g["uncommitted"] else ""))
     if r["quick"]:
         lines.append("QUICK MODE: fewer posts, repeats, latency requests and retrieval posts than the full run; "
                      f"sizes {r['config']}")
