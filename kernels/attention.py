@@ -17,26 +17,44 @@ from .dispatch import TRITON_IMPORT_ERROR, choose, register
 
 @register("varlen_attention", "torch")
 def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, scale):
-    """Reference (and the CPU fast path): scatter into a [B, heads, max_seqlen, d]
-    grid, masked SDPA, gather back. With length-sorted batches the grid wastes
-    little, and attention is a small share of a BERT layer's FLOPs."""
+    """Reference (and the CPU fast path): scatter into a [B, max_seqlen] grid, masked SDPA,
+    gather back. With length-sorted batches the grid wastes little."""
     T, H, D = q.shape
     B = cu_seqlens.numel() - 1
     L = int(max_seqlen)
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seq_of_token = torch.repeat_interleave(torch.arange(B, device=q.device), lens)
-    slot = seq_of_token * L + (torch.arange(T, device=q.device) - cu_seqlens[:-1].long()[seq_of_token])
-
-    def to_grid(t):
-        grid = t.new_zeros(B * L, H, D)
-        grid[slot] = t
-        return grid.view(B, L, H, D).transpose(1, 2)
-
+    seq = torch.repeat_interleave(torch.arange(B, device=q.device), lens)
+    pos = torch.arange(T, device=q.device) - cu_seqlens[:-1].long()[seq]
+    fused = _fused_qkv_view(q, k, v)
+    if fused is not None:  # one scatter of the fused projection instead of three
+        grid = fused.new_zeros(B, L, 3, H, D)
+        grid[seq, pos] = fused
+        qg, kg, vg = (grid[:, :, i].transpose(1, 2) for i in range(3))
+    else:
+        qg, kg, vg = (_to_grid(t, seq, pos, B, L) for t in (q, k, v))
     key_valid = torch.arange(L, device=q.device)[None, :] < lens[:, None]  # [B, L]
-    out = F.scaled_dot_product_attention(
-        to_grid(q), to_grid(k), to_grid(v), attn_mask=key_valid[:, None, None, :], scale=scale
-    )
-    return out.transpose(1, 2).reshape(B * L, H, D)[slot]
+    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=key_valid[:, None, None, :], scale=scale)
+    return out.transpose(1, 2)[seq, pos]  # one gather straight to contiguous [T, H, D]
+
+
+def _to_grid(t, seq, pos, B, L):
+    grid = t.new_zeros(B, L, *t.shape[1:])
+    grid[seq, pos] = t
+    return grid.transpose(1, 2)
+
+
+def _fused_qkv_view(q, k, v):
+    """[T, 3, H, D] view when q, k, v are the three slices of one fused projection output."""
+    T, H, D = q.shape
+    hd = H * D
+    if not (q.stride() == k.stride() == v.stride() == (3 * hd, D, 1)):
+        return None
+    if q.untyped_storage().data_ptr() != v.untyped_storage().data_ptr():
+        return None
+    step = hd * q.element_size()
+    if k.data_ptr() - q.data_ptr() != step or v.data_ptr() - k.data_ptr() != step:
+        return None
+    return q.as_strided((T, 3, H, D), (3 * hd, hd, D, 1))
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, backend=None):
