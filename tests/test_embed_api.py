@@ -78,9 +78,10 @@ def test_info():
     assert info["cpu_ext"] is True, info["cpu_ext_error"]  # the wheel always builds the C++ part
 
 
-def test_import_does_not_touch_the_gpu():
+def test_import_does_not_touch_the_gpu(tmp_path):
     code = "import torch, postembed_fast; postembed_fast.info(); print(torch.cuda.is_initialized())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # cwd away from the repo root, so the installed package is imported, not the source tree
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert out.stdout.strip() == "False"
 
 
