@@ -15,6 +15,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "cuda_api.h"
 #include "embedding_math.h"
@@ -160,6 +161,34 @@ void py_quant_cpu(uintptr_t x, int64_t B, int64_t D, int64_t ld, int dtype, int 
   quantize_cpu(a);
 }
 
+void py_attention_cpu(uintptr_t q, int64_t sqt, int64_t sqh, uintptr_t k, int64_t skt, int64_t skh, uintptr_t v,
+                      int64_t svt, int64_t svh, uintptr_t out, int64_t sot, int64_t soh, uintptr_t cu,
+                      int64_t total_tokens, int64_t B, int64_t H, int64_t D, double scale, int num_threads) {
+  const char* fn = "varlen_attention_cpu";
+  for (auto [name, p] : {std::pair{"q", q}, {"k", k}, {"v", v}, {"out", out}, {"cu_seqlens", cu}}) check_ptr(fn, name, p);
+  PE_CHECK(D == 16 || D == 32 || D == 64 || D == 128, fn, ": head_dim must be 16, 32, 64 or 128, got ", D);
+  PE_CHECK(B > 0 && H > 0, fn, ": need B > 0 sequences and H > 0 heads, got B=", B, ", H=", H);
+  PE_CHECK(total_tokens >= B && total_tokens <= kI32Max, fn, ": total_tokens=", total_tokens,
+           " must be in [B, 2^31 - 1]");
+  for (auto st : {sqt, sqh, skt, skh, svt, svh}) PE_CHECK(st >= 0, fn, ": negative stride ", st);
+  PE_CHECK(soh >= D && sot >= H * soh, fn, ": out rows overlap (strides ", sot, ", ", soh, " for H=", H, ", D=", D, ")");
+  PE_CHECK(std::isfinite(scale), fn, ": scale must be finite, got ", scale);
+  PE_CHECK(num_threads >= 1, fn, ": num_threads must be >= 1, got ", num_threads);
+  AttnArgs a;
+  a.q = reinterpret_cast<const float*>(q);
+  a.k = reinterpret_cast<const float*>(k);
+  a.v = reinterpret_cast<const float*>(v);
+  a.out = reinterpret_cast<float*>(out);
+  a.sqt = sqt, a.sqh = sqh, a.skt = skt, a.skh = skh, a.svt = svt, a.svh = svh, a.sot = sot, a.soh = soh;
+  a.cu = reinterpret_cast<const int32_t*>(cu);
+  a.B = B, a.H = H, a.D = D;
+  a.scale = static_cast<float>(scale);
+  a.num_threads = num_threads;
+  check_cu_host(fn, a.cu, B, total_tokens);
+  py::gil_scoped_release nogil;
+  varlen_attention_cpu(a);
+}
+
 [[noreturn]] void no_cuda(const char* fn) {
   throw std::runtime_error(cat(fn, ": postembed_fast._C was built without CUDA kernels"));
 }
@@ -217,6 +246,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_f16c", &postembed::f16c_enabled, "True if CPU float32->float16 conversion uses F16C instructions");
   m.def("_set_cpu_f16c_allowed", &postembed::set_f16c_allowed, py::arg("allowed"),
         "Testing hook: allow/forbid the F16C path (not thread-safe); returns the previous setting");
+
+  m.def("cpu_attention_avx2", &postembed::attention_avx2_enabled,
+        "True if CPU varlen attention runs its AVX2+FMA build");
+  m.def("_set_cpu_attention_avx2_allowed", &postembed::set_attention_avx2_allowed, py::arg("allowed"),
+        "Testing hook: allow/forbid the AVX2 attention build (not thread-safe); returns the previous setting");
+  m.def("varlen_attention_cpu", &py_attention_cpu,
+        "float32 softmax(q k^T * scale) v over packed sequences; q/k/v/out: data_ptr() integers with\n"
+        "(token, head) strides in elements (head_dim contiguous); cu: int32 [B+1] ending at total_tokens.",
+        py::arg("q"), py::arg("sqt"), py::arg("sqh"), py::arg("k"), py::arg("skt"), py::arg("skh"), py::arg("v"),
+        py::arg("svt"), py::arg("svh"), py::arg("out"), py::arg("sot"), py::arg("soh"), py::arg("cu_seqlens"),
+        py::arg("total_tokens"), py::arg("B"), py::arg("H"), py::arg("D"), py::arg("scale"), py::arg("num_threads"));
 
   py::dict dtypes, modes, precisions;
   dtypes["float32"] = int(kF32);

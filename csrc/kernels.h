@@ -39,7 +39,29 @@ struct QuantArgs {
   void* out;
 };
 
+// Float32 attention over packed sequences: q/k/v/out rows are tokens; element
+// (t, h, d) of q lives at q[t * sqt + h * sqh + d] (likewise k, v, out).
+// cu: int32 [B+1]; D in {16, 32, 64, 128}.
+struct AttnArgs {
+  const float* q;
+  const float* k;
+  const float* v;
+  float* out;
+  int64_t sqt, sqh, skt, skh, svt, svh, sot, soh;
+  const int32_t* cu;
+  int64_t B;
+  int64_t H;
+  int64_t D;
+  float scale;
+  int num_threads;
+};
+
 void pool_normalize_cpu(const PoolArgs& a);
+void varlen_attention_cpu(const AttnArgs& a);
+// AVX2+FMA attention when the CPU has it (runtime check) unless disallowed; tests
+// turn it off to exercise the baseline-ISA build of the same code.
+bool attention_avx2_enabled();
+bool set_attention_avx2_allowed(bool allowed);  // returns the previous setting
 // CPU float32 -> float16 uses F16C when the CPU has it (runtime check) unless
 // disallowed; tests turn it off to exercise the portable conversion too.
 bool f16c_enabled();

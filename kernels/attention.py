@@ -78,7 +78,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, backend=None):
         if longest > max_seqlen:
             raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest sequence ({longest})")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return choose("varlen_attention", q.device, backend)(q, k, v, cu_seqlens, max_seqlen, scale)
+    args = (q, k, v, cu_seqlens, max_seqlen, scale)
+    return choose("varlen_attention", q.device, backend, args)(*args)
 
 
 if TRITON_IMPORT_ERROR is None:
@@ -159,16 +160,22 @@ if TRITON_IMPORT_ERROR is None:
 
     _LOG2E = 1.4426950408889634
 
-    @register("varlen_attention", "triton", devices=("cpu", "cuda"))
+    def _triton_refuses(q, k, v, cu_seqlens, max_seqlen, scale):
+        if q.shape[-1] not in (16, 32, 64, 128):
+            return f"head_dim must be 16, 32, 64 or 128, got {q.shape[-1]}"
+        if cu_seqlens.numel() - 1 > 65535:  # CUDA's grid z-dimension limit
+            return f"at most 65535 sequences per call, got {cu_seqlens.numel() - 1}"
+        return None
+
+    @register("varlen_attention", "triton", devices=("cpu", "cuda"), supports=_triton_refuses)
     def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale, out=None):
         """out: test-only preallocated output (tests pass a NaN-filled buffer)."""
+        reason = _triton_refuses(q, k, v, cu_seqlens, max_seqlen, scale)
+        if reason is not None:
+            raise ValueError(f"varlen_attention (triton): {reason}")
         T, H, D = q.shape
-        if D not in (16, 32, 64, 128):
-            raise ValueError(f"varlen_attention (triton): head_dim must be 16, 32, 64 or 128, got {D}")
         o = torch.empty((T, H, D), dtype=q.dtype, device=q.device) if out is None else out
         B = cu_seqlens.numel() - 1
-        if B > 65535:  # CUDA's grid z-dimension limit
-            raise ValueError(f"varlen_attention (triton): at most 65535 sequences per call, got {B}")
         # The interpreter's tl.dot multiplies bf16's raw bits (numpy has no
         # bfloat16): there, feed the dots fp32 copies instead.
         upcast = q.dtype == torch.bfloat16 and q.device.type == "cpu"

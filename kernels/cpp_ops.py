@@ -127,6 +127,37 @@ def quantize_cpp(x, precision, ranges, out=None):
     return result
 
 
+def attention_refuses(q, k, v, cu_seqlens, max_seqlen, scale):
+    """Why the C++ attention can't take this call (None if it can): float32 on CPU, head_dim 16/32/64/128."""
+    if q.dtype != torch.float32:
+        return f"float32 only, got {q.dtype}"
+    if q.shape[-1] not in (16, 32, 64, 128):
+        return f"head_dim must be 16, 32, 64 or 128, got {q.shape[-1]}"
+    if q.shape[1] == 0:
+        return "needs at least one head"
+    return None
+
+
+def varlen_attention_cpp(q, k, v, cu_seqlens, max_seqlen, scale, out=None):
+    """CPU attention straight from the packed (possibly strided) q/k/v; see csrc/attention_cpu.cpp.
+    Shapes, strides and cu_seqlens were checked by the launcher (kernels/attention.py)."""
+    reason = attention_refuses(q, k, v, cu_seqlens, max_seqlen, scale)
+    if reason is not None:
+        raise ValueError(f"varlen_attention (cpp): {reason}")
+    T, H, D = q.shape
+    if out is None:
+        out = torch.empty((T, H, D), dtype=q.dtype)
+    elif tuple(out.shape) != (T, H, D) or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be a float32 [{T}, {H}, {D}] tensor with stride(-1) == 1, got "
+                         f"{out.dtype} {tuple(out.shape)} strides {out.stride()}")
+    cu = cu_seqlens.contiguous()
+    _C.varlen_attention_cpu(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
+                            v.data_ptr(), v.stride(0), v.stride(1), out.data_ptr(), out.stride(0), out.stride(1),
+                            cu.data_ptr(), T, cu.numel() - 1, H, D, scale, torch.get_num_threads())
+    return out
+
+
 if _C is not None:
+    register("varlen_attention", "cpp", devices=("cpu",), supports=attention_refuses)(varlen_attention_cpp)
     register("pool_normalize", "cpp", devices=("cpu", "cuda"))(pool_normalize_cpp)
     register("quantize_embeddings", "cpp", devices=("cpu", "cuda"))(quantize_cpp)

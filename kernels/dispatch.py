@@ -1,9 +1,11 @@
 """Every backend choice in one place.
 
-Each op registers its implementations with @register(op, backend, devices);
-launchers call choose(op, device, backend). backend=None picks the first
-available entry of PREFERENCE for the device; "torch" (the reference) always
-works, so there is always a fallback.
+Each op registers its implementations with @register(op, backend, devices,
+supports); launchers call choose(op, device, backend, args). backend=None picks
+the first entry of PREFERENCE for the device that is available here and, if it
+has a `supports` check, accepts these arguments (e.g. the C++ attention takes
+float32 and head_dim 16/32/64/128 only); "torch" (the reference) always works,
+so there is always a fallback.
 """
 from __future__ import annotations
 
@@ -30,14 +32,15 @@ try:  # Triton is optional: without it the "triton" backend reports unavailable.
 except Exception as exc:  # ImportError, or a broken install
     TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-_REGISTRY: dict[str, dict[str, tuple[Callable, frozenset]]] = {}
+_REGISTRY: dict[str, dict[str, tuple[Callable, frozenset, Callable | None]]] = {}
 
 
-def register(op: str, backend: str, devices=("cpu", "cuda")):
+def register(op: str, backend: str, devices=("cpu", "cuda"), supports: Callable | None = None):
+    """supports(*args) -> None if the implementation takes these call arguments, else why not."""
     assert backend in BACKENDS, backend
 
     def deco(fn):
-        _REGISTRY.setdefault(op, {})[backend] = (fn, frozenset(devices))
+        _REGISTRY.setdefault(op, {})[backend] = (fn, frozenset(devices), supports)
         return fn
 
     return deco
@@ -66,13 +69,21 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
     raise ValueError(f"unknown backend {backend!r}; valid: None, " + ", ".join(map(repr, BACKENDS)))
 
 
-def choose(op: str, device: torch.device, backend: str | None) -> Callable:
+def _refuses(entry, args) -> str | None:
+    supports = entry[2]
+    return None if supports is None or args is None else supports(*args)
+
+
+def choose(op: str, device: torch.device, backend: str | None, args: tuple | None = None) -> Callable:
+    """The implementation of `op` for tensors on `device`; `args` (the call's arguments) lets
+    implementations with a `supports` check decline."""
     impls = _REGISTRY[op]
     dev = device.type
     if backend is None:
         for name in PREFERENCE.get(dev, ("torch",)):
-            if name in impls and dev in impls[name][1] and unavailable_reason(name, dev) is None:
-                return impls[name][0]
+            entry = impls.get(name)
+            if entry and dev in entry[1] and unavailable_reason(name, dev) is None and _refuses(entry, args) is None:
+                return entry[0]
         return impls["torch"][0]
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: None, " + ", ".join(map(repr, BACKENDS)))
@@ -81,6 +92,9 @@ def choose(op: str, device: torch.device, backend: str | None) -> Callable:
     reason = unavailable_reason(backend, dev)
     if reason is not None:
         raise RuntimeError(f"{op}: backend={backend!r} is unavailable: {reason}")
+    reason = _refuses(impls[backend], args)
+    if reason is not None:
+        raise ValueError(f"{op} ({backend}): {reason}")
     return impls[backend][0]
 
 
