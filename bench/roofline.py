@@ -21,9 +21,9 @@ def per_token(cfg, mean_len: float, weight_bytes: int, batch_tokens: int, act_by
 
 
 def weight_bytes(encoder) -> int:
-    """Bytes of the weights every batch reads whole (the layers, LayerNorms, token type row);
-    the word and position tables are gathered row by row and counted per token instead."""
-    ts = [encoder.token_type0, *encoder.emb_ln]
+    """Bytes of the weights every batch reads whole (the layers and LayerNorms); the word and
+    position (+ token type) tables are gathered row by row and counted per token instead."""
+    ts = [*encoder.emb_ln]
     for layer in encoder.layers:
         for v in layer.values():
             ts.extend(v if isinstance(v, tuple) else [v])

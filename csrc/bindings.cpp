@@ -189,6 +189,29 @@ void py_attention_cpu(uintptr_t q, int64_t sqt, int64_t sqh, uintptr_t k, int64_
   varlen_attention_cpu(a);
 }
 
+void py_add_layernorm_cpu(uintptr_t x, int64_t ldx, uintptr_t residual, int64_t ldr, uintptr_t weight, uintptr_t bias,
+                          uintptr_t out, int64_t ldo, int64_t rows, int64_t H, double eps, int num_threads) {
+  const char* fn = "add_layernorm_cpu";
+  for (auto [name, p] : {std::pair{"x", x}, {"residual", residual}, {"weight", weight}, {"bias", bias}, {"out", out}})
+    check_ptr(fn, name, p);
+  PE_CHECK(rows > 0 && H > 0, fn, ": need rows > 0 and H > 0, got rows=", rows, ", H=", H);
+  PE_CHECK(ldx >= H && ldo >= H && (ldr >= H || ldr == 0), fn, ": row pitches must be >= H=", H,
+           " (residual may be 0), got ldx=", ldx, ", ldr=", ldr, ", ldo=", ldo);
+  PE_CHECK(eps >= 0 && std::isfinite(eps), fn, ": eps must be finite and >= 0, got ", eps);
+  PE_CHECK(num_threads >= 1, fn, ": num_threads must be >= 1, got ", num_threads);
+  LayerNormArgs a;
+  a.x = reinterpret_cast<const float*>(x);
+  a.residual = reinterpret_cast<const float*>(residual);
+  a.weight = reinterpret_cast<const float*>(weight);
+  a.bias = reinterpret_cast<const float*>(bias);
+  a.out = reinterpret_cast<float*>(out);
+  a.rows = rows, a.H = H, a.ldx = ldx, a.ldr = ldr, a.ldo = ldo;
+  a.eps = static_cast<float>(eps);
+  a.num_threads = num_threads;
+  py::gil_scoped_release nogil;
+  add_layernorm_cpu(a);
+}
+
 [[noreturn]] void no_cuda(const char* fn) {
   throw std::runtime_error(cat(fn, ": postembed_fast._C was built without CUDA kernels"));
 }
@@ -257,6 +280,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("q"), py::arg("sqt"), py::arg("sqh"), py::arg("k"), py::arg("skt"), py::arg("skh"), py::arg("v"),
         py::arg("svt"), py::arg("svh"), py::arg("out"), py::arg("sot"), py::arg("soh"), py::arg("cu_seqlens"),
         py::arg("total_tokens"), py::arg("B"), py::arg("H"), py::arg("D"), py::arg("scale"), py::arg("num_threads"));
+
+  m.def("add_layernorm_cpu", &py_add_layernorm_cpu,
+        "float32 out = LayerNorm(x + residual) * weight + bias, row by row; pointers are data_ptr() integers,\n"
+        "ld* row pitches in elements (ldr may be 0); out may be x or residual (in place).",
+        py::arg("x"), py::arg("ldx"), py::arg("residual"), py::arg("ldr"), py::arg("weight"), py::arg("bias"),
+        py::arg("out"), py::arg("ldo"), py::arg("rows"), py::arg("H"), py::arg("eps"), py::arg("num_threads"));
 
   py::dict dtypes, modes, precisions;
   dtypes["float32"] = int(kF32);

@@ -56,7 +56,22 @@ struct AttnArgs {
   int num_threads;
 };
 
+// Float32 out = LayerNorm(x + residual) * weight + bias over rows of H; rows are
+// ldx / ldr / ldo elements apart (ldr may be 0: one residual row for all). out may
+// be x or residual itself, never a partial overlap.
+struct LayerNormArgs {
+  const float* x;
+  const float* residual;
+  const float* weight;
+  const float* bias;
+  float* out;
+  int64_t rows, H, ldx, ldr, ldo;
+  float eps;
+  int num_threads;
+};
+
 void pool_normalize_cpu(const PoolArgs& a);
+void add_layernorm_cpu(const LayerNormArgs& a);
 void varlen_attention_cpu(const AttnArgs& a);
 // AVX2+FMA attention when the CPU has it (runtime check) unless disallowed; tests
 // turn it off to exercise the baseline-ISA build of the same code.

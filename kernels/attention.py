@@ -11,14 +11,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .checks import check_cu_seqlens, check_float
+from .checks import check_cu_seqlens, check_float, check_out
 from .dispatch import TRITON_IMPORT_ERROR, choose, register
 
 
 @register("varlen_attention", "torch")
-def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, scale):
-    """Reference (and the CPU fast path): scatter into a [B, max_seqlen] grid, masked SDPA,
-    gather back. With length-sorted batches the grid wastes little."""
+def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, scale, out=None):
+    """Reference (and the fallback for calls the compiled kernels refuse): scatter into a
+    [B, max_seqlen] grid, masked SDPA, gather back. With length-sorted batches the grid wastes little."""
     T, H, D = q.shape
     B = cu_seqlens.numel() - 1
     L = int(max_seqlen)
@@ -33,8 +33,9 @@ def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, scale):
     else:
         qg, kg, vg = (_to_grid(t, seq, pos, B, L) for t in (q, k, v))
     key_valid = torch.arange(L, device=q.device)[None, :] < lens[:, None]  # [B, L]
-    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=key_valid[:, None, None, :], scale=scale)
-    return out.transpose(1, 2)[seq, pos]  # one gather straight to contiguous [T, H, D]
+    o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=key_valid[:, None, None, :], scale=scale)
+    o = o.transpose(1, 2)[seq, pos]  # one gather straight to contiguous [T, H, D]
+    return o if out is None else out.copy_(o)
 
 
 def _to_grid(t, seq, pos, B, L):
@@ -57,8 +58,9 @@ def _fused_qkv_view(q, k, v):
     return q.as_strided((T, 3, H, D), (3 * hd, hd, D, 1))
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, backend=None):
-    """softmax(q k^T * scale) v per sequence; returns a contiguous [total_tokens, heads, head_dim]."""
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, backend=None, out=None):
+    """softmax(q k^T * scale) v per sequence; returns a contiguous [total_tokens, heads, head_dim]
+    (or writes `out`, a [total_tokens, heads, head_dim] buffer that must not overlap q, k, v)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t)
         if t.dim() != 3:
@@ -78,8 +80,9 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, backend=None):
         if longest > max_seqlen:
             raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest sequence ({longest})")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    check_out(out, q.shape, q)
     args = (q, k, v, cu_seqlens, max_seqlen, scale)
-    return choose("varlen_attention", q.device, backend, args)(*args)
+    return choose("varlen_attention", q.device, backend, args)(*args, out=out)
 
 
 if TRITON_IMPORT_ERROR is None:
@@ -169,7 +172,7 @@ if TRITON_IMPORT_ERROR is None:
 
     @register("varlen_attention", "triton", devices=("cpu", "cuda"), supports=_triton_refuses)
     def varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale, out=None):
-        """out: test-only preallocated output (tests pass a NaN-filled buffer)."""
+        """out: optional preallocated [T, H, D] output (rows may be strided)."""
         reason = _triton_refuses(q, k, v, cu_seqlens, max_seqlen, scale)
         if reason is not None:
             raise ValueError(f"varlen_attention (triton): {reason}")

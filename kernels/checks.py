@@ -20,6 +20,19 @@ def check_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
 
 
+def check_out(out, shape, like: torch.Tensor) -> None:
+    """A caller-provided output buffer: the result's shape, dtype and device, unit stride in the last dim."""
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(f"out must be a {like.dtype} tensor of shape {tuple(shape)} on {like.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if out.numel() > 1 and out.stride(-1) != 1:
+        raise ValueError("out must be contiguous in its last dimension")
+
+
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, device: torch.device) -> int:
     """Validate cu_seqlens (int32, [B+1], 0 = cu[0] < cu[1] < ... = total_tokens). Returns B.
 

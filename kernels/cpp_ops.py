@@ -157,7 +157,49 @@ def varlen_attention_cpp(q, k, v, cu_seqlens, max_seqlen, scale, out=None):
     return out
 
 
+def layernorm_refuses(x, residual, weight, bias, eps):
+    """Why the C++ add_layernorm can't take this call (None if it can): float32, unit column stride."""
+    if not all(t.dtype == torch.float32 for t in (x, residual, weight, bias)):
+        return "float32 only"
+    if x.numel() == 0:
+        return "empty input"
+    return None
+
+
+def _rows2d(t, H):
+    """[..., H] -> 2-D view with unit column stride and its row pitch (0 for a broadcast row)."""
+    t2 = t.reshape(-1, H)
+    if t2.stride(1) != 1 and H > 1:
+        t2 = t2.contiguous()
+    return t2, (t2.stride(0) if t2.shape[0] > 1 else H)
+
+
+def add_layernorm_cpp(x, residual, weight, bias, eps, out=None):
+    """LayerNorm(x + residual) on CPU, in place when out is x or residual; see csrc/layernorm_cpu.cpp."""
+    reason = layernorm_refuses(x, residual, weight, bias, eps)
+    if reason is not None:
+        raise ValueError(f"add_layernorm (cpp): {reason}")
+    H = x.shape[-1]
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype)
+    x2, ldx = _rows2d(x, H)
+    r2, ldr = _rows2d(residual, H)
+    if r2.shape[0] != x2.shape[0]:
+        raise ValueError(f"residual has {r2.shape[0]} rows, x has {x2.shape[0]}")
+    o2 = out.view(-1, H)
+    for name, t in (("x", x2), ("residual", r2)):  # in place is fine, a partial overlap is not
+        same = t.data_ptr() == o2.data_ptr() and t.stride() == o2.stride()
+        if not same and t.untyped_storage().data_ptr() == o2.untyped_storage().data_ptr():
+            raise ValueError(f"add_layernorm (cpp): out must be {name} itself or not overlap it")
+    w, b = weight.contiguous(), bias.contiguous()
+    _C.add_layernorm_cpu(x2.data_ptr(), ldx, r2.data_ptr(), ldr if r2.stride(0) else 0, w.data_ptr(), b.data_ptr(),
+                         o2.data_ptr(), o2.stride(0) if o2.shape[0] > 1 else H, o2.shape[0], H, eps,
+                         torch.get_num_threads())
+    return out
+
+
 if _C is not None:
     register("varlen_attention", "cpp", devices=("cpu",), supports=attention_refuses)(varlen_attention_cpp)
+    register("add_layernorm", "cpp", devices=("cpu",), supports=layernorm_refuses)(add_layernorm_cpp)
     register("pool_normalize", "cpp", devices=("cpu", "cuda"))(pool_normalize_cpp)
     register("quantize_embeddings", "cpp", devices=("cpu", "cuda"))(quantize_cpp)

@@ -4,23 +4,33 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .checks import check_float
+from .checks import check_float, check_out
 from .dispatch import TRITON_IMPORT_ERROR, choose, register
 
 
 @register("bias_gelu", "torch")
-def bias_gelu_torch(x, bias):
+def bias_gelu_torch(x, bias, out=None):
     """Reference: fp32 math, cast once to x's dtype."""
+    if x.dtype == torch.float32 and out is not None:  # CPU hot path: in place in out (which may be x)
+        if bias is None:
+            return torch.ops.aten.gelu_(out.copy_(x) if out is not x else out)
+        return torch.ops.aten.gelu_(torch.add(x, bias, out=out))
     y = x.float() if bias is None else x.float() + bias.float()
-    return F.gelu(y).to(x.dtype)
+    y = F.gelu(y).to(x.dtype)
+    return y if out is None else out.copy_(y)
 
 
-def bias_gelu(x, bias, backend=None):
-    """x: [N, F]; bias: [F] or None -> gelu(x + bias), shape and dtype of x."""
+def bias_gelu(x, bias, backend=None, out=None):
+    """x: [N, F]; bias: [F] or None -> gelu(x + bias), shape and dtype of x.
+    out: optional contiguous buffer for the result; it may be x itself (in place)."""
     check_float("x", x)
     if bias is not None and bias.shape != (x.shape[-1],):
         raise ValueError(f"bias must be [{x.shape[-1]}], got {tuple(bias.shape)}")
-    return choose("bias_gelu", x.device, backend)(x, bias)
+    if out is not None:
+        check_out(out, x.shape, x)
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+    return choose("bias_gelu", x.device, backend)(x, bias, out=out)
 
 
 if TRITON_IMPORT_ERROR is None:
@@ -49,7 +59,7 @@ if TRITON_IMPORT_ERROR is None:
 
     @register("bias_gelu", "triton", devices=("cpu", "cuda"))
     def bias_gelu_triton(x, bias, out=None):
-        """out: test-only preallocated output (tests pass a NaN-filled buffer)."""
+        """Elementwise: out may be x itself."""
         x = x.contiguous()
         y = torch.empty_like(x) if out is None else out
         n = x.numel()

@@ -4,21 +4,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .checks import check_float
+from .checks import check_float, check_out
 from .dispatch import TRITON_IMPORT_ERROR, choose, register
 
 
 @register("add_layernorm", "torch")
-def add_layernorm_torch(x, residual, weight, bias, eps):
+def add_layernorm_torch(x, residual, weight, bias, eps, out=None):
     """Reference: fp32 statistics, cast once to x's dtype."""
+    H = x.shape[-1]
     if x.dtype == torch.float32:  # CPU hot path: no extra copies
-        return F.layer_norm(x + residual, (x.shape[-1],), weight, bias, eps)
-    y = x.float() + residual.float()
-    return F.layer_norm(y, (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
+        if out is None:
+            return F.layer_norm(x + residual, (H,), weight, bias, eps)
+        # in place in `out` (which may be x or residual): the sum, then the row-wise norm
+        s = torch.add(x, residual, out=out).view(-1, H)
+        stats = s.new_empty(2, s.shape[0], 1)
+        torch.ops.aten.native_layer_norm.out(s, [H], weight, bias, eps, out0=s, out1=stats[0], out2=stats[1])
+        return out
+    y = F.layer_norm(x.float() + residual.float(), (H,), weight.float(), bias.float(), eps).to(x.dtype)
+    return y if out is None else out.copy_(y)
 
 
-def add_layernorm(x, residual, weight, bias, eps, backend=None):
-    """x, residual: [N, H]; weight, bias: [H] -> LayerNorm(x + residual), shape and dtype of x."""
+def add_layernorm(x, residual, weight, bias, eps, backend=None, out=None):
+    """x, residual: [N, H]; weight, bias: [H] -> LayerNorm(x + residual), shape and dtype of x.
+    out: optional contiguous buffer for the result; it may be x or residual itself."""
     check_float("x", x)
     check_float("residual", residual)
     if x.shape != residual.shape:
@@ -26,7 +34,12 @@ def add_layernorm(x, residual, weight, bias, eps, backend=None):
     H = x.shape[-1]
     if weight.shape != (H,) or bias.shape != (H,):
         raise ValueError(f"weight and bias must be [{H}], got {tuple(weight.shape)} and {tuple(bias.shape)}")
-    return choose("add_layernorm", x.device, backend)(x, residual, weight, bias, float(eps))
+    if out is not None:
+        check_out(out, x.shape, x)
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+    args = (x, residual, weight, bias, float(eps))
+    return choose("add_layernorm", x.device, backend, args)(*args, out=out)
 
 
 if TRITON_IMPORT_ERROR is None:
@@ -69,7 +82,7 @@ if TRITON_IMPORT_ERROR is None:
 
     @register("add_layernorm", "triton", devices=("cpu", "cuda"))
     def add_layernorm_triton(x, residual, weight, bias, eps, out=None):
-        """out: test-only preallocated output (tests pass a NaN-filled buffer)."""
+        """Each program reads its row of x and residual before writing it: out may alias either."""
         H = x.shape[-1]
         x2, r2 = _rows(x, H), _rows(residual, H)
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
