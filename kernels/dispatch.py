@@ -9,6 +9,7 @@ so there is always a fallback.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable
 
@@ -40,10 +41,25 @@ def register(op: str, backend: str, devices=("cpu", "cuda"), supports: Callable 
     assert backend in BACKENDS, backend
 
     def deco(fn):
-        _REGISTRY.setdefault(op, {})[backend] = (fn, frozenset(devices), supports)
-        return fn
+        impl = _on_tensor_device(fn) if backend == "triton" else fn
+        _REGISTRY.setdefault(op, {})[backend] = (impl, frozenset(devices), supports)
+        return impl
 
     return deco
+
+
+def _on_tensor_device(fn: Callable) -> Callable:
+    """Triton launches on the *current* CUDA device: make that the first tensor argument's
+    device, so tensors on cuda:1 work while cuda:0 is current."""
+
+    @functools.wraps(fn)
+    def launch(t, *args, **kwargs):
+        if t.device.type == "cuda":
+            with torch.cuda.device(t.device):
+                return fn(t, *args, **kwargs)
+        return fn(t, *args, **kwargs)
+
+    return launch
 
 
 def triton_interpret() -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from postembed_fast.graphs import GraphRunner, graphs_enabled
 from postembed_fast.kernels import pool_normalize, quantize_embeddings
 from postembed_fast.kernels.checks import PRECISIONS, check_precision
 from postembed_fast.loading import load_tokenizer, read_model_folder, resolve_model
@@ -138,6 +139,9 @@ class Embedder:
         self._calibration = None  # normalized float32 embeddings from calibrate(), for truncated ranges
         self._lock = threading.Lock()
         self._workspaces = ThreadWorkspaces()  # activation buffers, one set per calling thread
+        # small requests on a GPU replay captured CUDA graphs (postembed_fast/graphs.py)
+        self._graphs = (GraphRunner(self.encoder, self.device, self.max_seq_length)
+                        if graphs_enabled(self.device) else None)
 
     # ---- quantization ranges -------------------------------------------------------------
     @property
@@ -269,9 +273,15 @@ class Embedder:
                 yield start, seqs
 
     def _embed_batch(self, seqs: list[list[int]], opts: dict, backend=None) -> torch.Tensor:
+        if backend is None and self._graphs is not None and self._graphs.takes(seqs):
+            return self._graphs.run(seqs, lambda hidden, cu: self._finish(hidden, cu, opts))
         ids, positions, cu, max_len = pack(seqs, self.device)
         hidden = self.encoder.forward(ids, positions, cu, max_len, backend=backend,
                                       workspace=self._workspaces.workspace)
+        return self._finish(hidden, cu, opts, backend)
+
+    def _finish(self, hidden, cu, opts: dict, backend=None) -> torch.Tensor:
+        """Hidden states -> the requested embeddings: pooling, Dense, truncation, norm, precision."""
         with torch.inference_mode():
             if not self.dense and opts["dimensions"] is None:
                 # The fused epilogue: pooling, L2 norm and output precision in one kernel.

@@ -285,3 +285,45 @@ def test_an_embedder_is_safe_to_call_from_several_threads(embedder, posts):
     assert not errors
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+# ---- small requests on a GPU: CUDA graphs over padded buckets (postembed_fast/graphs.py) --------
+@pytest.mark.parametrize("n_posts", [1, 3, 8])
+def test_graph_bucket_padding_leaves_the_real_posts_unchanged(embedder, posts, n_posts, cos):
+    """The padding the CUDA graph path uses (one filler sequence up to a power-of-two token count),
+    run eagerly on CPU: the real posts' embeddings are those of plain packing."""
+    from postembed_fast.graphs import pack_padded, token_bucket
+
+    texts = posts[100:100 + n_posts]
+    seqs = embedder.tokenize(texts)
+    total = sum(map(len, seqs))
+    bucket = token_bucket(total)
+    assert bucket > total and bucket & (bucket - 1) == 0
+    ids, positions, cu = (torch.from_numpy(a) for a in pack_padded(seqs, bucket))
+    assert int(cu[-2]) == total and int(cu[-1]) == bucket and not positions[total:].any()
+    hidden = embedder.encoder.forward(ids, positions, cu, bucket)
+    opts = embedder._options("float32", True, None, None, "numpy", None)
+    got = embedder._finish(hidden[:total], cu[: n_posts + 1], opts).numpy()
+    assert cos(got, embedder.embed(texts)).min() >= 0.999999
+    with pytest.raises(ValueError, match="do not fit"):
+        pack_padded(seqs, total)
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+
+
+@needs_gpu
+def test_cuda_graph_path_matches_eager(posts, cos):
+    e = Embedder(device="cuda")
+    assert e._graphs is not None
+    for n in (1, 2, 8):
+        texts = posts[200:200 + n]
+        graphed = e.embed(texts)
+        assert np.array_equal(graphed, e.embed(texts))  # a replay repeats the first run exactly
+        runner, e._graphs = e._graphs, None
+        try:
+            eager = e.embed(texts)
+        finally:
+            e._graphs = runner
+        assert cos(graphed, eager).min() >= 0.999
+    assert e.embed(posts[:9]).shape == (9, 384)  # 9 posts: the eager path
