@@ -82,21 +82,32 @@ def test_pool_normalize(benchmark, packed, backend, precision):
 
 @pytest.mark.benchmark(group="add_layernorm")
 @backends
-def test_add_layernorm(benchmark, packed, backend):
+@pytest.mark.parametrize("out", ["fresh", "in-place"])
+def test_add_layernorm(benchmark, packed, backend, out):
+    # in place (out=residual) is what the encoder does; the values drift but stay finite (a LayerNorm)
     p = packed
-    run(benchmark, backend, lambda: add_layernorm(p["x"], p["res"], p["w"], p["b"], 1e-12, backend=backend))
+    o = p["res"].clone() if out == "in-place" else None
+    res = o if o is not None else p["res"]
+    run(benchmark, backend, lambda: add_layernorm(p["x"], res, p["w"], p["b"], 1e-12, backend=backend, out=o))
 
 
 @pytest.mark.benchmark(group="bias_gelu")
 @backends
-def test_bias_gelu(benchmark, packed, backend):
-    run(benchmark, backend, lambda: bias_gelu(packed["h"], packed["bias"], backend=backend))
+@pytest.mark.parametrize("bias", ["bias", "in-place-no-bias"])
+def test_bias_gelu(benchmark, packed, backend, bias):
+    # the encoder's form: the bias already added by the GEMM, GELU in place
+    if bias == "bias":
+        run(benchmark, backend, lambda: bias_gelu(packed["h"], packed["bias"], backend=backend))
+    else:
+        h = packed["h"].clone()
+        run(benchmark, backend, lambda: bias_gelu(h.copy_(packed["h"]), None, backend=backend, out=h))
 
 
 @pytest.fixture(scope="module")
 def model():
     from postembed_fast import Embedder
     from postembed_fast.embedder import pack
+    from postembed_fast.model import Workspace
 
     from bench.corpus import load_posts
 
@@ -109,16 +120,18 @@ def model():
         total += len(ids)
     one_layer = copy.copy(e.encoder)
     one_layer.layers = e.encoder.layers[:1]  # embeddings + the first layer
-    return dict(encoder=e.encoder, one_layer=one_layer, batch=pack(seqs, DEVICE))
+    return dict(encoder=e.encoder, one_layer=one_layer, batch=pack(seqs, DEVICE), workspace=Workspace())
 
 
 @pytest.mark.benchmark(group="encoder_layer")
 @backends
 def test_encoder_one_layer(benchmark, model, backend):
-    run(benchmark, backend, lambda: model["one_layer"].forward(*model["batch"], backend=backend))
+    run(benchmark, backend, lambda: model["one_layer"].forward(*model["batch"], backend=backend,
+                                                               workspace=model["workspace"]))
 
 
 @pytest.mark.benchmark(group="encoder_forward")
 @backends
 def test_encoder_forward(benchmark, model, backend):
-    run(benchmark, backend, lambda: model["encoder"].forward(*model["batch"], backend=backend))
+    run(benchmark, backend, lambda: model["encoder"].forward(*model["batch"], backend=backend,
+                                                             workspace=model["workspace"]))

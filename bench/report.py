@@ -6,6 +6,8 @@ from pathlib import Path
 
 TARGET_SPEEDUP, TARGET_COS = 1.4, 0.99999
 TARGET_INT8, TARGET_BINARY, TARGET_MEMORY_MB = 0.99, 0.90, 200.0
+# GPU targets (issue 3; stated for an H100)
+TARGET_GPU_SPEEDUP, TARGET_GPU_TOKENS_PER_S, TARGET_GPU_P50_MS = 4.0, 10e6, 1.0
 
 
 def header(r) -> str:
@@ -86,6 +88,21 @@ def targets(r) -> list:
                         f"(target >= {TARGET_SPEEDUP}x) at min cosine {f32['cos_min']:.7f} (target >= {TARGET_COS})"))
     elif r.get("systems"):
         res.append((None, "CPU speed target: not measured (this run is on a GPU)"))
+        ours, st16 = sysrows.get("postembed_fast float16"), sysrows.get("sentence-transformers float16")
+        gpu = f"GPU ({m['gpu']})"
+        if ours and st16:
+            ratio = ours["posts_per_s"] / st16["posts_per_s"]
+            res.append((ratio >= TARGET_GPU_SPEEDUP, f"{gpu} float16: {ratio:.2f}x sentence-transformers float16 "
+                                                     f"(target >= {TARGET_GPU_SPEEDUP}x on an H100)"))
+        if ours and "latency_1" in ours:
+            p50 = ours["latency_1"]["p50_ms"]
+            res.append((p50 <= TARGET_GPU_P50_MS, f"{gpu}: one post p50 {p50:.2f} ms "
+                                                  f"(target <= {TARGET_GPU_P50_MS} ms on an H100)"))
+        mo = r.get("model_only")
+        if mo:
+            res.append((mo["tokens_per_s"] >= TARGET_GPU_TOKENS_PER_S,
+                        f"{gpu}: model-only {mo['tokens_per_s'] / 1e6:.2f} M tokens/s {mo['dtype']} "
+                        f"(target >= {TARGET_GPU_TOKENS_PER_S / 1e6:.0f} M on an H100)"))
     ret = r.get("retrieval", {})
     if ret.get("posts"):
         res.append((ret["retention_int8"] >= TARGET_INT8,

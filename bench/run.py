@@ -67,7 +67,7 @@ def main(argv=None):
     from postembed_fast import Embedder, quantize_embeddings
     from postembed_fast.embedder import DEFAULT_BATCH_TOKENS, resolve_device
 
-    from bench import measure, report, retrieval, roofline
+    from bench import measure, model_only, report, retrieval, roofline
     from bench.corpus import DEFAULT_CORPUS, load_posts, take
     from bench.systems import HF_BATCH, HFMeanPool, Postembed, SentenceTransformers
 
@@ -156,6 +156,10 @@ def main(argv=None):
     results["roofline"]["ceiling_flops"] = ceilings
     for row in rows:
         row["fraction_of_ceiling"] = row["flops_per_s"] / ceilings.get(row["dtype"], ceilings["float32"])
+
+    print("postembed_fast: model-only (encoder forward on packed batches) ...", flush=True)
+    results["model_only"] = model_only.measure(e, texts, device, cfg["repeats"])
+    print(f"  {results['model_only']['tokens_per_s'] / 1e6:.3f} M tokens/s ({results['model_only']['dtype']})")
 
     # --- quantized outputs: derive from float32 only if that equals embed(precision=...) -----
     f32 = outputs[Postembed(e).name]
