@@ -5,7 +5,8 @@
 #   2. the project installed editable with its CUDA kernels (pip never goes online: --no-index;
 #      scikit-build-core, pybind11 and any missing dependency come from WHEELS_DIR if given,
 #      else they must already be installed),
-#   3. the whole test suite on the GPU, then the quick benchmark -> bench/results/<gpu-name>.json.
+#   3. the whole test suite on the GPU, then the quick benchmark -> bench/results/<gpu-name>.json
+#      and the op micro-benchmarks -> bench/results/<gpu-name>-ops.json.
 # Exits non-zero if the tests failed (the benchmark still runs, for the numbers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,5 +33,8 @@ python -m pytest tests -q || status=$?
 gpu=$(python -c "import re, torch; print(re.sub(r'[^A-Za-z0-9._-]+', '-', torch.cuda.get_device_name()))")
 mkdir -p bench/results
 python -m bench --device cuda --quick --json "bench/results/$gpu.json"
-echo "tests exit status: $status; benchmark: bench/results/$gpu.json"
+# op backends side by side (triton vs cpp vs torch): the data for dispatch.PREFERENCE on CUDA
+python -m pytest bench/bench_ops.py --benchmark-only --benchmark-group-by=group -q \
+    --benchmark-max-time=0.2 --benchmark-json "bench/results/$gpu-ops.json" || true
+echo "tests exit status: $status; benchmark: bench/results/$gpu.json, ops: bench/results/$gpu-ops.json"
 exit "$status"

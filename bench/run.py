@@ -159,7 +159,7 @@ def main(argv=None):
 
     print("postembed_fast: model-only (encoder forward on packed batches) ...", flush=True)
     results["model_only"] = model_only.measure(e, texts, device, cfg["repeats"])
-    print(f"  {results['model_only']['tokens_per_s'] / 1e6:.3f} M tokens/s ({results['model_only']['dtype']})")
+    print(f"  {results['model_only']['tokens_per_s']:,.0f} tokens/s ({results['model_only']['dtype']})")
 
     # --- quantized outputs: derive from float32 only if that equals embed(precision=...) -----
     f32 = outputs[Postembed(e).name]

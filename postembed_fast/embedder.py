@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from postembed_fast.graphs import GraphRunner, graphs_enabled
+from postembed_fast.graphs import GraphCaptureError, GraphRunner, graphs_enabled
 from postembed_fast.kernels import pool_normalize, quantize_embeddings
 from postembed_fast.kernels.checks import PRECISIONS, check_precision
 from postembed_fast.loading import load_tokenizer, read_model_folder, resolve_model
@@ -273,8 +274,13 @@ class Embedder:
                 yield start, seqs
 
     def _embed_batch(self, seqs: list[list[int]], opts: dict, backend=None) -> torch.Tensor:
-        if backend is None and self._graphs is not None and self._graphs.takes(seqs):
-            return self._graphs.run(seqs, lambda hidden, cu: self._finish(hidden, cu, opts))
+        graphs = self._graphs
+        if backend is None and graphs is not None and graphs.takes(seqs):
+            try:
+                return graphs.run(seqs, lambda hidden, cu: self._finish(hidden, cu, opts))
+            except GraphCaptureError as exc:
+                warnings.warn(f"{exc}; small requests run eagerly from now on", RuntimeWarning, stacklevel=2)
+                self._graphs = None
         ids, positions, cu, max_len = pack(seqs, self.device)
         hidden = self.encoder.forward(ids, positions, cu, max_len, backend=backend,
                                       workspace=self._workspaces.workspace)

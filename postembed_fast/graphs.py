@@ -32,7 +32,12 @@ GRAPH_MIN_TOKENS = 64
 
 
 def graphs_enabled(device: torch.device) -> bool:
-    return device.type == "cuda" and os.environ.get("POSTEMBED_CUDA_GRAPHS", "1") != "0"
+    """On CUDA with Triton: the torch reference attention sizes a tensor from cu_seqlens'
+    contents (a host sync), which a capturing stream does not allow."""
+    from postembed_fast.kernels.dispatch import TRITON_IMPORT_ERROR
+
+    return (device.type == "cuda" and TRITON_IMPORT_ERROR is None
+            and os.environ.get("POSTEMBED_CUDA_GRAPHS", "1") != "0")
 
 
 def token_bucket(total_tokens: int) -> int:
@@ -56,6 +61,10 @@ def pack_padded(seqs: list[list[int]], bucket: int):
     ids[:total] = np.fromiter((t for s in seqs for t in s), dtype=np.int64, count=total)
     positions[:total] = np.arange(total) - np.repeat(cu[:-2].astype(np.int64), lens)
     return ids, positions, cu
+
+
+class GraphCaptureError(RuntimeError):
+    """Capturing failed; the caller falls back to eager execution."""
 
 
 class GraphRunner:
@@ -120,7 +129,10 @@ class GraphRunner:
                 run()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            hidden = run()
+        try:
+            with torch.cuda.graph(graph):
+                hidden = run()
+        except Exception as exc:  # e.g. a kernel path that syncs with the host
+            raise GraphCaptureError(f"CUDA graph capture failed for {bucket} tokens, {B} posts: {exc}") from exc
         self._graphs[(bucket, B)] = (graph, hidden)
         return graph, hidden
