@@ -72,7 +72,8 @@ def test_cpp_add_layernorm_dispatch_and_refusals():
                                   4, 16, 1e-5, 1)
 
 
-BACKENDS_HERE = ["torch"] + (["cpp"] if _ext._C is not None else [])
+BACKENDS_HERE = ["torch"] + (["cpp"] if _ext._C is not None else []) + (
+    ["triton"] if dispatch.unavailable_reason("triton", "cpu") is None else [])  # under TRITON_INTERPRET=1
 
 
 @pytest.mark.parametrize("backend", BACKENDS_HERE)
@@ -82,9 +83,16 @@ def test_launcher_out_in_place(backend):
     xi = x.clone()
     assert add_layernorm(xi, r, w, b, 1e-6, backend=backend, out=xi) is xi
     torch.testing.assert_close(xi, ref, rtol=1e-5, atol=1e-5)
+    ri = r.clone()
+    assert add_layernorm(x, ri, w, b, 1e-6, backend=backend, out=ri) is ri
+    torch.testing.assert_close(ri, ref, rtol=1e-5, atol=1e-5)
+    gelu_backend = "torch" if backend == "cpp" else backend  # no C++ GELU: torch's in-place gelu_ is used
     h = x.clone()
-    assert bias_gelu(h, None, backend="torch", out=h) is h
-    torch.testing.assert_close(h, F.gelu(x.double()).float(), rtol=1e-6, atol=1e-6)
+    assert bias_gelu(h, None, backend=gelu_backend, out=h) is h
+    torch.testing.assert_close(h, F.gelu(x.double()).float(), rtol=1e-5, atol=1e-5)
+    h = x.clone()
+    assert bias_gelu(h, torch.ones(32), backend=gelu_backend, out=h) is h
+    torch.testing.assert_close(h, F.gelu(x.double() + 1).float(), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="out must be a torch.float32 tensor of shape"):
         add_layernorm(x, r, w, b, 1e-6, backend=backend, out=torch.empty(9, 31))
 
