@@ -49,6 +49,7 @@ PE_INLINE v8 splat(float x) {
 #endif
 }
 PE_INLINE v8 vmax(v8 a, v8 b) { return a > b ? a : b; }
+PE_INLINE v8 at_least(v8 x, v8 lo) { return x < lo ? lo : x; }  // NaN stays NaN
 
 PE_INLINE float hsum(v8 v) {
   float s = 0.f;
@@ -62,9 +63,10 @@ PE_INLINE float hmax(v8 v) {
 }
 
 // expf for x <= 0 (softmax arguments), Cephes-style: exp(x) = 2^n exp(r), |r| <= ln2/2,
-// degree-6 polynomial; ~1 ulp. Clamped at -87 (exp = 1.6e-38, still a normal float).
+// degree-6 polynomial; ~1 ulp. Clamped at -87 (exp = 1.6e-38, still a normal float);
+// NaN propagates (a NaN score makes its row NaN, as in torch).
 PE_INLINE v8 exp8(v8 x) {
-  x = vmax(x, splat(-87.0f));
+  x = at_least(x, splat(-87.0f));
   const v8 magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting rounds to an integer
   const v8 n = (x * splat(1.44269504088896341f) + magic) - magic;
   const v8 r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);

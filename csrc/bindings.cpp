@@ -171,7 +171,9 @@ void py_attention_cpu(uintptr_t q, int64_t sqt, int64_t sqh, uintptr_t k, int64_
   PE_CHECK(total_tokens >= B && total_tokens <= kI32Max, fn, ": total_tokens=", total_tokens,
            " must be in [B, 2^31 - 1]");
   for (auto st : {sqt, sqh, skt, skh, svt, svh}) PE_CHECK(st >= 0, fn, ": negative stride ", st);
-  PE_CHECK(soh >= D && sot >= H * soh, fn, ": out rows overlap (strides ", sot, ", ", soh, " for H=", H, ", D=", D, ")");
+  // heads of a token, and tokens, must not overlap in out (a single head or token may have any stride)
+  PE_CHECK((H == 1 || soh >= D) && (total_tokens == 1 || sot >= (H - 1) * soh + D), fn,
+           ": out rows overlap (strides ", sot, ", ", soh, " for H=", H, ", D=", D, ")");
   PE_CHECK(std::isfinite(scale), fn, ": scale must be finite, got ", scale);
   PE_CHECK(num_threads >= 1, fn, ": num_threads must be >= 1, got ", num_threads);
   AttnArgs a;
@@ -195,8 +197,8 @@ void py_add_layernorm_cpu(uintptr_t x, int64_t ldx, uintptr_t residual, int64_t 
   for (auto [name, p] : {std::pair{"x", x}, {"residual", residual}, {"weight", weight}, {"bias", bias}, {"out", out}})
     check_ptr(fn, name, p);
   PE_CHECK(rows > 0 && H > 0, fn, ": need rows > 0 and H > 0, got rows=", rows, ", H=", H);
-  PE_CHECK(ldx >= H && ldo >= H && (ldr >= H || ldr == 0), fn, ": row pitches must be >= H=", H,
-           " (residual may be 0), got ldx=", ldx, ", ldr=", ldr, ", ldo=", ldo);
+  PE_CHECK((ldx >= H || ldx == 0) && ldo >= H && (ldr >= H || ldr == 0), fn, ": row pitches must be >= H=", H,
+           " (x and residual may be 0: one row for all), got ldx=", ldx, ", ldr=", ldr, ", ldo=", ldo);
   PE_CHECK(eps >= 0 && std::isfinite(eps), fn, ": eps must be finite and >= 0, got ", eps);
   PE_CHECK(num_threads >= 1, fn, ": num_threads must be >= 1, got ", num_threads);
   LayerNormArgs a;

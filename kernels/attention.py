@@ -69,6 +69,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, backend=None, 
         raise ValueError(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("q, k, v must be contiguous in head_dim (stride(-1) == 1)")
     check_cu_seqlens(cu_seqlens, q.shape[0], q.device)

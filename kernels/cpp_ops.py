@@ -192,7 +192,7 @@ def add_layernorm_cpp(x, residual, weight, bias, eps, out=None):
         if not same and t.untyped_storage().data_ptr() == o2.untyped_storage().data_ptr():
             raise ValueError(f"add_layernorm (cpp): out must be {name} itself or not overlap it")
     w, b = weight.contiguous(), bias.contiguous()
-    _C.add_layernorm_cpu(x2.data_ptr(), ldx, r2.data_ptr(), ldr if r2.stride(0) else 0, w.data_ptr(), b.data_ptr(),
+    _C.add_layernorm_cpu(x2.data_ptr(), ldx if x2.stride(0) else 0, r2.data_ptr(), ldr if r2.stride(0) else 0, w.data_ptr(), b.data_ptr(),
                          o2.data_ptr(), o2.stride(0) if o2.shape[0] > 1 else H, o2.shape[0], H, eps,
                          torch.get_num_threads())
     return out

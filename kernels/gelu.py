@@ -26,6 +26,8 @@ def bias_gelu(x, bias, backend=None, out=None):
     check_float("x", x)
     if bias is not None and bias.shape != (x.shape[-1],):
         raise ValueError(f"bias must be [{x.shape[-1]}], got {tuple(bias.shape)}")
+    if bias is not None and bias.device != x.device:
+        raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
     if out is not None:
         check_out(out, x.shape, x)
         if not out.is_contiguous():

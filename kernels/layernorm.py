@@ -29,6 +29,9 @@ def add_layernorm(x, residual, weight, bias, eps, backend=None, out=None):
     out: optional contiguous buffer for the result; it may be x or residual itself."""
     check_float("x", x)
     check_float("residual", residual)
+    for name, t in (("residual", residual), ("weight", weight), ("bias", bias)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if x.shape != residual.shape:
         raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} differ in shape")
     H = x.shape[-1]

@@ -57,6 +57,8 @@ def resolve_device(device) -> torch.device:
                                          "(torch.cuda.is_available() is False); use device='cpu'")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise DeviceUnavailableError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+        if dev.index is None:  # "cuda" -> "cuda:N": one spelling per device (torch.device("cuda") != "cuda:0")
+            dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 

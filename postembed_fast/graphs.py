@@ -77,6 +77,7 @@ class GraphRunner:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._static = None  # (ids, positions, cu, pinned host staging), allocated at first use
         self._workspace = Workspace()
+        self._side = None  # the capture warm-up stream
 
     def takes(self, seqs) -> bool:
         return len(seqs) <= GRAPH_MAX_POSTS and token_bucket(sum(map(len, seqs))) <= self.max_tokens
@@ -105,7 +106,8 @@ class GraphRunner:
         n, slots = self.max_tokens, GRAPH_MAX_POSTS + 2
         # sized for the largest bucket now: a workspace that grew later would move the
         # buffers that earlier graphs write to
-        self._workspace.buffers(n, self.encoder.config, self.device, self.encoder.word.dtype)
+        # (the encoder's own device object: torch.device("cuda") != torch.device("cuda:0"))
+        self._workspace.buffers(n, self.encoder.config, self.encoder.word.device, self.encoder.word.dtype)
         dev = dict(device=self.device)
         self._static = (torch.zeros(n, dtype=torch.int64, **dev), torch.zeros(n, dtype=torch.int64, **dev),
                         torch.zeros(slots, dtype=torch.int32, **dev),
@@ -122,17 +124,25 @@ class GraphRunner:
         positions.zero_()
         # max_seqlen = bucket bounds every sequence in any request of this shape
         run = lambda: self.encoder.forward(ids, positions, cu, bucket, workspace=self._workspace)  # noqa: E731
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up outside the graph: Triton compiles, cuBLAS picks its kernels
+        buffers = [b.data_ptr() for b in self._workspace.buffers(1, self.encoder.config, self.encoder.word.device,
+                                                                  self.encoder.word.dtype)]
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        self._side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._side):  # warm-up outside the graph: Triton compiles, cuBLAS picks its kernels
             for _ in range(2):
                 run()
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.current_stream(self.device).wait_stream(self._side)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: other threads' eager work (allocations, syncs) may go on during a capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 hidden = run()
         except Exception as exc:  # e.g. a kernel path that syncs with the host
             raise GraphCaptureError(f"CUDA graph capture failed for {bucket} tokens, {B} posts: {exc}") from exc
+        now = [b.data_ptr() for b in self._workspace.buffers(1, self.encoder.config, self.encoder.word.device,
+                                                              self.encoder.word.dtype)]
+        if now != buffers:  # every graph must write into the same, never-freed buffers
+            raise GraphCaptureError("the graph workspace moved during capture")
         self._graphs[(bucket, B)] = (graph, hidden)
         return graph, hidden

@@ -145,3 +145,26 @@ def test_raw_extension_rejects_bad_arguments():
     bad_cu = torch.tensor([0, 4, 4, 6], dtype=torch.int32)
     with pytest.raises(ValueError, match="strictly increasing"):
         C.varlen_attention_cpu(cu_seqlens=bad_cu.data_ptr(), **{**good, "B": 3})
+
+
+def test_nan_in_keys_poisons_the_rows_that_see_it_like_torch():
+    lens = [4, 6]
+    q, k, v = (t.clone() for t in fused_qkv(10, 1, 16, seed=9))
+    k[5, 0, 3] = float("nan")  # inside the second sequence only
+    out = varlen_attention(q, k, v, cu_of(lens), 6, backend="cpp")
+    ref = varlen_attention(q, k, v, cu_of(lens), 6, backend="torch")
+    assert torch.isnan(out[4:]).all() and torch.isnan(ref[4:]).all()
+    assert torch.isfinite(out[:4]).all()
+
+
+def test_inputs_on_different_devices_are_refused():
+    q, k, v = fused_qkv(4, 1, 16)
+    with pytest.raises(ValueError, match="different devices"):
+        varlen_attention(q, k.to("meta"), v, cu_of([4]), 4)
+
+
+def test_single_token_output_may_have_any_token_stride():
+    q, k, v = fused_qkv(1, 3, 64, seed=4)
+    out = torch.full((3, 1, 64), float("nan")).transpose(0, 1)  # token stride 64 < 3 heads x 64
+    cpp_ops.varlen_attention_cpp(q, k, v, cu_of([1]), 1, 0.125, out=out)
+    assert rel_err(out, ref64(q, k, v, [1], 0.125)) < 1e-6

@@ -124,3 +124,13 @@ def test_workspace_reuse_matches_fresh_buffers(make_random_model):
         fresh = e.encoder.forward(*args)
         reused = e.encoder.forward(*args, workspace=ws)
         assert torch.equal(fresh, reused)
+
+
+@needs_c
+def test_cpp_add_layernorm_broadcast_x_and_device_mismatch():
+    x, r, w, b = inputs(5, 32, seed=6)
+    row = torch.randn(32)
+    got = add_layernorm(row.expand(5, 32), r, w, b, 1e-5, backend="cpp")  # x with row stride 0
+    assert float((got.double() - ref64(row.expand(5, 32), r, w, b, 1e-5)).abs().max()) < 1e-5
+    with pytest.raises(ValueError, match="weight is on meta"):
+        add_layernorm(x, r, w.to("meta"), b, 1e-5)
