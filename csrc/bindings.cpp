@@ -273,9 +273,10 @@ PYBIND11_MODULE(_C, m) {
         "Testing hook: allow/forbid the F16C path (not thread-safe); returns the previous setting");
 
   m.def("cpu_attention_avx2", &postembed::attention_avx2_enabled,
-        "True if CPU varlen attention runs its AVX2+FMA build");
+        "True if the CPU attention and add_layernorm kernels run their AVX2+FMA builds");
   m.def("_set_cpu_attention_avx2_allowed", &postembed::set_attention_avx2_allowed, py::arg("allowed"),
-        "Testing hook: allow/forbid the AVX2 attention build (not thread-safe); returns the previous setting");
+        "Testing hook: allow/forbid the AVX2 builds of attention and add_layernorm (not thread-safe);\n"
+        "returns the previous setting");
   m.def("varlen_attention_cpu", &py_attention_cpu,
         "float32 softmax(q k^T * scale) v over packed sequences; q/k/v/out: data_ptr() integers with\n"
         "(token, head) strides in elements (head_dim contiguous); cu: int32 [B+1] ending at total_tokens.",

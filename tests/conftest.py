@@ -151,3 +151,15 @@ def cosines(a, b):
 @pytest.fixture
 def cos():
     return cosines
+
+
+@pytest.fixture(params=[True, False], ids=["avx2-if-cpu-has-it", "baseline-isa"])
+def cpu_isa(request):
+    """Run a C++ CPU kernel test with its AVX2+FMA build (where the CPU has it) and its baseline build."""
+    from postembed_fast import _ext
+
+    if _ext._C is None:
+        pytest.skip(f"compiled extension unavailable: {_ext.UNAVAILABLE_REASON}")
+    prev = _ext._C._set_cpu_attention_avx2_allowed(request.param)
+    yield request.param
+    _ext._C._set_cpu_attention_avx2_allowed(prev)

@@ -50,16 +50,9 @@ def rel_err(out, ref):
     return float((out.double() - ref).norm() / ref.norm())
 
 
-@pytest.fixture(params=[True, False], ids=["avx2-if-cpu-has-it", "baseline-isa"])
-def isa(request):
-    prev = C._set_cpu_attention_avx2_allowed(request.param)
-    yield request.param
-    C._set_cpu_attention_avx2_allowed(prev)
-
-
 @pytest.mark.parametrize("lengths", list(LENGTH_SETS))
 @pytest.mark.parametrize("heads, head_dim", [(3, 16), (2, 32), (1, 64), (2, 128)])
-def test_matches_float64_reference(lengths, heads, head_dim, isa):
+def test_matches_float64_reference(lengths, heads, head_dim, cpu_isa):
     lens = LENGTH_SETS[lengths]
     T = sum(lens)
     q, k, v = fused_qkv(T, heads, head_dim)
@@ -71,7 +64,7 @@ def test_matches_float64_reference(lengths, heads, head_dim, isa):
 
 
 @pytest.mark.parametrize("scale", [-0.7, 0.0, 40.0])
-def test_softmax_is_stable_for_any_scale(scale, isa):
+def test_softmax_is_stable_for_any_scale(scale, cpu_isa):
     # 40 * (scores ~ +-100) spans thousands: the row max must be subtracted before exp;
     # a negative scale flips which score is largest.
     lens = [5, 64, 33]

@@ -30,7 +30,7 @@ def ref64(x, r, w, b, eps):
 @pytest.mark.parametrize("rows", [1, 7, 97, 4097])
 @pytest.mark.parametrize("H", [384, 250, 768, 1])
 @pytest.mark.parametrize("where", ["fresh", "into-x", "into-residual", "poisoned-buffer"])
-def test_cpp_add_layernorm_matches_float64(rows, H, where):
+def test_cpp_add_layernorm_matches_float64(rows, H, where, cpu_isa):
     x, r, w, b = inputs(rows, H)
     ref = ref64(x, r, w, b, 1e-12)
     out = {"fresh": None, "into-x": x, "into-residual": r,
