@@ -212,14 +212,15 @@ bool g_avx2_allowed = true;
 
 TaskFn pick_task() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (g_avx2_allowed && cpu_has_avx2()) return task_avx2;
+  if (avx2_enabled()) return task_avx2;
 #endif
   return task_baseline;
 }
 
 }  // namespace
 
-bool attention_avx2_enabled() {
+// The CPU-feature switch shared by this file and layernorm_cpu.cpp.
+bool avx2_enabled() {
 #if defined(__x86_64__) && defined(__GNUC__)
   return g_avx2_allowed && cpu_has_avx2();
 #else
@@ -227,7 +228,7 @@ bool attention_avx2_enabled() {
 #endif
 }
 
-bool set_attention_avx2_allowed(bool allowed) {
+bool set_avx2_allowed(bool allowed) {
   const bool prev = g_avx2_allowed;
   g_avx2_allowed = allowed;
   return prev;

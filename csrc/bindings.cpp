@@ -272,9 +272,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_cpu_f16c_allowed", &postembed::set_f16c_allowed, py::arg("allowed"),
         "Testing hook: allow/forbid the F16C path (not thread-safe); returns the previous setting");
 
-  m.def("cpu_attention_avx2", &postembed::attention_avx2_enabled,
+  m.def("cpu_avx2", &postembed::avx2_enabled,
         "True if the CPU attention and add_layernorm kernels run their AVX2+FMA builds");
-  m.def("_set_cpu_attention_avx2_allowed", &postembed::set_attention_avx2_allowed, py::arg("allowed"),
+  m.def("_set_cpu_avx2_allowed", &postembed::set_avx2_allowed, py::arg("allowed"),
         "Testing hook: allow/forbid the AVX2 builds of attention and add_layernorm (not thread-safe);\n"
         "returns the previous setting");
   m.def("varlen_attention_cpu", &py_attention_cpu,

@@ -75,8 +75,8 @@ void add_layernorm_cpu(const LayerNormArgs& a);
 void varlen_attention_cpu(const AttnArgs& a);
 // AVX2+FMA builds of the CPU attention and add_layernorm when the CPU has it (runtime
 // check) unless disallowed; tests turn it off to exercise the baseline-ISA builds.
-bool attention_avx2_enabled();
-bool set_attention_avx2_allowed(bool allowed);  // returns the previous setting
+bool avx2_enabled();
+bool set_avx2_allowed(bool allowed);  // returns the previous setting
 // CPU float32 -> float16 uses F16C when the CPU has it (runtime check) unless
 // disallowed; tests turn it off to exercise the portable conversion too.
 bool f16c_enabled();

@@ -53,7 +53,7 @@ __attribute__((target("avx2,fma"))) void row_avx2(const float* x, const float* r
 
 RowFn pick_row() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (attention_avx2_enabled()) return row_avx2;  // same CPU check and test switch as the attention
+  if (avx2_enabled()) return row_avx2;
 #endif
   return row_baseline;
 }

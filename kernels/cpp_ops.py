@@ -24,6 +24,7 @@ import torch
 from postembed_fast import _ext
 
 from .dispatch import register
+from .layernorm import rows_2d
 
 _C = _ext._C
 
@@ -166,14 +167,6 @@ def layernorm_refuses(x, residual, weight, bias, eps):
     return None
 
 
-def _rows2d(t, H):
-    """[..., H] -> 2-D view with unit column stride and its row pitch (0 for a broadcast row)."""
-    t2 = t.reshape(-1, H)
-    if t2.stride(1) != 1 and H > 1:
-        t2 = t2.contiguous()
-    return t2, (t2.stride(0) if t2.shape[0] > 1 else H)
-
-
 def add_layernorm_cpp(x, residual, weight, bias, eps, out=None):
     """LayerNorm(x + residual) on CPU, in place when out is x or residual; see csrc/layernorm_cpu.cpp."""
     reason = layernorm_refuses(x, residual, weight, bias, eps)
@@ -182,8 +175,8 @@ def add_layernorm_cpp(x, residual, weight, bias, eps, out=None):
     H = x.shape[-1]
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype)
-    x2, ldx = _rows2d(x, H)
-    r2, ldr = _rows2d(residual, H)
+    x2, ldx = rows_2d(x, H)
+    r2, ldr = rows_2d(residual, H)
     if r2.shape[0] != x2.shape[0]:
         raise ValueError(f"residual has {r2.shape[0]} rows, x has {x2.shape[0]}")
     o2 = out.view(-1, H)
@@ -192,7 +185,7 @@ def add_layernorm_cpp(x, residual, weight, bias, eps, out=None):
         if not same and t.untyped_storage().data_ptr() == o2.untyped_storage().data_ptr():
             raise ValueError(f"add_layernorm (cpp): out must be {name} itself or not overlap it")
     w, b = weight.contiguous(), bias.contiguous()
-    _C.add_layernorm_cpu(x2.data_ptr(), ldx if x2.stride(0) else 0, r2.data_ptr(), ldr if r2.stride(0) else 0, w.data_ptr(), b.data_ptr(),
+    _C.add_layernorm_cpu(x2.data_ptr(), ldx, r2.data_ptr(), ldr, w.data_ptr(), b.data_ptr(),
                          o2.data_ptr(), o2.stride(0) if o2.shape[0] > 1 else H, o2.shape[0], H, eps,
                          torch.get_num_threads())
     return out

@@ -45,6 +45,16 @@ def add_layernorm(x, residual, weight, bias, eps, backend=None, out=None):
     return choose("add_layernorm", x.device, backend, args)(*args, out=out)
 
 
+def rows_2d(t, H):
+    """[..., H] -> (2-D view with unit column stride, row pitch in elements). Broadcast (stride-0)
+    rows stay a view with pitch 0; only a column-strided tensor is copied. The Triton and C++
+    kernels both take rows this way."""
+    t2 = t.reshape(-1, H)
+    if t2.stride(1) != 1 and H > 1:
+        t2 = t2.contiguous()
+    return t2, (t2.stride(0) if t2.shape[0] > 1 else H)
+
+
 if TRITON_IMPORT_ERROR is None:
     import triton
     import triton.language as tl
@@ -77,17 +87,11 @@ if TRITON_IMPORT_ERROR is None:
         y = xc * rstd * w + b
         tl.store(y_ptr + row * y_row_stride + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
-    def _rows(t, H):
-        # [..., H] -> a 2-D view with unit column stride; keeps stride-0 rows
-        # (the encoder's expanded token-type vector) without a copy.
-        t = t.reshape(-1, H)
-        return t if t.stride(1) == 1 else t.contiguous()
-
     @register("add_layernorm", "triton", devices=("cpu", "cuda"))
     def add_layernorm_triton(x, residual, weight, bias, eps, out=None):
         """Each program reads its row of x and residual before writing it: out may alias either."""
         H = x.shape[-1]
-        x2, r2 = _rows(x, H), _rows(residual, H)
+        (x2, _), (r2, _) = rows_2d(x, H), rows_2d(residual, H)
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
         y2 = y.view(-1, H)
         if y2.shape[0] == 0:

@@ -28,7 +28,7 @@ def info() -> dict:
         "cpu_ext_error": _ext.UNAVAILABLE_REASON,
         "cuda_ext": _ext.has_cuda_ext(),
         "cuda_ext_compiled": bool(_ext._C is not None and _ext._C.cuda_compiled()),
-        "cpu_avx2": bool(_ext._C is not None and _ext._C.cpu_attention_avx2()),  # C++ attention/LayerNorm build
+        "cpu_avx2": bool(_ext._C is not None and _ext._C.cpu_avx2()),  # C++ attention/LayerNorm build
         "triton": dispatch.TRITON_IMPORT_ERROR is None,
         "triton_error": dispatch.TRITON_IMPORT_ERROR,
         "triton_interpret": dispatch.triton_interpret(),

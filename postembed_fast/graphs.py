@@ -102,12 +102,17 @@ class GraphRunner:
             torch.cuda.current_stream(self.device).synchronize()
             return out
 
+    def _workspace_ptrs(self, rows: int = 1) -> list[int]:
+        # the encoder's own device and dtype, as forward() asks for them (torch.device("cuda")
+        # != torch.device("cuda:0"): another spelling would reallocate the buffers)
+        w = self.encoder.word
+        return [b.data_ptr() for b in self._workspace.buffers(rows, self.encoder.config, w.device, w.dtype)]
+
     def _allocate(self):
         n, slots = self.max_tokens, GRAPH_MAX_POSTS + 2
         # sized for the largest bucket now: a workspace that grew later would move the
         # buffers that earlier graphs write to
-        # (the encoder's own device object: torch.device("cuda") != torch.device("cuda:0"))
-        self._workspace.buffers(n, self.encoder.config, self.encoder.word.device, self.encoder.word.dtype)
+        self._workspace_ptrs(n)
         dev = dict(device=self.device)
         self._static = (torch.zeros(n, dtype=torch.int64, **dev), torch.zeros(n, dtype=torch.int64, **dev),
                         torch.zeros(slots, dtype=torch.int32, **dev),
@@ -124,8 +129,7 @@ class GraphRunner:
         positions.zero_()
         # max_seqlen = bucket bounds every sequence in any request of this shape
         run = lambda: self.encoder.forward(ids, positions, cu, bucket, workspace=self._workspace)  # noqa: E731
-        buffers = [b.data_ptr() for b in self._workspace.buffers(1, self.encoder.config, self.encoder.word.device,
-                                                                  self.encoder.word.dtype)]
+        buffers = self._workspace_ptrs()
         if self._side is None:
             self._side = torch.cuda.Stream(self.device)
         self._side.wait_stream(torch.cuda.current_stream(self.device))
@@ -140,9 +144,7 @@ class GraphRunner:
                 hidden = run()
         except Exception as exc:  # e.g. a kernel path that syncs with the host
             raise GraphCaptureError(f"CUDA graph capture failed for {bucket} tokens, {B} posts: {exc}") from exc
-        now = [b.data_ptr() for b in self._workspace.buffers(1, self.encoder.config, self.encoder.word.device,
-                                                              self.encoder.word.dtype)]
-        if now != buffers:  # every graph must write into the same, never-freed buffers
+        if self._workspace_ptrs() != buffers:  # every graph must write into the same, never-freed buffers
             raise GraphCaptureError("the graph workspace moved during capture")
         self._graphs[(bucket, B)] = (graph, hidden)
         return graph, hidden

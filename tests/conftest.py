@@ -160,6 +160,6 @@ def cpu_isa(request):
 
     if _ext._C is None:
         pytest.skip(f"compiled extension unavailable: {_ext.UNAVAILABLE_REASON}")
-    prev = _ext._C._set_cpu_attention_avx2_allowed(request.param)
+    prev = _ext._C._set_cpu_avx2_allowed(request.param)
     yield request.param
-    _ext._C._set_cpu_attention_avx2_allowed(prev)
+    _ext._C._set_cpu_avx2_allowed(prev)
