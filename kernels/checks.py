@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import torch
 
-PRECISIONS = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
 
 
 def check_float(name: str, t: torch.Tensor) -> None:
@@ -57,15 +51,30 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, device: torch.
     return cu_seqlens.numel() - 1
 
 
+class QuantRanges:
+    """Quantization ranges checked once: float32 [2, dim] (row 0 = per-dimension min, row 1 =
+    max, finite, max > min), contiguous, on `device`. Launchers take one as it is, so a caller
+    that embeds batch after batch (the Embedder) validates and copies its ranges only once."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, ranges, dim: int, device: torch.device):
+        if ranges is None:
+            raise ValueError("this precision needs quantization ranges ([2, D]: per-dimension min and max)")
+        if isinstance(ranges, QuantRanges):  # checked already, on another device
+            ranges = ranges.tensor
+        r = torch.as_tensor(ranges, dtype=torch.float32)
+        if r.shape != (2, dim):
+            raise ValueError(f"ranges must have shape (2, {dim}) (min row, max row), got {tuple(r.shape)}")
+        if not bool(torch.isfinite(r).all()):
+            raise ValueError("ranges must be finite")
+        if not bool((r[1] > r[0]).all()):
+            raise ValueError("ranges: every max (row 1) must be greater than its min (row 0)")
+        self.tensor = r.to(device).contiguous()
+
+
 def check_ranges(ranges, dim: int, device: torch.device) -> torch.Tensor:
-    """ranges: [2, dim] (row 0 = per-dimension min, row 1 = max) -> float32 tensor on device."""
-    if ranges is None:
-        raise ValueError("int8/uint8 precision needs quantization ranges ([2, D]: per-dimension min and max)")
-    r = torch.as_tensor(ranges, dtype=torch.float32)
-    if r.shape != (2, dim):
-        raise ValueError(f"ranges must have shape (2, {dim}) (min row, max row), got {tuple(r.shape)}")
-    if not bool(torch.isfinite(r).all()):
-        raise ValueError("ranges must be finite")
-    if not bool((r[1] > r[0]).all()):
-        raise ValueError("ranges: every max (row 1) must be greater than its min (row 0)")
-    return r.to(device)
+    """ranges (array-like [2, dim], or QuantRanges) -> the validated float32 tensor on device."""
+    if not (isinstance(ranges, QuantRanges) and ranges.tensor.shape == (2, dim) and ranges.tensor.device == device):
+        ranges = QuantRanges(ranges, dim, device)
+    return ranges.tensor

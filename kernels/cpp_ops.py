@@ -9,8 +9,8 @@ launchers in this package. Nothing is registered when _C is unavailable, so
 Layout policy: hidden / embeddings may have any row stride (a row slice or a
 column slice of a bigger tensor is read in place, via the row pitch `ld`); only
 a tensor whose last dimension is not contiguous (stride(1) != 1, e.g. a
-transpose) or whose rows overlap (expand) is copied with .contiguous() first. cu_seqlens and ranges are tiny
-and are made contiguous freely. On CUDA nothing is synchronized: cu_seqlens is
+transpose) or whose rows overlap (expand) is copied with .contiguous() first. cu_seqlens is tiny
+and made contiguous freely; ranges arrive checked by the launcher (checks.QuantRanges). On CUDA nothing is synchronized: cu_seqlens is
 read by the kernel, the launch goes to torch.cuda.current_stream(device).
 
 Every impl takes an optional `out=` (a preallocated, contiguous tensor of the
@@ -21,26 +21,14 @@ from __future__ import annotations
 
 import torch
 
-from postembed_fast import _ext
-
+from . import _ext
 from .dispatch import register
 from .layernorm import rows_2d
+from .precision import TABLE
 
 _C = _ext._C
 
-OUT_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "binary": torch.int8,
-    "ubinary": torch.uint8,
-}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-def output_shape(rows: int, dim: int, precision: str) -> tuple[int, int]:
-    return (rows, (dim + 7) // 8) if precision in ("binary", "ubinary") else (rows, dim)
 
 
 def _rows_view(name: str, t: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -56,7 +44,8 @@ def _rows_view(name: str, t: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def _out(out, rows: int, dim: int, precision: str, device: torch.device) -> torch.Tensor:
-    shape, dtype = output_shape(rows, dim, precision), OUT_DTYPES[precision]
+    spec = TABLE[precision]
+    shape, dtype = (rows, spec.columns(dim)), spec.torch_dtype
     if out is None:
         return torch.empty(shape, dtype=dtype, device=device)
     if tuple(out.shape) != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
@@ -67,13 +56,9 @@ def _out(out, rows: int, dim: int, precision: str, device: torch.device) -> torc
     return out
 
 
-def _ranges(ranges, dim: int, device: torch.device):
-    if ranges is None:
-        return None, 0
-    r = torch.as_tensor(ranges, dtype=torch.float32, device=device).contiguous()
-    if tuple(r.shape) != (2, dim):
-        raise ValueError(f"ranges must have shape (2, {dim}), got {tuple(r.shape)}")
-    return r, r.data_ptr()
+def _ranges_ptr(ranges) -> int:
+    """ranges: None, or the launcher's checked contiguous float32 [2, D] tensor on the data's device."""
+    return 0 if ranges is None else ranges.data_ptr()
 
 
 def _cuda_args(device: torch.device) -> tuple[int, int]:
@@ -95,9 +80,8 @@ def pool_normalize_cpp(hidden, cu_seqlens, mode, normalize, precision, ranges, o
     result = _out(out, B, dim, precision, device)
     if result.numel() == 0:  # D == 0: nothing to compute (the C++ API requires D > 0)
         return result
-    r, r_ptr = _ranges(ranges, dim, device) if precision in ("int8", "uint8") else (None, 0)
     args = (hidden.data_ptr(), cu.data_ptr(), total, B, dim, ld, _C.DTYPE_CODES[_DTYPE_NAMES[hidden.dtype]],
-            _C.MODE_CODES[mode], bool(normalize), _C.PRECISION_CODES[precision], r_ptr, result.data_ptr(),
+            _C.MODE_CODES[mode], bool(normalize), TABLE[precision].code, _ranges_ptr(ranges), result.data_ptr(),
             result.shape[0], result.shape[1], result.element_size())
     if device.type == "cuda":
         _C.pool_normalize_cuda(*args, *_cuda_args(device))
@@ -116,8 +100,8 @@ def quantize_cpp(x, precision, ranges, out=None):
     result = _out(out, rows, dim, precision, device)
     if result.numel() == 0 or dim == 0:
         return result
-    r, r_ptr = _ranges(ranges, dim, device) if precision in ("int8", "uint8") else (None, 0)
-    args = (x.data_ptr(), rows, dim, ld, _C.DTYPE_CODES[_DTYPE_NAMES[x.dtype]], _C.PRECISION_CODES[precision], r_ptr,
+    args = (x.data_ptr(), rows, dim, ld, _C.DTYPE_CODES[_DTYPE_NAMES[x.dtype]], TABLE[precision].code,
+            _ranges_ptr(ranges),
             result.data_ptr(), result.shape[0], result.shape[1], result.element_size())
     if device.type == "cuda":
         _C.quantize_cuda(*args, *_cuda_args(device))

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from postembed_fast import _ext
+from . import _ext
 
 BACKENDS = ("torch", "triton", "cpp")
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_cu_seqlens, check_float, check_precision, check_ranges
+from .checks import check_cu_seqlens, check_float, check_ranges
 from .dispatch import TRITON_IMPORT_ERROR, choose, register
-from .quantize import PRECISION_CODE, quantize_torch
+from .precision import precision_spec
+from .quantize import empty_output, quantize_torch
 
 POOL_MODES = ("mean", "cls")
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize (sentence-transformers' Normalize)
@@ -40,9 +41,9 @@ def pool_normalize(hidden, cu_seqlens, mode="mean", normalize=True, precision="f
         raise ValueError(f"hidden must be 2-D [total_tokens, D], got shape {tuple(hidden.shape)}")
     if mode not in POOL_MODES:
         raise ValueError(f"unknown pooling mode {mode!r}; valid: {', '.join(POOL_MODES)}")
-    check_precision(precision)
+    spec = precision_spec(precision)
     check_cu_seqlens(cu_seqlens, hidden.shape[0], hidden.device)
-    r = check_ranges(ranges, hidden.shape[1], hidden.device) if precision in ("int8", "uint8") else None
+    r = check_ranges(ranges, hidden.shape[1], hidden.device) if spec.needs_ranges else None
     fn = choose("pool_normalize", hidden.device, backend)
     return fn(hidden, cu_seqlens, mode, bool(normalize), precision, r)
 
@@ -51,7 +52,7 @@ if TRITON_IMPORT_ERROR is None:
     import triton
     import triton.language as tl
 
-    from .quantize import precision_output, store_precision
+    from .quantize import block_d, precision_flags, store_precision
 
     @triton.jit
     def _pool_normalize_kernel(
@@ -65,7 +66,9 @@ if TRITON_IMPORT_ERROR is None:
         n_cols,
         MEAN: tl.constexpr,
         NORMALIZE: tl.constexpr,
-        PRECISION: tl.constexpr,
+        QUANTIZE: tl.constexpr,
+        PACKED: tl.constexpr,
+        SIGNED: tl.constexpr,
         BLOCK_T: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
@@ -88,7 +91,7 @@ if TRITON_IMPORT_ERROR is None:
             # sqrt_rn / div_rn: IEEE results, so quantized codes match the reference
             norm = tl.sqrt_rn(tl.sum(x * x, axis=0))
             x = tl.math.div_rn(x, tl.maximum(norm, 1e-12))
-        store_precision(out_ptr + seq * out_row_stride, x, lo_ptr, hi_ptr, n_cols, PRECISION, BLOCK_D)
+        store_precision(out_ptr + seq * out_row_stride, x, lo_ptr, hi_ptr, n_cols, QUANTIZE, PACKED, SIGNED, BLOCK_D)
 
     @register("pool_normalize", "triton", devices=("cpu", "cuda"))
     def pool_normalize_triton(hidden, cu_seqlens, mode, normalize, precision, ranges, out=None):
@@ -96,14 +99,14 @@ if TRITON_IMPORT_ERROR is None:
         if hidden.stride(-1) != 1:
             hidden = hidden.contiguous()
         B, D = cu_seqlens.numel() - 1, hidden.shape[1]
-        y, BLOCK_D = precision_output(B, D, precision, hidden.device)
-        y = y if out is None else out
+        y = empty_output(B, D, precision, hidden.device) if out is None else out
+        BLOCK_D = block_d(D)
         lo, hi = (hidden, hidden) if ranges is None else (ranges[0].contiguous(), ranges[1].contiguous())
         # ~8K fp32 accumulators per program: enough tokens per step to hide load latency
         BLOCK_T = max(1, min(32, 8192 // BLOCK_D))
         _pool_normalize_kernel[(B,)](
             y, hidden, cu_seqlens, lo, hi, y.stride(0), hidden.stride(0), D,
-            MEAN=mode == "mean", NORMALIZE=normalize, PRECISION=PRECISION_CODE[precision],
+            MEAN=mode == "mean", NORMALIZE=normalize, **precision_flags(precision),
             BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
         )
         return y

@@ -13,18 +13,18 @@ are serialized by a lock. The pooling epilogue runs eagerly after the replay, in
 lock (it reads the shared hidden states), so every precision/normalize option shares the
 same graphs.
 
-Off with POSTEMBED_CUDA_GRAPHS=0. The padding itself is plain packing and is tested on
-CPU (tests/test_embed_api.py); capture and replay are tested by the GPU tests.
+Off with POSTEMBED_CUDA_GRAPHS=0. The padding itself is packing.padded, tested on CPU
+(tests/test_packing.py); capture and replay are tested by the GPU tests.
 """
 from __future__ import annotations
 
 import os
 import threading
 
-import numpy as np
 import torch
 
 from postembed_fast.model import Workspace
+from postembed_fast.packing import PackedBatch, padded
 
 GRAPH_MAX_POSTS = 8
 GRAPH_MAX_TOKENS = 4096  # largest bucket: 8 posts x 512 tokens
@@ -45,24 +45,6 @@ def token_bucket(total_tokens: int) -> int:
     return max(GRAPH_MIN_TOKENS, 1 << int(total_tokens).bit_length())
 
 
-def pack_padded(seqs: list[list[int]], bucket: int):
-    """Token id lists -> numpy (ids int64 [bucket], positions int64 [bucket], cu_seqlens int32 [B+2]):
-    the B sequences, then one filler sequence over the remaining bucket - T >= 1 tokens."""
-    lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
-    total = int(lens.sum())
-    if total >= bucket:
-        raise ValueError(f"{total} tokens do not fit a bucket of {bucket} with a filler token")
-    ids = np.zeros(bucket, dtype=np.int64)
-    positions = np.zeros(bucket, dtype=np.int64)
-    cu = np.empty(len(seqs) + 2, dtype=np.int32)
-    cu[0] = 0
-    np.cumsum(lens, out=cu[1:-1])
-    cu[-1] = bucket
-    ids[:total] = np.fromiter((t for s in seqs for t in s), dtype=np.int64, count=total)
-    positions[:total] = np.arange(total) - np.repeat(cu[:-2].astype(np.int64), lens)
-    return ids, positions, cu
-
-
 class GraphCaptureError(RuntimeError):
     """Capturing failed; the caller falls back to eager execution."""
 
@@ -79,14 +61,15 @@ class GraphRunner:
         self._workspace = Workspace()
         self._side = None  # the capture warm-up stream
 
-    def takes(self, seqs) -> bool:
-        return len(seqs) <= GRAPH_MAX_POSTS and token_bucket(sum(map(len, seqs))) <= self.max_tokens
+    def takes(self, batch: PackedBatch) -> bool:
+        return batch.size <= GRAPH_MAX_POSTS and token_bucket(batch.tokens) <= self.max_tokens
 
-    def run(self, seqs, finish):
+    def run(self, batch: PackedBatch, finish):
         """finish(hidden [T, hidden], cu_seqlens [B+1] on the device) -> result, called under the lock."""
-        T, B = sum(map(len, seqs)), len(seqs)
+        T, B = batch.tokens, batch.size
         bucket = token_bucket(T)
-        host = pack_padded(seqs, bucket)
+        p = padded(batch, bucket)
+        host = (p.input_ids, p.positions, p.cu_seqlens)
         with self._lock, torch.cuda.device(self.device):
             if self._static is None:
                 self._allocate()

@@ -6,11 +6,13 @@ import gzip
 import json
 import os
 import shutil
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-import sys
-
+import numpy as np
 import pytest
+import torch  # importing torch does not import triton, so TRITON_INTERPRET below still takes effect
 
 # `python -m pytest` from the repo root puts the source tree first on sys.path, where
 # postembed_fast has neither the compiled _C nor kernels/ inside it (the wheel maps
@@ -20,6 +22,14 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: nothing here may reach a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+HAS_CUDA = torch.cuda.is_available()  # does not initialize CUDA
+if not HAS_CUDA:
+    # Without a GPU the Triton kernel tests run under the interpreter, which triton.jit picks when a
+    # kernel is decorated, i.e. when postembed_fast.kernels is first imported. Set here, before any
+    # test module is imported, so that does not depend on which test file happens to be collected
+    # first. Nothing else looks at it: backend=None on CPU never picks the interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DATA = Path(__file__).resolve().parent / "data" / "posts.jsonl.gz"
 
@@ -51,9 +61,86 @@ def st_model(default_folder):
 
 @pytest.fixture(scope="session")
 def embedder():
+    """The default model on the CPU in float32 (always, also on a GPU machine): the reference that
+    tests of other devices and dtypes compare with. Tests of the default device use `default_device`."""
     from postembed_fast import Embedder
 
-    return Embedder(device="cpu")
+    return Embedder(device="cpu", dtype=torch.float32)
+
+
+# ---- which device a test means ------------------------------------------------------------
+# fast_embed() / Embedder() / get_embedder() without device= run on CUDA in float16 where a GPU is
+# visible, else on the CPU in float32 (README). A test meant for "whatever the default is" takes
+# `default_device` / `default_dtype` and compares with that dtype's tolerance, so the same lines
+# decide what is expected here and on a GPU machine; a test meant for one device names it.
+DEFAULT_DTYPE_OF = {"cpu": torch.float32, "cuda": torch.float16}  # the documented contract
+DEFAULT_DEVICE = "cuda" if HAS_CUDA else "cpu"
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
+
+
+@dataclass(frozen=True)
+class EmbedTolerance:
+    min_cos: float  # worst row cosine against the float32 reference
+    atol: float  # largest element difference (rows are unit vectors of 384 elements ~0.05)
+
+
+# How far embeddings computed in a dtype may be from float32 ones of the same model and texts.
+# Seen: float16 0.9999992 / 2.6e-4 on the CPU, 0.9999996 / 1.2e-4 on an H200; bfloat16 0.99995 / 2.1e-3
+# on the CPU (0.99991 on the H200).
+EMBED_TOLERANCE = {
+    torch.float32: EmbedTolerance(min_cos=0.99999, atol=1e-5),
+    torch.float16: EmbedTolerance(min_cos=0.999, atol=2e-3),
+    torch.bfloat16: EmbedTolerance(min_cos=0.999, atol=1e-2),
+}
+
+
+def assert_embeddings_close(got, want, dtype: torch.dtype) -> None:
+    """got (computed in `dtype`) is within EMBED_TOLERANCE[dtype] of the float32 reference `want`."""
+    tol = EMBED_TOLERANCE[dtype]
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    c = cosines(got, want)
+    assert c.min() >= tol.min_cos, f"{dtype}: row {c.argmin()} has cosine {c.min():.7f} < {tol.min_cos}"
+    diff = float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max())
+    assert diff <= tol.atol, f"{dtype}: largest element difference {diff:.2e} > {tol.atol}"
+
+
+@pytest.fixture(scope="session")
+def default_device() -> str:
+    """The device type fast_embed()/Embedder() use when device= is not given on this machine."""
+    return DEFAULT_DEVICE
+
+
+@pytest.fixture(scope="session")
+def default_dtype(default_device) -> torch.dtype:
+    return DEFAULT_DTYPE_OF[default_device]
+
+
+@pytest.fixture(scope="session")
+def embeddings_close():
+    return assert_embeddings_close
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=needs_cuda)])
+def each_device(request) -> str:
+    """Run a test once per device type: the CPU, and CUDA where this machine has a GPU."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def embedder_on(embedder):
+    """embedder_on(device) -> one Embedder of the default model per device type (its default dtype),
+    shared by the session; the CPU one is `embedder`."""
+    from postembed_fast import Embedder
+
+    made = {"cpu": embedder}
+
+    def get(device: str):
+        if device not in made:
+            made[device] = Embedder(device=device)
+        return made[device]
+
+    return get
 
 
 def _st_modules():
@@ -71,11 +158,17 @@ def make_random_st_folder(root: Path, default_folder: Path, *, model_type="bert"
                           intermediate=512, pooling="cls", dense_out=None, max_seq_length=128, seed=0) -> Path:
     """A randomly initialized encoder saved with transformers (safetensors) plus sentence-transformers
     modules saved by sentence-transformers itself, reusing the default model's tokenizer files."""
-    import torch
+    with torch.random.fork_rng(devices=[]):  # seeded weights, and the caller's RNG state left as it was
+        torch.manual_seed(seed)
+        return _make_random_st_folder(root, default_folder, model_type, hidden, heads, layers, intermediate, pooling,
+                                      dense_out, max_seq_length)
+
+
+def _make_random_st_folder(root, default_folder, model_type, hidden, heads, layers, intermediate, pooling, dense_out,
+                           max_seq_length):
     from sentence_transformers import SentenceTransformer
     from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
-    torch.manual_seed(seed)
     enc_dir = root / "hf"
     kw = dict(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=layers, intermediate_size=intermediate,
               vocab_size=30522, max_position_embeddings=max_seq_length + 2 + (model_type != "bert"))
@@ -98,8 +191,6 @@ def make_random_st_folder(root: Path, default_folder: Path, *, model_type="bert"
 
 def np_quantize(x, precision, ranges=None):
     """The formulas of the precision contract, in numpy float32 (independent of the package)."""
-    import numpy as np
-
     x = np.asarray(x, dtype=np.float32)
     if precision == "float32":
         return x
@@ -115,8 +206,6 @@ def np_quantize(x, precision, ranges=None):
 
 def quantize_ties(x, ranges):
     """Mask of elements whose uint8 code sits at an exact rounding tie (within float32 noise)."""
-    import numpy as np
-
     lo, hi = ranges[0], ranges[1]
     t = (np.asarray(x, np.float64) - lo) / ((hi - lo) / 255.0) + 0.5
     return np.abs(t - np.round(t)) < 1e-4
@@ -134,15 +223,17 @@ def tie_mask():
 
 @pytest.fixture
 def make_random_model(tmp_path, default_folder):
+    """make(**shape) -> a new model folder under this test's tmp_path (a fresh one per call)."""
+    made = []
+
     def make(**kw):
-        return make_random_st_folder(tmp_path, default_folder, **kw)
+        made.append(tmp_path / f"random-model-{len(made)}")
+        return make_random_st_folder(made[-1], default_folder, **kw)
 
     return make
 
 
 def cosines(a, b):
-    import numpy as np
-
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
@@ -156,10 +247,27 @@ def cos():
 @pytest.fixture(params=[True, False], ids=["avx2-if-cpu-has-it", "baseline-isa"])
 def cpu_isa(request):
     """Run a C++ CPU kernel test with its AVX2+FMA build (where the CPU has it) and its baseline build."""
-    from postembed_fast import _ext
+    from postembed_fast.kernels import _ext
 
     if _ext._C is None:
         pytest.skip(f"compiled extension unavailable: {_ext.UNAVAILABLE_REASON}")
     prev = _ext._C._set_cpu_avx2_allowed(request.param)
     yield request.param
     _ext._C._set_cpu_avx2_allowed(prev)
+
+
+def pack_for_encoder(seqs, device="cpu"):
+    """Token id lists -> Encoder.forward's (input_ids, positions, cu_seqlens, max_seqlen), through
+    the product's packing (postembed_fast/packing.py, tested in tests/test_packing.py)."""
+    import numpy as np
+    import torch
+
+    from postembed_fast.packing import flatten, pack
+
+    b = pack(*flatten(seqs), np.arange(len(seqs)))
+    return (*(torch.from_numpy(a).to(device) for a in (b.input_ids, b.positions, b.cu_seqlens)), b.max_seqlen)
+
+
+@pytest.fixture
+def encoder_inputs():
+    return pack_for_encoder

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from postembed_fast import _ext
+from postembed_fast.kernels import _ext
 from postembed_fast.kernels import cpp_ops, dispatch, varlen_attention
 from postembed_fast.kernels.attention import varlen_attention_torch
 

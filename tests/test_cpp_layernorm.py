@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from postembed_fast import _ext
+from postembed_fast.kernels import _ext
 from postembed_fast.kernels import add_layernorm, bias_gelu, cpp_ops, dispatch, varlen_attention
 from postembed_fast.kernels.layernorm import add_layernorm_torch
 
@@ -109,10 +109,9 @@ def test_attention_out_is_written_whole(backend):
         varlen_attention(q, k, v, cu, 12, backend=backend, out=torch.empty(16, 2, 15))
 
 
-def test_workspace_reuse_matches_fresh_buffers(make_random_model):
+def test_workspace_reuse_matches_fresh_buffers(make_random_model, encoder_inputs):
     """One workspace over batches of different sizes (grow, then shrink) = fresh buffers each time."""
     from postembed_fast import Embedder
-    from postembed_fast.embedder import pack
     from postembed_fast.model import Workspace
 
     e = Embedder(make_random_model(), device="cpu")
@@ -120,7 +119,7 @@ def test_workspace_reuse_matches_fresh_buffers(make_random_model):
     g = torch.Generator().manual_seed(0)
     for lens in ([5, 17, 3], [e.max_seq_length] * 40 + [20, 1, 9], [2]):  # grows past 256 rows
         seqs = [torch.randint(0, e.encoder.config.vocab_size, (n,), generator=g).tolist() for n in lens]
-        args = pack(seqs, torch.device("cpu"))
+        args = encoder_inputs(seqs)
         fresh = e.encoder.forward(*args)
         reused = e.encoder.forward(*args, workspace=ws)
         assert torch.equal(fresh, reused)

@@ -26,32 +26,43 @@ TEXTS = [
 
 
 # ---- basics ------------------------------------------------------------------------------
-def test_fast_embed_returns_normalized_float32_in_input_order(embedder):
-    emb = fast_embed(TEXTS[:2])
+# `embedder` is the CPU float32 reference; fast_embed() without device= runs on this machine's
+# default device and dtype (CUDA float16 where there is a GPU), hence the dtype's tolerance.
+def test_fast_embed_returns_normalized_float32_in_input_order(embedder, default_dtype, embeddings_close):
+    emb = fast_embed(TEXTS[:2])  # default device
     assert isinstance(emb, np.ndarray) and emb.shape == (2, 384) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(emb, embedder.embed(TEXTS[:2]), atol=1e-6)
+    embeddings_close(emb, embedder.embed(TEXTS[:2]), default_dtype)
     assert float(emb[0] @ emb[1]) < 0.9  # two different posts are different vectors
 
 
-def test_fast_embed_reuses_one_cached_embedder():
+def test_fast_embed_on_the_cpu_equals_a_cpu_embedder(embedder):
+    emb = fast_embed(TEXTS[:2], device="cpu")  # another Embedder (the cached one), the same float32 math
+    assert emb.dtype == np.float32
+    np.testing.assert_allclose(emb, embedder.embed(TEXTS[:2]), atol=1e-6)
+
+
+def test_fast_embed_reuses_one_cached_embedder(default_device, default_dtype):
     from postembed_fast.embedder import get_embedder
 
-    assert get_embedder() is get_embedder(None, "cpu", torch.float32)
-    assert get_embedder("all-MiniLM-L6-v2", "cpu") is get_embedder()
+    default = get_embedder()
+    assert default.device.type == default_device and default.dtype == default_dtype
+    assert default is get_embedder(None, default_device, default_dtype)
+    assert get_embedder("all-MiniLM-L6-v2", "cpu") is get_embedder(None, "cpu", torch.float32)
 
 
-def test_a_single_str_gives_one_row(embedder):
-    one = fast_embed("We are hiring")
+def test_a_single_str_gives_one_row(embedder, default_dtype, embeddings_close):
+    one = fast_embed("We are hiring")  # default device
     assert one.shape == (1, 384)
-    np.testing.assert_allclose(one[0], embedder.embed(["We are hiring"])[0], atol=1e-6)
+    embeddings_close(one, embedder.embed(["We are hiring"]), default_dtype)
 
 
 def test_empty_list_gives_zero_rows(embedder):
     for precision, cols, dtype in [("float32", 384, np.float32), ("int8", 384, np.int8), ("binary", 48, np.int8)]:
         out = embedder.embed([], precision=precision)
         assert out.shape == (0, cols) and out.dtype == dtype
-    assert fast_embed([], output="torch").shape == (0, 384)
+    out = fast_embed([], output="torch")  # default device: no model call, the same on every device
+    assert out.shape == (0, 384) and out.dtype == torch.float32
 
 
 def test_output_torch(embedder):
@@ -159,14 +170,14 @@ def test_normalize_false_returns_the_raw_pooled_vector(embedder, posts):
     np.testing.assert_allclose(raw / norms[:, None], embedder.embed(posts[:5]), atol=1e-5)
 
 
-def test_other_models_need_calibration_or_ranges_for_int8(make_random_model, posts, reference_quantize):
+def test_other_models_need_calibration_or_ranges_for_int8(make_random_model, posts, reference_quantize, each_device):
     folder = make_random_model(hidden=64, heads=2, layers=1, intermediate=128, pooling="mean", max_seq_length=32)
-    emb = Embedder(folder)
+    emb = Embedder(folder, device=each_device)  # its default dtype; codes are compared with its own floats
     assert emb.quantization_ranges is None
     with pytest.raises(ValueError, match="calibrate"):
         emb.embed(["a post"], precision="int8")
     with pytest.raises(ValueError, match="calibrate"):
-        fast_embed(["a post"], model=folder, precision="uint8")
+        fast_embed(["a post"], model=folder, device=each_device, precision="uint8")
     assert emb.embed(["a post"], precision="binary").shape == (1, 8)  # binary needs no ranges
     x = emb.embed(posts[:30])
     r = emb.calibrate(posts[100:300])
@@ -197,7 +208,7 @@ def test_other_models_need_calibration_or_ranges_for_int8(make_random_model, pos
 )
 def test_non_text_input_raises_type_error_naming_the_problem(texts, match):
     with pytest.raises(TypeError, match=match):
-        fast_embed(texts)
+        fast_embed(texts)  # checked before any model loads: no device involved
 
 
 def test_embed_iter_names_the_bad_index(embedder):
@@ -225,7 +236,7 @@ def test_embed_iter_names_the_bad_index(embedder):
 )
 def test_bad_arguments_raise_value_error_listing_valid_choices(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        fast_embed(["a post"], **kwargs)
+        fast_embed(["a post"], **{"device": "cpu", **kwargs})  # the checks do not depend on the device
 
 
 def test_bad_ranges_values_are_rejected(embedder):
@@ -247,16 +258,16 @@ def test_model_folder_missing_pieces(tmp_path, default_folder):
     import shutil
 
     with pytest.raises(ValueError, match="config.json"):
-        Embedder(tmp_path)  # an empty folder
+        Embedder(tmp_path, device="cpu")  # an empty folder
     broken = tmp_path / "m"
     shutil.copytree(default_folder, broken)
     (broken / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="model.safetensors"):
-        Embedder(broken)
+        Embedder(broken, device="cpu")
     cfg = (broken / "config.json").read_text().replace('"bert"', '"gpt2"')
     (broken / "config.json").write_text(cfg)
     with pytest.raises(ValueError, match="model_type"):
-        Embedder(broken)
+        Embedder(broken, device="cpu")
 
 
 # ---- progress and threads ----------------------------------------------------------------
@@ -265,7 +276,8 @@ def test_show_progress_draws_a_tqdm_bar(embedder, capsys):
     assert "9/9" in capsys.readouterr().err
 
 
-def test_an_embedder_is_safe_to_call_from_several_threads(embedder, posts):
+def test_an_embedder_is_safe_to_call_from_several_threads(embedder_on, each_device, posts, embeddings_close):
+    embedder = embedder_on(each_device)
     chunks = [posts[i * 20 : (i + 1) * 20] for i in range(4)]
     want = [embedder.embed(c) for c in chunks]
     got = [None] * 4
@@ -283,8 +295,8 @@ def test_an_embedder_is_safe_to_call_from_several_threads(embedder, posts):
     for t in threads:
         t.join()
     assert not errors
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, atol=1e-5)
+    for g, w in zip(got, want):  # other batch sizes than `want`: equal within the dtype's rounding
+        embeddings_close(g, w, embedder.dtype)
 
 
 # ---- small requests on a GPU: CUDA graphs over padded buckets (postembed_fast/graphs.py) --------
@@ -292,28 +304,30 @@ def test_an_embedder_is_safe_to_call_from_several_threads(embedder, posts):
 def test_graph_bucket_padding_leaves_the_real_posts_unchanged(embedder, posts, n_posts, cos):
     """The padding the CUDA graph path uses (one filler sequence up to a power-of-two token count),
     run eagerly on CPU: the real posts' embeddings are those of plain packing."""
-    from postembed_fast.graphs import pack_padded, token_bucket
+    from postembed_fast.graphs import token_bucket
+    from postembed_fast.packing import flatten, pack, padded
 
     texts = posts[100:100 + n_posts]
-    seqs = embedder.tokenize(texts)
-    total = sum(map(len, seqs))
+    flat = flatten(embedder.tokenize(texts))
+    batch = pack(*flat, np.arange(n_posts))
+    total = batch.tokens
     bucket = token_bucket(total)
     assert bucket > total and bucket & (bucket - 1) == 0
-    ids, positions, cu = (torch.from_numpy(a) for a in pack_padded(seqs, bucket))
+    p = padded(batch, bucket)
+    ids, positions, cu = (torch.from_numpy(a) for a in (p.input_ids, p.positions, p.cu_seqlens))
     assert int(cu[-2]) == total and int(cu[-1]) == bucket and not positions[total:].any()
     hidden = embedder.encoder.forward(ids, positions, cu, bucket)
-    opts = embedder._options("float32", True, None, None, "numpy", None)
-    got = embedder._finish(hidden[:total], cu[: n_posts + 1], opts).numpy()
+    opts, _ = embedder._options("float32", True, None, None, "numpy", None)
+    got = embedder.head(hidden[:total], cu[: n_posts + 1], opts).numpy()
     assert cos(got, embedder.embed(texts)).min() >= 0.999999
-    with pytest.raises(ValueError, match="do not fit"):
-        pack_padded(seqs, total)
 
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 
 
 @needs_gpu
-def test_cuda_graph_path_matches_eager(posts, cos):
+def test_cuda_graph_path_matches_eager(posts, cos, monkeypatch):
+    monkeypatch.delenv("POSTEMBED_CUDA_GRAPHS", raising=False)  # on, whatever the environment says
     e = Embedder(device="cuda")
     assert e._graphs is not None
     for n in (1, 2, 8):

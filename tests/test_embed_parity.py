@@ -22,6 +22,27 @@ def test_parity_with_sentence_transformers_on_500_real_posts(embedder, st_model,
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_every_device_and_dtype_is_within_its_tolerance(each_device, dtype, embedder, st_model, posts,
+                                                        embeddings_close):
+    """The tolerance table in conftest.py, which tests of the default device apply to whatever the
+    default dtype is (float16 on a GPU), checked here for each dtype on each device of this machine
+    against sentence-transformers in float32."""
+    import torch
+
+    from postembed_fast import Embedder
+
+    dt = getattr(torch, dtype)
+    texts = posts[:10] + ["", "We are hiring", "日本語のテキスト 🚀"]  # few: float16 on a CPU is slow
+    e = embedder if (each_device, dt) == ("cpu", torch.float32) else Embedder(device=each_device, dtype=dt)
+    assert e.device.type == each_device and e.dtype == dt
+    ours = e.embed(texts)
+    assert ours.dtype == np.float32 and np.isfinite(ours).all()
+    embeddings_close(ours, st_model.encode(texts, batch_size=32), dt)
+    if dt != torch.float32:  # the dtype is really used: not the float32 numbers
+        assert not np.array_equal(ours, embedder.embed(texts))
+
+
 def test_one_text_alone_equals_it_inside_a_large_mixed_batch(embedder, posts):
     batch = posts[:300] + ["", "   ", "We are hiring", "x " * 600]
     together = embedder.embed(batch)
@@ -77,7 +98,7 @@ def test_parity_on_random_models_of_other_shapes(make_random_model, posts, shape
 
 
 def test_chunked_tokenization_keeps_order_and_values(embedder, posts, monkeypatch):
-    import postembed_fast.embedder as mod
+    import postembed_fast.pipeline as mod
 
     texts = posts[:23]
     want = embedder.embed(texts)

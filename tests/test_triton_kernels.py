@@ -1,25 +1,19 @@
 """Triton kernels vs their pure-torch references (computed in float64).
 
-Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set
-below before anything imports triton) at small sizes; on a CUDA machine they run
-on "cuda" at full sizes. Outputs are written into NaN-filled (float) or
+Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, which
+conftest.py sets before any test module imports triton) at small sizes; on a CUDA
+machine they run compiled on "cuda" at full sizes. Outputs are written into NaN-filled (float) or
 sentinel-filled (integer) buffers, so an element the kernel never writes fails.
 """
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from postembed_fast.kernels import dispatch  # noqa: E402
+from postembed_fast.kernels import dispatch
 
 if dispatch.TRITON_IMPORT_ERROR is not None:
     pytest.skip(f"triton is not importable: {dispatch.TRITON_IMPORT_ERROR}", allow_module_level=True)
@@ -34,8 +28,8 @@ if not CUDA:
 
     if not isinstance(attention._varlen_attention_kernel, InterpretedFunction):
         # triton.jit picks the interpreter when the kernel is decorated, i.e. at import.
-        pytest.skip("postembed_fast.kernels was imported before TRITON_INTERPRET=1 was set; "
-                    "run: TRITON_INTERPRET=1 pytest tests", allow_module_level=True)
+        pytest.skip("no GPU and the Triton kernels are not interpreted (TRITON_INTERPRET is not 1, or "
+                    "postembed_fast.kernels was imported before conftest.py set it)", allow_module_level=True)
 
 # Mixed lengths: 1 and 2 (shorter than any block), 7, 97, 129 (one past a 128 block),
 # 256 (exact blocks) and 300, all in one batch.
@@ -282,10 +276,9 @@ def test_quantize_exact_ties_match_reference(precision):
 
 
 @pytest.mark.parametrize("dtype, tol", FLOAT_TOLS[:2] if CUDA else FLOAT_TOLS[:1])
-def test_encoder_triton_matches_torch(dtype, tol):
+def test_encoder_triton_matches_torch(dtype, tol, encoder_inputs):
     from transformers import BertConfig, BertModel
 
-    from postembed_fast.embedder import pack
     from postembed_fast.model import Encoder, EncoderConfig
 
     torch.manual_seed(0)
@@ -297,7 +290,7 @@ def test_encoder_triton_matches_torch(dtype, tol):
     enc = Encoder(cfg, state, DEVICE, dtype, Path("."))
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, 100, (n,), generator=g).tolist() for n in (1, 2, 7, 33, 64, 20)]
-    packed = pack(seqs, torch.device(DEVICE))
+    packed = encoder_inputs(seqs, DEVICE)
     out = enc.forward(*packed, backend="triton")
     ref = enc.forward(*packed, backend="torch")
     assert out.shape == (sum(map(len, seqs)), 64)

@@ -1,14 +1,15 @@
-"""The compiled module postembed_fast._C, or the reason it is unavailable.
+"""The compiled module postembed_fast._C (csrc/), or the reason it is unavailable.
 
 Importing this never touches a GPU: cuda_device_count() is only called on demand.
 """
 from __future__ import annotations
 
-try:
-    from postembed_fast import _C  # type: ignore[attr-defined]
+import importlib
 
+try:
+    _C = importlib.import_module("postembed_fast._C")
     UNAVAILABLE_REASON = None
-except ImportError as exc:  # source checkout without a build, or a broken wheel
+except ImportError as exc:  # a source checkout without a build, or a broken wheel
     _C = None
     UNAVAILABLE_REASON = f"postembed_fast._C could not be imported: {exc}"
 
@@ -20,9 +21,3 @@ def has_cpu_ext() -> bool:
 def has_cuda_ext() -> bool:
     """CUDA kernels compiled in AND a device visible to the driver."""
     return _C is not None and _C.cuda_compiled() and _C.cuda_device_count() > 0
-
-
-def require_ext(what: str):
-    if _C is None:
-        raise RuntimeError(f"{what} needs the compiled extension, which is unavailable: {UNAVAILABLE_REASON}")
-    return _C

@@ -1,0 +1,49 @@
+"""Quantization ranges: per-dimension (min, max) of normalized embeddings, [2, dim] float32.
+
+int8/uint8 codes need them (kernels/precision.py). They never come from the call being
+quantized: the default model ships ranges calibrated on out-of-sample posts
+(bench/calibrate_default.py), other models get them from Embedder.calibrate(texts) or the
+user's ranges= argument.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_RANGES_FILE = Path(__file__).resolve().parent / "data" / "all-MiniLM-L6-v2.ranges.npy"
+
+
+def shipped_ranges(is_default_model: bool) -> np.ndarray | None:
+    return np.load(DEFAULT_RANGES_FILE) if is_default_model and DEFAULT_RANGES_FILE.is_file() else None
+
+
+def ranges_of(emb: np.ndarray) -> np.ndarray:
+    """Per-dimension (min, max) of normalized embeddings, made strictly increasing."""
+    x = np.asarray(emb, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    r = np.stack([x.min(0), x.max(0)]).astype(np.float32)
+    flat = r[1] <= r[0]
+    r[0, flat] -= 1e-6
+    r[1, flat] += 1e-6
+    return r
+
+
+def ranges_for_call(precision: str, user_ranges, *, normalize: bool, width: int, model_dim: int,
+                    calibrated: np.ndarray | None, calibration: np.ndarray | None):
+    """The ranges an embed() call quantizes with (array-like [2, width]), or a ValueError saying
+    what is missing. calibrated: the model's ranges (shipped or from calibrate()); calibration:
+    calibrate()'s embeddings, from which truncated (dimensions=k) ranges are derived."""
+    if user_ranges is not None:
+        return user_ranges  # checked once by the caller (kernels.checks.QuantRanges)
+    if calibrated is None:
+        raise ValueError(f"precision={precision!r} needs quantization ranges for this model: call "
+                         "Embedder.calibrate(texts) on real posts, or pass ranges= ([2, D]: min row, max row)")
+    if not normalize:
+        raise ValueError("the calibrated ranges describe normalized embeddings; with normalize=False pass ranges=")
+    if width == model_dim:
+        return calibrated
+    if calibration is None:
+        raise ValueError(f"precision={precision!r} with dimensions={width} needs ranges for the truncated "
+                         "embeddings: call calibrate(texts) first, or pass ranges= of shape (2, dimensions)")
+    return ranges_of(calibration[:, :width])
