@@ -11,10 +11,12 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
-#include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "cuda_api.h"
@@ -26,11 +28,30 @@ using namespace postembed;
 
 namespace {
 
+// Error messages are built by string appends, never iostreams: no locale state
+// is needed to report an error (see csrc/CMakeLists.txt on the C++ runtime).
+void append(std::string& s, const char* v) { s += v; }
+void append(std::string& s, const std::string& v) { s += v; }
+template <typename F>
+void append_real(std::string& s, F v) {
+  // Shortest %g form that reads back as v ("inf", "nan", "1e-05", "0.1").
+  char buf[32];
+  for (int prec = 6; prec <= 17; ++prec) {
+    std::snprintf(buf, sizeof buf, "%.*g", prec, static_cast<double>(v));
+    if (!std::isfinite(v) || static_cast<F>(std::strtod(buf, nullptr)) == v) break;
+  }
+  s += buf;
+}
+void append(std::string& s, double v) { append_real(s, v); }
+void append(std::string& s, float v) { append_real(s, v); }
+template <typename T, typename = std::enable_if_t<std::is_integral_v<T>>>
+void append(std::string& s, T v) { s += std::to_string(v); }
+
 template <typename... Ts>
 std::string cat(const Ts&... parts) {
-  std::ostringstream s;
-  (s << ... << parts);
-  return s.str();
+  std::string s;
+  (append(s, parts), ...);
+  return s;
 }
 
 #define PE_CHECK(cond, ...)                                              \
@@ -227,8 +248,8 @@ void py_pool_cuda(uintptr_t hidden, uintptr_t cu, int64_t total_tokens, int64_t 
   PE_CHECK(device >= 0, fn, ": device index must be >= 0, got ", device);
 #ifdef POSTEMBED_WITH_CUDA
   PE_CHECK(B <= kI32Max, fn, ": B=", B, " sequences is too many for one launch");
-  PE_CHECK(D <= pool_normalize_cuda_max_dim(dtype), fn, ": D=", D, " exceeds the CUDA kernel's limit of ",
-           pool_normalize_cuda_max_dim(dtype));
+  PE_CHECK(D <= pool_normalize_cuda_max_dim(), fn, ": D=", D, " exceeds the CUDA kernel's limit of ",
+           pool_normalize_cuda_max_dim());
   py::gil_scoped_release nogil;
   pool_normalize_cuda(a, stream, device);
 #else

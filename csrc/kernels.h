@@ -90,7 +90,7 @@ void quantize_cpu(const QuantArgs& a);
 void pool_normalize_cuda(const PoolArgs& a, uintptr_t stream, int device);
 void quantize_cuda(const QuantArgs& a, uintptr_t stream, int device);
 // Largest D the CUDA pooling kernel takes (shared memory bound).
-int64_t pool_normalize_cuda_max_dim(int dtype);
+int64_t pool_normalize_cuda_max_dim();
 #endif
 
 }  // namespace postembed

@@ -195,9 +195,8 @@ void launch_quant(const QuantArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-int64_t pool_normalize_cuda_max_dim(int dtype) {
+int64_t pool_normalize_cuda_max_dim() {
   // Worst case rows == 1 (cols == kThreads): D floats + scratch must fit.
-  (void)dtype;
   return kMaxSmemBytes / static_cast<int64_t>(sizeof(float)) - 33;
 }
 

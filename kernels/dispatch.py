@@ -2,7 +2,7 @@
 
 Each op registers its implementations with @register(op, backend, devices,
 supports); launchers call choose(op, device, backend, args). backend=None picks
-the first entry of PREFERENCE for the device that is available here and, if it
+the first entry of OP_PREFERENCE (or else PREFERENCE) for the device that is available here and, if it
 has a `supports` check, accepts these arguments (e.g. the C++ attention takes
 float32 and head_dim 16/32/64/128 only); "torch" (the reference) always works,
 so there is always a fallback.
@@ -24,6 +24,13 @@ BACKENDS = ("torch", "triton", "cpp")
 PREFERENCE = {
     "cuda": ("triton", "cpp", "torch"),
     "cpu": ("cpp", "torch"),
+}
+# Per-op exceptions, each from a measurement. H200, bench/results/NVIDIA-H200-ops.json (4,096
+# tokens x 384, median): the CUDA pool_normalize 30 us vs Triton's 42 us (float32 out), 29 vs
+# 41 us (binary). There Triton's attention, add_layernorm and bias_gelu beat torch's (55 vs 318,
+# 45 vs 76, 43 vs 62 us), as PREFERENCE has it.
+OP_PREFERENCE = {
+    ("pool_normalize", "cuda"): ("cpp", "triton", "torch"),
 }
 
 try:  # Triton is optional: without it the "triton" backend reports unavailable.
@@ -96,7 +103,7 @@ def choose(op: str, device: torch.device, backend: str | None, args: tuple | Non
     impls = _REGISTRY[op]
     dev = device.type
     if backend is None:
-        for name in PREFERENCE.get(dev, ("torch",)):
+        for name in OP_PREFERENCE.get((op, dev)) or PREFERENCE.get(dev, ("torch",)):
             entry = impls.get(name)
             if entry and dev in entry[1] and unavailable_reason(name, dev) is None and _refuses(entry, args) is None:
                 return entry[0]
