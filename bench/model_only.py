@@ -6,19 +6,20 @@ from __future__ import annotations
 
 import statistics
 
-import numpy as np
-
 from bench.measure import timed
 
 
 def measure(e, texts, device, repeats=3) -> dict:
-    from postembed_fast.embedder import DEFAULT_BATCH_TOKENS, pack, plan_batches
-    from postembed_fast.model import Workspace
+    import torch
 
-    seqs = e.tokenize(texts)
-    lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    from postembed_fast.embedder import DEFAULT_BATCH_TOKENS
+    from postembed_fast.model import Workspace
+    from postembed_fast.packing import packed_batches
+
+    ids, offsets = e.tokenizer.encode(texts)
     bt = DEFAULT_BATCH_TOKENS[e.device.type]
-    batches = [pack([seqs[i] for i in idx], e.device) for idx in plan_batches(lens, bt)]
+    batches = [(*(torch.from_numpy(a).to(e.device) for a in (b.input_ids, b.positions, b.cu_seqlens)), b.max_seqlen)
+               for b in packed_batches(ids, offsets, bt)]
     ws = Workspace()
 
     def run():
@@ -27,6 +28,6 @@ def measure(e, texts, device, repeats=3) -> dict:
 
     run()  # warm-up: kernels compiled, workspace sized
     secs = statistics.median(timed(run, device)[0] for _ in range(repeats))
-    tokens = int(lens.sum())
+    tokens = int(offsets[-1])
     return dict(dtype=str(e.dtype).replace("torch.", ""), tokens=tokens, batches=len(batches), batch_tokens=bt,
                 seconds=secs, tokens_per_s=tokens / secs)

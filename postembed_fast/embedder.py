@@ -25,7 +25,7 @@ from postembed_fast.loading import read_model_folder, resolve_model
 from postembed_fast.model import Encoder, EncoderConfig, ThreadWorkspaces, load_state_dict
 from postembed_fast.packing import PackedBatch
 from postembed_fast.ranges import ranges_for_call, ranges_of, shipped_ranges
-from postembed_fast.loading import load_text_tokenizer  # TEMPORARY
+from postembed_fast.tokenization import FlatTokenizer
 
 OUTPUTS = ("numpy", "torch")
 DEVICE_TYPES = ("cpu", "cuda")
@@ -102,7 +102,7 @@ class Embedder:
                  for d in spec.dense]
         self.head = PoolingHead(spec.pooling, dense)
         self.max_seq_length = spec.max_seq_length
-        self.tokenizer = load_text_tokenizer(spec.encoder_folder, spec.max_seq_length, spec.do_lower_case)
+        self.tokenizer = FlatTokenizer.from_folder(spec.encoder_folder, spec.max_seq_length, lowercase=spec.do_lower_case)
         config = EncoderConfig.from_json(spec.encoder_folder / "config.json")
         self.encoder = Encoder(config, load_state_dict(spec.encoder_folder), self.device, self.dtype,
                                spec.encoder_folder)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_MODEL = "all-MiniLM-L6-v2"
 MODEL_ALIASES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "minilm")
 _DENSE_ACTIVATIONS = {
     "torch.nn.modules.activation.Tanh": torch.tanh,
@@ -162,23 +161,3 @@ def load_tokenizer(folder: Path, max_seq_length: int):
     tok.enable_truncation(max_length=max_seq_length)
     return tok
 
-
-class _HFFlatTokenizer:
-    """TEMPORARY: Hugging Face tokenizers behind the flat (ids, offsets) interface."""
-
-    def __init__(self, tok, lower):
-        self.tok, self.lower = tok, lower
-
-    def encode(self, texts):
-        import numpy as np
-
-        if self.lower:
-            texts = [t.lower() for t in texts]
-        seqs = [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=True)]
-        from postembed_fast.packing import flatten
-
-        return flatten(seqs)
-
-
-def load_text_tokenizer(folder, max_seq_length, lower):
-    return _HFFlatTokenizer(load_tokenizer(folder, max_seq_length), lower)

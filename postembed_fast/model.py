@@ -40,8 +40,6 @@ class EncoderConfig:
     layers: int
     intermediate: int
     vocab_size: int
-    max_positions: int
-    type_vocab_size: int
     eps: float
     position_offset: int  # RoBERTa counts positions from padding_idx + 1
 
@@ -71,8 +69,6 @@ class EncoderConfig:
             layers=cfg["num_hidden_layers"],
             intermediate=cfg["intermediate_size"],
             vocab_size=cfg["vocab_size"],
-            max_positions=cfg["max_position_embeddings"] - offset,
-            type_vocab_size=cfg.get("type_vocab_size", 2),
             eps=cfg.get("layer_norm_eps", 1e-12),
             position_offset=offset,
         )

@@ -212,7 +212,7 @@ def static_libstdcxx_module(tmp_path_factory) -> Path:
     (whl,) = (tmp / "wheel").glob("postembed_fast-*.whl")
     with zipfile.ZipFile(whl) as z:
         (member,) = [n for n in z.namelist() if n.startswith("postembed_fast/_C.") and n.endswith(".so")]
-        z.extract(member, tmp / "unpacked")
+        z.extractall(tmp / "unpacked")  # the whole wheel: test_wheel_imports_as_a_package uses it
     so = tmp / "unpacked" / member
 
     # It really is the crashing configuration: no shared libstdc++ among its needed libraries.
@@ -229,3 +229,25 @@ def test_static_libstdcxx_build_exports_only_its_init_function(static_libstdcxx_
 
 def test_static_libstdcxx_build_raises_full_value_errors_after_torch(static_libstdcxx_module, tmp_path):
     _run_error_paths(static_libstdcxx_module, tmp_path)
+
+
+def test_wheel_imports_as_a_package(static_libstdcxx_module, tmp_path):
+    """The development install is editable (README); this is the wheel a serving image gets:
+    kernels/ mapped in as postembed_fast.kernels beside _C, and it embeds."""
+    site = static_libstdcxx_module.parent.parent
+    code = (
+        # -S: no .pth files, so an editable install of this checkout (its import hook) is not in the way
+        "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
+        "import torch, postembed_fast as p\n"
+        "assert p.__file__.startswith(sys.argv[1]), p.__file__\n"
+        "import postembed_fast.kernels as k; assert k.__file__.startswith(sys.argv[1]), k.__file__\n"
+        "info = p.info(); assert info['cpu_ext'] and info['cpu_ext_error'] is None, info\n"
+        "e = p.fast_embed(['hello world', 'we are hiring'], device='cpu', precision='int8')\n"
+        "assert e.shape == (2, 384) and str(e.dtype) == 'int8', (e.shape, e.dtype)\n"
+        "print('ok')\n"
+    )
+    import sysconfig
+
+    r = subprocess.run([sys.executable, "-P", "-S", "-c", code, str(site), sysconfig.get_paths()["purelib"]], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-3000:] + r.stderr[-3000:]

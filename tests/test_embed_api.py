@@ -47,6 +47,7 @@ def test_fast_embed_reuses_one_cached_embedder(default_device, default_dtype):
 
     default = get_embedder()
     assert default.device.type == default_device and default.dtype == default_dtype
+    # device=None and the default spelled out ("cuda" = "cuda:N") are one cached Embedder, not two
     assert default is get_embedder(None, default_device, default_dtype)
     assert get_embedder("all-MiniLM-L6-v2", "cpu") is get_embedder(None, "cpu", torch.float32)
 
@@ -61,7 +62,7 @@ def test_empty_list_gives_zero_rows(embedder):
     for precision, cols, dtype in [("float32", 384, np.float32), ("int8", 384, np.int8), ("binary", 48, np.int8)]:
         out = embedder.embed([], precision=precision)
         assert out.shape == (0, cols) and out.dtype == dtype
-    out = fast_embed([], output="torch")  # default device: no model call, the same on every device
+    out = fast_embed([], output="torch")  # default device; zero texts: no forward pass, the same everywhere
     assert out.shape == (0, 384) and out.dtype == torch.float32
 
 

@@ -19,7 +19,8 @@ import torch
 from postembed_fast.kernels import dispatch, pool_normalize, quantize_embeddings
 from postembed_fast.kernels.precision import PRECISIONS, TABLE
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                               reason="no CUDA GPU on this machine"))]
 
 
 def tie_inputs(d=256, seed=3):

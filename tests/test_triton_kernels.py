@@ -268,7 +268,7 @@ def test_encoder_triton_matches_torch(dtype, tol, encoder_inputs):
                     vocab_size=100, max_position_embeddings=64)
     state = BertModel(hf).state_dict()
     cfg = EncoderConfig(model_type="bert", hidden=64, heads=4, layers=2, intermediate=128, vocab_size=100,
-                        max_positions=64, type_vocab_size=2, eps=hf.layer_norm_eps, position_offset=0)
+                        eps=hf.layer_norm_eps, position_offset=0)
     enc = Encoder(cfg, state, DEVICE, dtype, Path("."))
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, 100, (n,), generator=g).tolist() for n in (1, 2, 7, 33, 64, 20)]

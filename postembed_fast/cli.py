@@ -1,0 +1,518 @@
+"""The `postembed-fast` command (also `python -m postembed_fast`).
+
+    postembed-fast embed posts.jsonl.gz --output emb.npy [--precision int8] [--ids-field id]
+
+One function per subcommand (`cmd_<name>`), all hanging off `build_parser()`; a later
+subcommand (serve, train, nearline, backfill) adds a `_add_<name>(subparsers)` and a
+`cmd_<name>(args) -> int`, and reuses `_add_model_args` for the model/device/dtype flags.
+
+Exit codes: 0 done; 2 usage or input error (bad flag, unreadable input, bad line: nothing is
+written); 1 any other failure (e.g. the output directory is not writable); 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import gzip
+import io
+import itertools
+import json
+import os
+import struct
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+# Importing the package itself is light (torch, no model); the model loads inside the subcommand.
+from postembed_fast import PRECISIONS, __version__
+
+PROG = "postembed-fast"
+FORMATS = ("auto", "jsonl", "text")
+DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+TEXT_SUFFIXES = (".txt",)
+DEFAULT_CHUNK = {"cpu": 1024, "cuda": 8192}  # texts per embed_iter chunk (progress updates once per chunk)
+_SNIFF_MAX_LINES = 65536  # blank lines buffered while looking for the first non-blank one
+_ID_BLOCK = 65536  # ids converted to the .npy per block (memory stays flat)
+
+
+class InputError(Exception):
+    """A problem with the input, reported as `INPUT:LINE: message` (exit code 2)."""
+
+    def __init__(self, name: str, line: int | None, message: str):
+        super().__init__(f"{name}:{line}: {message}" if line is not None else f"{name}: {message}")
+
+
+class UsageError(Exception):
+    """A bad combination of flags or values found after parsing (argparse-style message, exit code 2)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+# ---------------------------------------------------------------------------------------------
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid positive int value: {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {v}")
+    return v
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """The flags every subcommand that loads a model shares."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, metavar="NAME_OR_DIR",
+                   help="'all-MiniLM-L6-v2' (default, shipped with the install) or a local Hugging Face / "
+                        "sentence-transformers folder; nothing is downloaded")
+    g.add_argument("--device", default=None, metavar="DEVICE",
+                   help="cpu, cuda or cuda:N (default: cuda if a GPU is available, else cpu)")
+    g.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
+                   help="compute dtype (default: float32 on CPU, float16 on GPU)")
+    g.add_argument("--batch-tokens", type=_positive_int, default=None, metavar="N",
+                   help="tokens per forward batch (default: 4096 on CPU, 65536 on GPU)")
+
+
+def _add_embed(sub) -> None:
+    p = sub.add_parser(
+        "embed", help="embed a JSONL / JSONL.gz / plain-text file of posts into a .npy file",
+        description="Embed every post of INPUT into OUT.npy, in input order: row i of the array is line\n"
+                    "i+1 of the input. Memory stays flat however long the input: posts stream through\n"
+                    "Embedder.embed_iter and the rows straight to disk. A summary line goes to stderr.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""input formats:
+  JSONL     one JSON object per line; the post is the string in --text-field. Every line must
+            be such an object: a blank line, invalid JSON, a non-object, a missing field or a
+            non-string text is an error (exit 2, 'INPUT:LINE: ...' on stderr, no output file).
+  text      one post per line, the whole line is the post: only the line ending ('\\n' or
+            '\\r\\n') is removed, other whitespace is kept. An EMPTY LINE IS AN EMPTY POST (kept,
+            so row i is always line i+1); a final line ending does not start another post.
+  Detection (--format auto): gzip by its magic bytes (any name, stdin too); then by name
+  (.jsonl/.ndjson[.gz] -> JSONL, .txt[.gz] -> text); otherwise JSONL if the first non-blank
+  line starts with '{', else text. Use --format text for plain text whose first post starts
+  with '{'. A UTF-8 BOM is ignored; any other undecodable UTF-8 is an error (exit 2).
+
+ids (JSONL only, --ids-field FIELD):
+  written beside the embeddings as OUT.ids.npy (OUT minus its .npy suffix, plus .ids.npy;
+  --ids-output changes the path), one id per row: int64 if every id is an integer (within
+  int64), else str (numpy '<U' array; integer ids then become their decimal string). Every
+  line needs the field, and each id must be a string or an integer.
+
+output:
+  A standard .npy file (numpy.load / mmap_mode='r'): float32 (N, D), float16 (N, D), int8 /
+  uint8 (N, D), binary / ubinary (N, ceil(D/8)) packed sign bits; D = --dimensions or the
+  model's dimension. Written to a temporary file in OUT's folder and renamed at the end, so
+  a failed run never leaves a partial OUT. Empty input gives an (0, D) array.
+
+exit status: 0 done; 2 bad usage or bad input (nothing written); 1 any other error (e.g. writing
+  OUT); 130 interrupted.
+
+examples:
+  postembed-fast embed posts.jsonl.gz --output emb.npy --ids-field id
+  postembed-fast embed posts.txt --output emb.npy --precision binary --no-progress
+  cat posts.txt | postembed-fast embed - --output emb.npy --device cpu
+""")
+    p.add_argument("input", metavar="INPUT", help="input file (JSONL, JSONL.gz, plain text, .gz), or - for stdin")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.npy", help="output .npy file (replaced if it exists)")
+    p.add_argument("--precision", default="float32", choices=PRECISIONS,
+                   help="output precision (default: float32; int8/uint8 use the ranges shipped for the "
+                        "default model)")
+    p.add_argument("--dimensions", type=_positive_int, default=None, metavar="K",
+                   help="keep the first K dimensions, re-normalized (default: all)")
+    p.add_argument("--chunk-size", type=_positive_int, default=None, metavar="N",
+                   help="posts embedded per step; memory grows with it, the progress bar moves once per step "
+                        "(default: 1024 on CPU, 8192 on GPU)")
+    p.add_argument("--format", default="auto", choices=FORMATS, help="input format (default: auto, see below)")
+    p.add_argument("--text-field", default="text", metavar="FIELD", help="JSONL field holding the post (default: text)")
+    p.add_argument("--ids-field", default=None, metavar="FIELD",
+                   help="JSONL field holding an id per post, written to OUT.ids.npy (see below)")
+    p.add_argument("--ids-output", default=None, metavar="PATH", help="where --ids-field writes (default: OUT.ids.npy)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_embed, parser=p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="postembed_fast: high-throughput post embeddings (padding-free BERT).",
+        epilog=f"'{PROG} COMMAND --help' describes a command.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_embed(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        getattr(args, "parser", parser).error(str(exc))  # usage line + message, exit 2
+    except InputError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # writing the output (input errors are InputError)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------------------------------------
+# input
+# ---------------------------------------------------------------------------------------------
+_BOM = codecs.BOM_UTF8
+
+
+class PostReader:
+    """Streams (line_number, text, id) from a file or stdin; never holds more than one line
+    (plus, while sniffing, the leading blank lines)."""
+
+    def __init__(self, path: str, fmt: str = "auto", text_field: str = "text", ids_field: str | None = None):
+        self.name = "<stdin>" if path == "-" else path
+        if path == "-":
+            raw = sys.stdin.buffer
+        else:
+            try:
+                raw = open(path, "rb")  # noqa: SIM115 (closed in close())
+            except OSError as exc:
+                raise InputError(self.name, None, exc.strerror or str(exc)) from None
+        self._raw = raw
+        stream = raw if hasattr(raw, "peek") else io.BufferedReader(raw)
+        self.gzipped = stream.peek(2)[:2] == b"\x1f\x8b"
+        self._stream = gzip.GzipFile(fileobj=stream, mode="rb") if self.gzipped else stream
+        self.text_field, self.ids_field = text_field, ids_field
+        self._head: list[bytes] = []
+        self.sniffed = False  # True when the first line decided the format
+        if fmt == "auto":
+            fmt = self._format_from_name(path)
+            if fmt is None:
+                fmt, self.sniffed = self._sniff(), True
+        self.format = fmt
+
+    @staticmethod
+    def _format_from_name(path: str) -> str | None:
+        name = path.lower()
+        if name.endswith(".gz"):
+            name = name[:-3]
+        if name.endswith(JSONL_SUFFIXES):
+            return "jsonl"
+        if name.endswith(TEXT_SUFFIXES):
+            return "text"
+        return None
+
+    def _sniff(self) -> str:
+        """JSONL if the first non-blank line starts with '{'; lines read here are replayed later."""
+        try:
+            for raw in self._stream:
+                self._head.append(raw)
+                stripped = raw[len(_BOM):] if len(self._head) == 1 and raw.startswith(_BOM) else raw
+                if stripped.strip():
+                    return "jsonl" if stripped.lstrip().startswith(b"{") else "text"
+                if len(self._head) >= _SNIFF_MAX_LINES:
+                    break
+        except (OSError, EOFError, zlib.error) as exc:
+            raise InputError(self.name, None, f"cannot read: {exc}") from None
+        # no non-blank line: empty input (either format), or only blank lines (text; JSONL with ids)
+        return "jsonl" if self.ids_field is not None and not self._head else "text"
+
+    def _lines(self):
+        lines = itertools.chain(self._head, self._stream)
+        self._head = []
+        n = 0
+        try:
+            for n, raw in enumerate(lines, 1):
+                if n == 1 and raw.startswith(_BOM):
+                    raw = raw[len(_BOM):]
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise InputError(self.name, n, f"invalid UTF-8 at byte {exc.start} of the line "
+                                                   f"({raw[exc.start:exc.start + 4]!r}...)") from None
+                yield n, line
+        except (OSError, EOFError, zlib.error) as exc:
+            raise InputError(self.name, n + 1, f"cannot read: {exc}") from None
+
+    def __iter__(self):
+        """Yields (text, id): id is None without --ids-field."""
+        if self.format == "text":
+            for _, line in self._lines():
+                if line.endswith("\n"):
+                    line = line[:-2] if line.endswith("\r\n") else line[:-1]
+                yield line, None
+            return
+        field, ids_field = self.text_field, self.ids_field
+        hint = (" (the input was read as JSONL because its first non-blank line starts with '{'; "
+                "pass --format text for plain text)") if self.sniffed else ""
+        for n, line in self._lines():
+            if not line.strip():
+                raise InputError(self.name, n, "blank line; JSONL needs one JSON object per line")
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(self.name, n, f"invalid JSON: {exc}{hint}") from None
+            if not isinstance(obj, dict):
+                raise InputError(self.name, n, f"expected a JSON object, got {_json_type(obj)}{hint}")
+            if field not in obj:
+                raise InputError(self.name, n, f"no {field!r} field (--text-field); fields: "
+                                               f"{', '.join(map(repr, list(obj)[:10])) or 'none'}")
+            text = obj[field]
+            if not isinstance(text, str):
+                raise InputError(self.name, n, f"field {field!r} must be a string, got {_json_type(text)}")
+            if ids_field is None:
+                yield text, None
+                continue
+            if ids_field not in obj:
+                raise InputError(self.name, n, f"no {ids_field!r} field (--ids-field)")
+            id_ = obj[ids_field]
+            if isinstance(id_, bool) or not isinstance(id_, (str, int)):
+                raise InputError(self.name, n, f"id field {ids_field!r} must be a string or an integer, "
+                                               f"got {_json_type(id_)}")
+            yield text, id_
+
+    def close(self):
+        if self._raw is not sys.stdin.buffer:
+            self._raw.close()
+
+
+def _json_type(v) -> str:
+    if v is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
+            dict: "an object"}.get(type(v), type(v).__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------------------
+_NPY_HEADER_LEN = 128  # fixed: the shape is known only at the end, the header is rewritten in place
+
+
+def npy_header(dtype, shape: tuple) -> bytes:
+    """A .npy version 1.0 header of exactly _NPY_HEADER_LEN bytes (a multiple of 64, as numpy aligns)."""
+    import numpy as np
+
+    body = repr({"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                 "shape": tuple(int(s) for s in shape)}).encode("latin1")
+    pad = _NPY_HEADER_LEN - 10 - len(body) - 1
+    if pad < 0:
+        raise ValueError(f"npy header too long for shape {shape}")
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", _NPY_HEADER_LEN - 10) + body + b" " * pad + b"\n"
+
+
+class NpyStreamWriter:
+    """Appends row blocks of one dtype/width to a temporary file beside `path`; commit() writes the
+    final shape into the header and renames it to `path`; abort() removes it. np.load-able."""
+
+    def __init__(self, path: Path, dtype, row_shape: tuple):
+        import numpy as np
+
+        self.path, self.dtype, self.row_shape, self.rows = Path(path), np.dtype(dtype), tuple(row_shape), 0
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent or ".", prefix=f".{self.path.name}.", suffix=".tmp")
+        self.tmp = Path(tmp)
+        self.f = os.fdopen(fd, "wb")
+        self.f.write(npy_header(self.dtype, (0, *self.row_shape)))
+
+    def write(self, block) -> None:
+        import numpy as np
+
+        block = np.ascontiguousarray(block)
+        if block.dtype != self.dtype or block.shape[1:] != self.row_shape:
+            raise RuntimeError(f"block {block.dtype} {block.shape} does not match {self.dtype} (N, *{self.row_shape})")
+        self.f.write(block.data)
+        self.rows += len(block)
+
+    def commit(self) -> None:
+        self.f.seek(0)
+        self.f.write(npy_header(self.dtype, (self.rows, *self.row_shape)))
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a normal file's mode
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self.f.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+class IdsWriter:
+    """Ids spooled one JSON value per line to a temporary file (flat memory), converted at the end
+    to a .npy: int64 if every id is an int within int64, else '<U' str."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent or ".", prefix=f".{self.path.name}.", suffix=".spool")
+        self.spool_path = Path(tmp)
+        self.spool = os.fdopen(fd, "w+", encoding="utf-8")
+        self.n, self.all_int, self.max_len = 0, True, 1
+        self.npy: NpyStreamWriter | None = None
+
+    def add(self, id_) -> None:
+        if isinstance(id_, int):
+            if self.all_int and not -(2**63) <= id_ < 2**63:
+                self.all_int = False
+            self.max_len = max(self.max_len, len(str(id_)))
+        else:
+            self.all_int = False
+            self.max_len = max(self.max_len, len(id_))
+        self.spool.write(json.dumps(id_))
+        self.spool.write("\n")
+        self.n += 1
+
+    def finish(self) -> None:
+        """Builds the .npy in a temporary file (commit() renames it)."""
+        import numpy as np
+
+        dtype = np.dtype(np.int64) if self.all_int else np.dtype(f"<U{self.max_len}")
+        self.npy = NpyStreamWriter(self.path, dtype, ())
+        self.spool.seek(0)
+        while block := [json.loads(s) for s in itertools.islice(self.spool, _ID_BLOCK)]:
+            if not self.all_int:
+                block = [s if isinstance(s, str) else str(s) for s in block]
+            self.npy.write(np.array(block, dtype=dtype))
+
+    def commit(self) -> None:
+        self.npy.commit()
+        self._drop_spool()
+
+    def abort(self) -> None:
+        if self.npy is not None:
+            self.npy.abort()
+        self._drop_spool()
+
+    def _drop_spool(self):
+        try:
+            self.spool.close()
+        finally:
+            self.spool_path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_ids_path(output: str) -> str:
+    return (output[:-4] if output.endswith(".npy") else output) + ".ids.npy"
+
+
+# ---------------------------------------------------------------------------------------------
+# embed
+# ---------------------------------------------------------------------------------------------
+def cmd_embed(args) -> int:
+    out_path = Path(args.output)
+    ids_path = Path(args.ids_output or default_ids_path(args.output)) if args.ids_field else None
+    if args.ids_output and not args.ids_field:
+        raise UsageError("--ids-output needs --ids-field")
+    if ids_path is not None and ids_path.resolve() == out_path.resolve():
+        raise UsageError("--ids-output must differ from --output")
+    for flag, path in (("--output", out_path), ("--ids-output", ids_path)):
+        if path is not None and path.is_dir():
+            raise UsageError(f"{flag}: {str(path)!r} is a directory")
+    if not out_path.parent.is_dir():
+        raise UsageError(f"--output: directory {str(out_path.parent)!r} does not exist")
+
+    reader = PostReader(args.input, args.format, args.text_field, args.ids_field)
+    try:
+        if args.ids_field and reader.format != "jsonl":
+            raise UsageError("--ids-field needs JSONL input (this input is plain text; see --format)")
+        return _embed(args, reader, out_path, ids_path)
+    finally:
+        reader.close()
+
+
+def _device_type(device) -> str:
+    if device is None:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if str(device).startswith("cuda") else "cpu"
+
+
+def _embed(args, reader: PostReader, out_path: Path, ids_path: Path | None) -> int:
+    t0 = time.perf_counter()
+    chunk_size = args.chunk_size or DEFAULT_CHUNK[_device_type(args.device)]
+    ids = IdsWriter(ids_path) if ids_path is not None else None
+    writer = None
+    ok = False
+    try:
+        def texts():
+            for text, id_ in reader:
+                if ids is not None:
+                    ids.add(id_)
+                yield text
+
+        stream = texts()
+        # The first chunk is read before the model loads: a bad line there fails fast.
+        first = list(itertools.islice(stream, chunk_size))
+
+        from postembed_fast import Embedder
+
+        try:
+            emb = Embedder(args.model, device=args.device, dtype=args.dtype)
+        except (ValueError, TypeError, FileNotFoundError) as exc:
+            raise UsageError(str(exc)) from None
+        load_s = time.perf_counter() - t0
+        opts = dict(precision=args.precision, dimensions=args.dimensions, batch_tokens=args.batch_tokens)
+        try:
+            template = emb.embed([], **opts)  # validates the options; dtype and width of the rows
+        except (ValueError, TypeError) as exc:
+            raise UsageError(str(exc)) from None
+        ok = _run(args, emb, opts, template, itertools.chain(first, stream), chunk_size, out_path, ids, load_s)
+        return 0
+    finally:
+        if not ok and ids is not None:
+            ids.abort()
+
+
+def _run(args, emb, opts, template, texts, chunk_size, out_path, ids, load_s) -> bool:
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(unit=" posts", desc="embedding", file=sys.stderr, dynamic_ncols=True)
+
+    writer = None
+    ok = False
+    t1 = time.perf_counter()
+    try:
+        writer = NpyStreamWriter(out_path, template.dtype, template.shape[1:])
+        for block in emb.embed_iter(texts, chunk_size=chunk_size, **opts):
+            writer.write(block)
+            if bar is not None:
+                bar.update(len(block))
+        if ids is not None:
+            if ids.n != writer.rows:
+                raise RuntimeError(f"{ids.n} ids for {writer.rows} rows")
+            ids.finish()  # both files complete in their temporary paths before either is renamed
+        writer.commit()
+        if ids is not None:
+            ids.commit()
+        ok = True
+    finally:
+        if bar is not None:
+            bar.close()
+        if not ok and writer is not None:
+            writer.abort()
+    secs = time.perf_counter() - t1
+    n = writer.rows
+    width = args.dimensions or emb.dim
+    shape = f"({n}, {template.shape[1]})"
+    extra = f", ids -> {ids.path} ({ids.npy.dtype})" if ids is not None else ""
+    print(f"{PROG}: {n} posts -> {out_path} {shape} {template.dtype}; dim {width}, precision {args.precision}; "
+          f"{secs:.1f} s, {n / secs if secs > 0 else 0.0:.1f} posts/s (model load {load_s:.1f} s){extra}",
+          file=sys.stderr)
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

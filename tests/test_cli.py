@@ -1,0 +1,214 @@
+"""The `postembed-fast` command, run for real in a subprocess (`python -m postembed_fast` and, where
+installed, the console script) on small inputs made from the committed posts."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DATA = Path(__file__).resolve().parent / "data" / "posts.jsonl.gz"  # as conftest.load_posts reads it
+SCRIPT = shutil.which("postembed-fast", path=str(Path(sys.executable).parent))
+
+
+def run(tmp_path, *args, stdin: bytes | None = None, script=False):
+    # cwd=tmp_path: `python -m` puts the cwd first on sys.path, and the source tree must not shadow
+    # the installed package (conftest.py).
+    cmd = [SCRIPT] if script else [sys.executable, "-m", "postembed_fast"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run(cmd + [str(a) for a in args], cwd=tmp_path, input=stdin if stdin is not None else b"",
+                          capture_output=True, timeout=300, env=env)
+
+
+def run_all(calls):
+    """Several (cwd, args, kwargs) runs at once (most of a run is Python/torch start-up)."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda c: run(c[0], *c[1], **c[2]), calls))
+
+
+def stderr(proc) -> str:
+    return proc.stderr.decode("utf-8", "replace")
+
+
+@pytest.fixture(scope="module")
+def rows():
+    with gzip.open(DATA, "rt", encoding="utf-8") as f:
+        return [json.loads(next(f)) for _ in range(10)]
+
+
+@pytest.fixture(scope="module")
+def one_line_texts(rows):
+    # plain-text posts are single lines: the sample's texts have newlines inside
+    return [r["text"].replace("\n", " ") for r in rows]
+
+
+def test_jsonl_gz_chunks_and_int_ids(tmp_path, rows, embedder):
+    texts = [r["text"] for r in rows]
+    src = tmp_path / "in.jsonl.gz"
+    with gzip.open(src, "wt", encoding="utf-8") as f:
+        for i, r in enumerate(rows):
+            f.write(json.dumps({"n": 1000 + i, "body": r["text"], "other": [1, 2]}) + "\n")
+    p = run(tmp_path, "embed", src.name, "--output", "out.npy", "--device", "cpu", "--chunk-size", "3",
+            "--text-field", "body", "--ids-field", "n", "--no-progress")
+    assert p.returncode == 0, stderr(p)
+    out = np.load(tmp_path / "out.npy")
+    assert out.dtype == np.float32 and out.shape == (10, embedder.dim)
+    np.testing.assert_allclose(out, embedder.embed(texts), rtol=0, atol=1e-6)  # 4 chunks, input order
+    ids = np.load(tmp_path / "out.ids.npy")
+    assert ids.dtype == np.int64 and ids.tolist() == list(range(1000, 1010))
+    err = stderr(p)
+    assert "10 posts" in err and "dim 384" in err and "float32" in err and "posts/s" in err
+    assert "\r" not in err  # --no-progress
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["in.jsonl.gz", "out.ids.npy", "out.npy"]  # no temp files
+
+
+def test_stdin_jsonl_sniffed_str_ids_int8_with_progress(tmp_path, rows, embedder):
+    texts = [r["text"] for r in rows]
+    data = "\ufeff" + "".join(json.dumps({"id": r["id"], "text": r["text"]}) + "\n" for r in rows)  # BOM ignored
+    p = run(tmp_path, "embed", "-", "--output", "codes.npy", "--device", "cpu", "--precision", "int8",
+            "--ids-field", "id", "--ids-output", "keys.npy", stdin=data.encode("utf-8"))
+    assert p.returncode == 0, stderr(p)
+    out = np.load(tmp_path / "codes.npy")
+    ref = embedder.embed(texts, precision="int8")
+    assert out.dtype == np.int8 and out.shape == ref.shape == (10, 384)
+    assert np.abs(out.astype(np.int16) - ref).max() <= 1 and (out == ref).mean() > 0.999  # ties may round apart
+    ids = np.load(tmp_path / "keys.npy")
+    assert ids.dtype.kind == "U" and ids.tolist() == [r["id"] for r in rows]
+    assert not (tmp_path / "codes.ids.npy").exists()
+    assert "embedding" in stderr(p) and "10 posts" in stderr(p)  # progress bar, summary
+
+
+def test_plain_text_file_binary_dimensions_empty_lines(tmp_path, one_line_texts, embedder):
+    # an empty line is an empty post; other whitespace is kept; CRLF endings are line endings;
+    # the file's name says nothing, its first line does not start with '{': plain text
+    texts = one_line_texts[:4] + ["", "   indented post  "] + one_line_texts[4:]
+    (tmp_path / "posts.data").write_bytes("\r\n".join(texts).encode("utf-8") + b"\r\n")
+    script = SCRIPT is not None
+    p = run(tmp_path, "embed", "posts.data", "--output", "bits.npy", "--device", "cpu", "--precision", "binary",
+            "--dimensions", "128", "--no-progress", script=script)
+    assert p.returncode == 0, stderr(p)
+    out = np.load(tmp_path / "bits.npy")
+    ref = embedder.embed(texts, precision="binary", dimensions=128)
+    assert out.dtype == np.int8 and out.shape == (12, 16)
+    np.testing.assert_array_equal(out, ref)
+    assert "dim 128" in stderr(p) and "binary" in stderr(p)
+
+
+def test_stdin_plain_text_dimensions(tmp_path, one_line_texts, embedder):
+    texts = ["", *one_line_texts[:3], "", "{not json, but --format text}"]
+    p = run(tmp_path, "embed", "-", "-o", "small.npy", "--device", "cpu", "--dimensions", "64", "--format", "text",
+            "--batch-tokens", "64", "--no-progress", stdin="\n".join(texts).encode("utf-8"))  # no final newline
+    assert p.returncode == 0, stderr(p)
+    out = np.load(tmp_path / "small.npy")
+    assert out.shape == (6, 64) and out.dtype == np.float32
+    np.testing.assert_allclose(out, embedder.embed(texts, dimensions=64), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
+
+
+def test_empty_input(tmp_path):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    p = run(tmp_path, "embed", "empty.jsonl", "--output", "e.npy", "--device", "cpu", "--ids-field", "id",
+            "--no-progress")
+    assert p.returncode == 0, stderr(p)
+    out = np.load(tmp_path / "e.npy")
+    assert out.shape == (0, 384) and out.dtype == np.float32
+    assert np.load(tmp_path / "e.ids.npy").shape == (0,)
+    assert "0 posts" in stderr(p)
+
+
+GOOD = json.dumps({"id": "a", "text": "a fine post"})
+BAD_LINES = {
+    "invalid JSON": (GOOD + "\n" + GOOD + "\n" + '{"id": "c", "text": "unterminated\n').encode(),
+    "expected a JSON object": (GOOD + "\n" + GOOD + "\n" + '["text"]\n').encode(),
+    "no 'text' field": (GOOD + "\n" + GOOD + "\n" + '{"id": "c", "body": "x"}\n').encode(),
+    "must be a string, got null": (GOOD + "\n" + GOOD + "\n" + '{"id": "c", "text": null}\n').encode(),
+    "invalid UTF-8": (GOOD + "\n" + GOOD + "\n").encode() + b'{"id": "c", "text": "caf\xe9"}\n',
+}
+# the same checks, run in-process (cli.main) to keep the file quick
+MORE_BAD_LINES = {
+    "blank line": (GOOD + "\n" + GOOD + "\n" + "  \n" + GOOD + "\n").encode(),
+    "id field 'id' must be a string or an integer, got a number":
+        (GOOD + "\n" + GOOD + "\n" + '{"id": 1.5, "text": "x"}\n').encode(),
+    "id field 'id' must be a string or an integer, got null":
+        (GOOD + "\n" + GOOD + "\n" + '{"id": null, "text": "x"}\n').encode(),
+    "no 'id' field (--ids-field)": (GOOD + "\n" + GOOD + "\n" + '{"text": "x"}\n').encode(),
+    "invalid UTF-8": b"ok\nfine\n\xff\n",  # gz, sniffed as text: the UTF-8 check is the same for both formats
+}
+
+
+def test_bad_lines_exit_2_with_line_number_no_output(tmp_path):
+    """Each kind of bad line (line 3; the rest fine) -> exit 2, 'INPUT:3: ...', nothing written.
+    The first chunk is read before the model loads, so these runs are quick."""
+    calls = []
+    for i, data in enumerate(BAD_LINES.values()):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "in.jsonl").write_bytes(data)
+        calls.append((tmp_path / str(i), ["embed", "in.jsonl", "--output", "out.npy", "--device", "cpu",
+                                          "--ids-field", "id", "--no-progress"], {}))
+    for (kind, p), (cwd, _, _) in zip(zip(BAD_LINES, run_all(calls)), calls):
+        assert p.returncode == 2, (kind, stderr(p))
+        assert "in.jsonl:3: " in stderr(p) and kind in stderr(p), (kind, stderr(p))
+        assert sorted(x.name for x in cwd.iterdir()) == ["in.jsonl"], kind  # no output, no ids, no temp files
+
+
+def test_more_bad_lines_in_process(tmp_path, capsys, monkeypatch):
+    from postembed_fast.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for kind, data in MORE_BAD_LINES.items():
+        name = "in.jsonl" if kind != "invalid UTF-8" else "in.gz"
+        (tmp_path / name).write_bytes(data if kind != "invalid UTF-8" else gzip.compress(data))
+        ids = ["--ids-field", "id"] if kind != "invalid UTF-8" else []
+        assert main(["embed", name, "--output", "out.npy", "--device", "cpu", "--no-progress", *ids]) == 2, kind
+        err = capsys.readouterr().err
+        assert f"{name}:3: " in err and kind in err, (kind, err)
+        assert sorted(x.name for x in tmp_path.iterdir()) == [name], kind
+        (tmp_path / name).unlink()
+
+
+def test_bad_line_after_first_chunk_leaves_no_output(tmp_path, rows):
+    """A bad line found after rows were already written: the partial output is removed, an old OUT stays."""
+    lines = [json.dumps({"text": r["text"]}) for r in rows] + ['{"text": 5}']
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp_path / "out.npy").write_bytes(b"old")
+    p = run(tmp_path, "embed", "-", "--output", "out.npy", "--device", "cpu", "--chunk-size", "4", "--no-progress",
+            stdin=(tmp_path / "in.jsonl").read_bytes())
+    assert p.returncode == 2, stderr(p)
+    assert "<stdin>:11: field 'text' must be a string, got a number" in stderr(p)
+    assert (tmp_path / "out.npy").read_bytes() == b"old"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["in.jsonl", "out.npy"]
+
+
+def test_usage_errors_help_version(tmp_path):
+    from postembed_fast import PRECISIONS, __version__
+
+    (tmp_path / "in.txt").write_text("a post\n", encoding="utf-8")
+    bad_precision, ids_on_text, missing, version, help_, embed_help = run_all([
+        (tmp_path, ["embed", "in.txt", "--output", "o.npy", "--precision", "int4"], {}),
+        (tmp_path, ["embed", "in.txt", "--output", "o.npy", "--ids-field", "id"], {}),
+        (tmp_path, ["embed", "missing.jsonl", "--output", "o.npy"], {}),
+        (tmp_path, ["--version"], {}),
+        (tmp_path, ["--help"], {}),
+        (tmp_path, ["embed", "--help"], {}),
+    ])
+    assert bad_precision.returncode == 2 and "invalid choice: 'int4'" in stderr(bad_precision)
+    assert all(v in stderr(bad_precision) for v in PRECISIONS)
+    assert ids_on_text.returncode == 2 and "--ids-field needs JSONL input" in stderr(ids_on_text)
+    assert missing.returncode == 2 and "missing.jsonl: No such file" in stderr(missing)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["in.txt"]
+
+    assert version.returncode == 0 and version.stdout.decode().strip() == f"postembed-fast {__version__}"
+    assert help_.returncode == 0 and "embed" in help_.stdout.decode()
+    out = embed_help.stdout.decode()
+    assert embed_help.returncode == 0
+    for flag in ("--output", "--model", "--precision", "--dimensions", "--device", "--dtype", "--batch-tokens",
+                 "--chunk-size", "--text-field", "--ids-field", "--ids-output", "--no-progress", "--format"):
+        assert flag in out, flag
+    assert "EMPTY LINE IS AN EMPTY POST" in out and "OUT.ids.npy" in out
