@@ -67,18 +67,6 @@ def table(r) -> str:
                  f"({', '.join(f'{k} {v / 1e9:.1f} G' for k, v in r['roofline']['ceiling_flops'].items())}; "
                  "over 100% = the machine was busier when the ceiling was measured). "
                  "transformers SDPA: batches of 32 in length-sorted order, padded per batch.")
-    host = r.get("host_pipeline", {})
-    if "embed_host_side" in host:
-        rate = host["embed_host_side"]["tokens_per_s"]
-        if m.get("gpu") is None:
-            res.append((rate >= TARGET_HOST_TOKENS_PER_S,
-                        f"host side of embed() {rate / 1e6:.2f} M tokens/s, encoder excluded "
-                        f"(target >= {TARGET_HOST_TOKENS_PER_S / 1e6:.0f} M on the 2-core CPU)"))
-        ours = sysrows.get(f"postembed_fast {r['model_only']['dtype']}") if r.get("model_only") else None
-        if ours and m.get("gpu") is not None:
-            ratio = ours["tokens_per_s"] / r["model_only"]["tokens_per_s"]
-            res.append((ratio >= TARGET_E2E_OF_MODEL, f"GPU ({m['gpu']}): end-to-end embed() {ratio:.0%} of model-only "
-                                                      f"(target >= {TARGET_E2E_OF_MODEL:.0%})"))
     ret = r.get("retrieval", {})
     if ret.get("posts"):
         lines.append(f"retrieval ({ret['posts']} posts, title -> own text, recall@10; int8 ranges "
@@ -86,6 +74,10 @@ def table(r) -> str:
                      f"int8 {ret['recall@10_int8']:.4f} (retention {ret['retention_int8']:.4f}), "
                      f"binary {ret['recall@10_binary']:.4f} (retention {ret['retention_binary']:.4f})")
         lines.append(f"quantize_embeddings(float32 output) == embed(precision=...): {r['quantize_matches_embed']}")
+    if "embed_host_side" in r.get("host_pipeline", {}):
+        from bench.host_pipeline import report as host_report
+
+        lines.append(host_report(r["host_pipeline"]))
     return "\n".join(lines)
 
 

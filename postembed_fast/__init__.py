@@ -31,6 +31,7 @@ def info() -> dict:
     """What this installation can run: version, compiled extension, CUDA, Triton, backends per op."""
     import torch
 
+    from postembed_fast import tokenization
     from postembed_fast.kernels import _ext, dispatch
 
     return {
@@ -46,6 +47,7 @@ def info() -> dict:
         "triton_interpret": dispatch.triton_interpret(),
         "cuda_available": torch.cuda.is_available(),
         "backends": dispatch.implemented(),
+        "tokenizer": tokenization.status(),  # the flat fast tokenizer, and any fallback to Hugging Face
     }
 
 

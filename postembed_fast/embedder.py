@@ -111,6 +111,7 @@ class Embedder:
         self._calibration = None  # normalized float32 embeddings from calibrate(), for truncated ranges
         self._lock = threading.Lock()
         self._workspaces = ThreadWorkspaces()  # activation buffers, one set per calling thread
+        self._host = pipeline.HostBuffers()  # pinned staging and readback slots, per calling thread
         # small requests on a GPU replay captured CUDA graphs (postembed_fast/graphs.py)
         self._graphs = (GraphRunner(self.encoder, self.device, self.max_seq_length)
                         if graphs_enabled(self.device) else None)
@@ -210,8 +211,8 @@ class Embedder:
         if not texts:
             return out
         bar = _progress(len(texts), show_progress)
-        to_device = pipeline.DeviceInputs(self.device)
-        readback = pipeline.Readback(out, self.device)
+        to_device = self._host.device_inputs(self.device)
+        readback = pipeline.Readback(out, self.device, self._host.readback_slots)
         stream = pipeline.batches(texts, self.tokenizer.encode, batch_tokens)
         if len(texts) > pipeline.TOKENIZE_CHUNK:  # tokenize and pack ahead, on another thread
             stream = pipeline.run_ahead(stream)

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from postembed_fast.kernels import add_layernorm, bias_gelu, varlen_attention
 

@@ -79,29 +79,31 @@ class DeviceInputs:
     """Packed batches onto the device. On CPU: zero-copy views. On CUDA: through pinned staging
     buffers reused round-robin (a fresh pinned allocation per batch took 41% of the host thread
     on the H200), copied on a side stream that the compute stream then waits for; a slot is
-    rewritten only once its previous copy has completed."""
+    rewritten (or replaced by a bigger one) only once its previous copy has completed. One per
+    thread and device (HostBuffers), reused call after call."""
 
     SLOTS = 3
 
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.stream = torch.cuda.Stream(device)
-            self.slots = [None] * self.SLOTS  # (pinned int64 buffer, event of its last copy)
-            self.next = 0
+        self.stream = None  # created at the first CUDA batch
+        self.slots = [None] * self.SLOTS  # (pinned uint8 buffer, event of its last copy)
+        self.next = 0
 
     def __call__(self, batch: PackedBatch):
         arrays = (batch.input_ids, batch.positions, batch.cu_seqlens)
         if not self.cuda:
             return [torch.from_numpy(a) for a in arrays]
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(self.device)
         n = sum(_aligned(a.nbytes) for a in arrays)
         slot = self.slots[self.next]
+        if slot is not None:
+            slot[1].synchronize()  # its last copy has read it
         if slot is None or slot[0].numel() < n:
             slot = (torch.empty(max(n, 1 << 20), dtype=torch.uint8, pin_memory=True), None)
-        pinned, event = slot
-        if event is not None:
-            event.synchronize()
+        pinned = slot[0]
         host = pinned.numpy()
         out, at = [], 0
         compute = torch.cuda.current_stream(self.device)
@@ -122,6 +124,20 @@ class DeviceInputs:
         return out
 
 
+class HostBuffers(threading.local):
+    """Per calling thread: the staging (DeviceInputs) and readback slots of each device, kept
+    across calls so no call pays for pinned allocations (an Embedder may run on many threads)."""
+
+    def __init__(self):
+        self.inputs: dict[torch.device, DeviceInputs] = {}
+        self.readback_slots: list = [None, None]
+
+    def device_inputs(self, device: torch.device) -> DeviceInputs:
+        if device not in self.inputs:
+            self.inputs[device] = DeviceInputs(device)
+        return self.inputs[device]
+
+
 def _aligned(nbytes: int) -> int:
     """Each array of a staging buffer starts 64-byte aligned."""
     return -(-nbytes // 64) * 64
@@ -132,9 +148,10 @@ class Readback:
     memory is asynchronous (two pinned slots reused) and a batch is collected only after the
     next one is launched, so the device never waits for Python; on CPU it writes at once."""
 
-    def __init__(self, out: np.ndarray, device: torch.device):
+    def __init__(self, out: np.ndarray, device: torch.device, slots: list):
+        """slots: two pinned buffers (or None) to reuse, e.g. HostBuffers.readback_slots."""
         self.out, self.cuda, self.pending = out, device.type == "cuda", None
-        self.slots, self.next = [None, None], 0
+        self.slots, self.next = slots, 0
 
     def put(self, rows: np.ndarray, result: torch.Tensor) -> None:
         if not self.cuda:

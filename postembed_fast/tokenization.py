@@ -43,6 +43,26 @@ _VERIFIED_LOCK = threading.Lock()
 _STR = {str}
 
 
+_FALLBACKS: dict[str, None] = {}  # every fallback reason seen in this process, in order (for info())
+
+
+def _record_fallback(reason: str) -> None:
+    with _VERIFIED_LOCK:
+        _FALLBACKS.setdefault(reason)
+
+
+def status() -> dict:
+    """For postembed_fast.info(): the fast tokenizer's availability and every fallback so far."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        fast, why = f"nanotoken {version('nanotoken')}", None
+    except PackageNotFoundError:
+        fast, why = None, f"nanotoken is not installed (pip install '{NANOTOKEN_REQUIREMENT}')"
+    with _VERIFIED_LOCK:
+        return dict(fast=fast, fast_unavailable=why, fallbacks=list(_FALLBACKS))
+
+
 class FastTokenizerFallbackWarning(RuntimeWarning):
     """The fast tokenizer is not used for this model; Hugging Face tokenizers runs instead."""
 
@@ -87,6 +107,7 @@ class FlatTokenizer:
             if reason is not None:
                 self._fast = None
                 self.fallback_reason = reason
+                _record_fallback(reason)
                 if backend == "fast":
                     raise ValueError(f"the fast tokenizer cannot serve this model: {reason}")
                 warnings.warn(f"tokenizing with Hugging Face tokenizers, not the fast tokenizer: {reason}",
@@ -153,6 +174,7 @@ class FlatTokenizer:
         reason = f"{self._fast_name} failed on valid texts ({type(exc).__name__}: {exc})"
         self._fast = None  # one atomic store: concurrent calls see either backend, both correct
         self.fallback_reason = reason
+        _record_fallback(reason)
         warnings.warn(f"tokenizing with Hugging Face tokenizers from now on: {reason}",
                       FastTokenizerFallbackWarning, stacklevel=3)
 

@@ -260,6 +260,9 @@ def test_probe_mismatch_falls_back(hf, name, hostile_set):
     expected = "lone surrogate" if name == "accepts_surrogates" else "different token ids"
     assert expected in tok.fallback_reason and name in tok.fallback_reason
     assert tok.fallback_reason in str(rec[0].message)
+    import postembed_fast
+
+    assert tok.fallback_reason in postembed_fast.info()["tokenizer"]["fallbacks"]  # info() tells why
     texts, ref = hostile_set
     assert_identical(*tok.encode(texts[:150]), ref[:150], texts[:150])  # the fallback serves the right ids
     with pytest.raises(ValueError, match="the fast tokenizer cannot serve this model: .*" + expected):
