@@ -111,7 +111,7 @@ run_step() {
     wait $! 2> /dev/null  # let tee finish writing the log
     local secs=$((SECONDS - start)) note=""
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then note=" (time limit of ${limit}s reached)"; fi
-    echo "==== $name: exit $rc after ${secs}s$note"
+    printf '\n==== %s: exit %d after %ds%s\n' "$name" "$rc" "$secs" "$note"
     [ "$rc" -eq 0 ] || FAILED+=("$name")
     RECORDS+=("$(printf '\n  {"step": "%s", "exit": %d, "seconds": %d, "time_limit": %d, "log": %s}' \
         "$name" "$rc" "$secs" "$limit" "$(json_str "${log#"$ROOT"/}")")")
@@ -258,7 +258,7 @@ step_info() {
 
 # ---- tests: the whole suite, compiled Triton on the GPU -------------------------------------------
 step_tests() {
-    local args sel workers=${GPU_CHECK_WORKERS:-8}
+    local args sel workers=${GPU_CHECK_WORKERS:-8} threads=${OMP_NUM_THREADS:-}
     read -ra sel <<< "${GPU_CHECK_TESTS:-tests}"
     args=(-m pytest "${sel[@]}" -q -rfE)
     if t "$PY" -c 'import xdist' 2> /dev/null && [ "$workers" -gt 1 ]; then
@@ -266,7 +266,7 @@ step_tests() {
         # the workers share the cores: no oversubscription from torch's intra-op threads
         local cores
         cores=$(nproc 2> /dev/null || echo "$workers")
-        export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cores / workers > 0 ? cores / workers : 1))}
+        [ -n "$threads" ] || threads=$((cores / workers > 0 ? cores / workers : 1))
     else
         echo "pytest-xdist not available (or GPU_CHECK_WORKERS=1): one process"
     fi
@@ -275,8 +275,9 @@ step_tests() {
     else
         echo "pytest-timeout not available: no limit per test (only the step's)"
     fi
-    echo "$PY ${args[*]}"
-    t env -u TRITON_INTERPRET "$PY" "${args[@]}"  # the Triton tests must run compiled, on the GPU
+    echo "OMP_NUM_THREADS=${threads:-<unset>} $PY ${args[*]}"
+    # the Triton tests must run compiled, on the GPU: no TRITON_INTERPRET
+    t env -u TRITON_INTERPRET ${threads:+OMP_NUM_THREADS=$threads} "$PY" "${args[@]}"
 }
 
 # ---- bench and ops --------------------------------------------------------------------------------

@@ -42,8 +42,8 @@ class DeviceUnavailableError(RuntimeError, ValueError):
 
 
 def resolve_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:  # then the same path as an explicit device: one spelling per device ("cuda:N")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
