@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 
@@ -109,9 +110,18 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--posts-per-round", type=int, default=1500)
+    ap.add_argument("--json", default=None, metavar="PATH", help="also write the numbers here")
     a = ap.parse_args(argv)
     r = measure([p["text"] for p in load_posts(a.corpus)], a.device, a.rounds, a.posts_per_round)
+    import json
+    import os
+
+    r["command"] = "python -m bench.host_pipeline " + " ".join(argv if argv is not None else sys.argv[1:])
+    r["env"] = {k: v for k, v in os.environ.items() if k.startswith(("NANOTOKEN_", "OMP_", "RAYON_"))}
     print(report(r))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(r, f, indent=1)
     return r
 
 

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import warnings
@@ -21,7 +22,7 @@ from postembed_fast.head import HeadOptions, PoolingHead
 from postembed_fast.kernels import _ext
 from postembed_fast.kernels.checks import QuantRanges
 from postembed_fast.kernels.precision import precision_spec
-from postembed_fast.loading import read_model_folder, resolve_model
+from postembed_fast.loading import model_tag, read_model_folder, resolve_model
 from postembed_fast.model import Encoder, EncoderConfig, ThreadWorkspaces, load_state_dict
 from postembed_fast.packing import PackedBatch
 from postembed_fast.ranges import ranges_for_call, ranges_of, shipped_ranges
@@ -94,6 +95,7 @@ class Embedder:
 
     def __init__(self, model=None, *, device=None, dtype=None):
         folder, is_default = resolve_model(model)
+        self._is_default = is_default
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model_folder = folder
@@ -122,6 +124,13 @@ class Embedder:
     @property
     def pooling(self) -> str:
         return self.head.pooling
+
+    @functools.cached_property
+    def model_tag(self) -> str:
+        """Which model made an embedding: the folder's name (the alias for the default model) plus the
+        first 12 hex digits of a SHA-256 over its weight files. Stores and indexes record it, so codes of
+        different models are never compared."""
+        return model_tag(self.model_folder, self._is_default)
 
     # ---- quantization ranges -------------------------------------------------------------
     @property

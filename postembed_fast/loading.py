@@ -45,6 +45,22 @@ def resolve_model(model) -> tuple[Path, bool]:
     return folder, folder == default_model_folder()
 
 
+def model_tag(folder: Path, is_default: bool) -> str:
+    """'<name>-<first 12 hex digits of SHA-256 over the weight files>' (see Embedder.model_tag)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    weights = sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin") and p.is_file())
+    if not weights:
+        raise ValueError(f"{folder}: no weight files to tag")
+    for p in weights:
+        h.update(str(p.relative_to(folder)).encode())
+        with open(p, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+    return f"{MODEL_ALIASES[0] if is_default else folder.name}-{h.hexdigest()[:12]}"
+
+
 @dataclass
 class Dense:
     """sentence-transformers Dense: activation(x @ W^T + b)."""

@@ -342,3 +342,11 @@ def test_cuda_graph_path_matches_eager(posts, cos, monkeypatch):
             e._graphs = runner
         assert cos(graphed, eager).min() >= 0.999
     assert e.embed(posts[:9]).shape == (9, 384)  # 9 posts: the eager path
+
+
+def test_model_tag_names_the_model_and_its_weights(embedder, make_random_model):
+    tag = embedder.model_tag
+    assert tag.startswith("all-MiniLM-L6-v2-") and len(tag.rsplit("-", 1)[1]) == 12
+    assert Embedder(device="cpu").model_tag == tag  # same weights, same tag
+    other = Embedder(make_random_model(), device="cpu")
+    assert other.model_tag != tag and other.model_tag.startswith(other.model_folder.name + "-")
