@@ -23,7 +23,7 @@ def quantize_torch(x: torch.Tensor, precision: str, ranges: torch.Tensor | None)
     if precision == "float16":
         return x.to(torch.float16)
     x = x.float()
-    if precision in ("uint8", "int8"):
+    if TABLE[precision].needs_ranges:  # uint8 / int8
         lo, hi = ranges[0], ranges[1]
         # Divide by a tensor, never by a Python number: on CUDA, torch computes tensor / scalar
         # as tensor * (1 / scalar) (ATen's div_true_kernel_cuda), a step one ulp off the IEEE

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-try:
+import importlib.util as _util
+
+if _util.find_spec(__name__ + ".kernels") is None:
     # The wheel ships kernels/ as postembed_fast.kernels, next to the compiled _C; the source
     # folder has neither. Without this message a source-tree import would fail deep inside.
-    from postembed_fast import kernels as _kernels  # noqa: F401
-except ModuleNotFoundError as exc:
-    if exc.name != "postembed_fast.kernels":
-        raise
     raise ImportError(
         f"postembed_fast was imported from its source folder ({__path__[0]}), which is not an installed "
         "package (kernels/ and the compiled _C are mapped in by the build). Install it for development "
         "with `pip install -e .` (from the repository root), or run Python from another directory."
-    ) from None
+    )
 
 from postembed_fast.embedder import DeviceUnavailableError, Embedder, fast_embed  # noqa: E402
 from postembed_fast.kernels import quantize_embeddings  # noqa: E402

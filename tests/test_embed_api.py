@@ -350,3 +350,15 @@ def test_model_tag_names_the_model_and_its_weights(embedder, make_random_model):
     assert Embedder(device="cpu").model_tag == tag  # same weights, same tag
     other = Embedder(make_random_model(), device="cpu")
     assert other.model_tag != tag and other.model_tag.startswith(other.model_folder.name + "-")
+
+
+def test_source_folder_import_without_an_install_says_what_to_do(tmp_path):
+    """The repo's postembed_fast/ folder alone (no editable install on the path: -S) lacks kernels/
+    and _C: the import must say so, not fail deep inside or fall back to slow backends."""
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    r = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path.insert(0, {root!r}); import postembed_fast"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "ImportError" in r.stderr and "pip install -e ." in r.stderr and "source folder" in r.stderr, r.stderr
