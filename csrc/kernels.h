@@ -70,6 +70,26 @@ struct LayerNormArgs {
   int num_threads;
 };
 
+// Exact top-k scan (csrc/topk_cpu.cpp). q: [nq, cols] rows ldq elements apart; db: [N, cols] rows
+// lddb elements apart (binary: bytes of packed bits; int8 / float32: dimensions); db_bias: int32 [N]
+// added to int8 scores (may be null); allow: uint8 [N] (0 = skip the row; may be null).
+// out_scores: [nq, k] int32 (binary, int8) or float32; out_idx: int64 [nq, k].
+enum TopkKind { kTopkBinary = 0, kTopkInt8 = 1, kTopkFloat32 = 2 };
+struct TopkArgs {
+  int kind;
+  const void* q;
+  int64_t nq, ldq;
+  const void* db;
+  int64_t N, lddb, cols;
+  const int32_t* db_bias;
+  const uint8_t* allow;
+  int64_t k;
+  void* out_scores;
+  int64_t* out_idx;
+  int num_threads;
+};
+void topk_cpu(const TopkArgs& a);
+
 void pool_normalize_cpu(const PoolArgs& a);
 void add_layernorm_cpu(const LayerNormArgs& a);
 void varlen_attention_cpu(const AttnArgs& a);

@@ -5,6 +5,9 @@ available for the tensor's device (see dispatch.PREFERENCE).
 """
 from . import cpp_ops  # noqa: F401  (registers the "cpp" backend)
 from .attention import varlen_attention
+from .float_topk import float_topk
+from .hamming_topk import hamming_topk
+from .int8_topk import int8_topk
 from .dispatch import BACKENDS, implemented, unavailable_reason
 from .gelu import bias_gelu
 from .layernorm import add_layernorm
@@ -17,6 +20,9 @@ __all__ = [
     "add_layernorm",
     "bias_gelu",
     "quantize_embeddings",
+    "hamming_topk",
+    "int8_topk",
+    "float_topk",
     "BACKENDS",
     "implemented",
     "unavailable_reason",

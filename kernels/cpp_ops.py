@@ -175,7 +175,46 @@ def add_layernorm_cpp(x, residual, weight, bias, eps, out=None):
     return out
 
 
+_TOPK_KINDS = {"binary": (0, torch.int32), "int8": (1, torch.int32), "float32": (2, torch.float32)}
+
+
+def _topk_cpp(kind, q, db, k, allow, db_bias=None, out=None):
+    """The exact top-k scans of csrc/topk_cpu.cpp (arguments checked by the launchers: 2-D, same
+    columns, k in [1, N], allow bool [N]). Rows must be contiguous in their last dimension."""
+    code, sdtype = _TOPK_KINDS[kind]
+    nq, cols = q.shape
+    N = db.shape[0]
+    if out is None:
+        out = (torch.empty(nq, k, dtype=sdtype), torch.empty(nq, k, dtype=torch.int64))
+    if nq == 0:
+        return out
+    q = q if (q.stride(1) == 1 and (nq == 1 or q.stride(0) >= cols)) else q.contiguous()
+    db = db if (db.stride(1) == 1 and (N == 1 or db.stride(0) >= cols)) else db.contiguous()
+    allow_u8 = None if allow is None else allow.contiguous().view(torch.uint8)
+    bias = None if db_bias is None else db_bias.contiguous()
+    _C.topk_cpu(code, q.data_ptr(), nq, q.stride(0) if nq > 1 else cols, db.data_ptr(), N,
+                db.stride(0) if N > 1 else cols, cols, 0 if bias is None else bias.data_ptr(),
+                0 if allow_u8 is None else allow_u8.data_ptr(), k, out[0].data_ptr(), out[1].data_ptr(),
+                torch.get_num_threads())
+    return out
+
+
+def hamming_topk_cpp(q, db, k, allow, out=None):
+    return _topk_cpp("binary", q, db, k, allow, out=out)
+
+
+def int8_topk_cpp(q, db, k, allow, db_bias=None, out=None):
+    return _topk_cpp("int8", q, db, k, allow, db_bias=db_bias, out=out)
+
+
+def float_topk_cpp(q, db, k, allow, out=None):
+    return _topk_cpp("float32", q, db, k, allow, out=out)
+
+
 if _C is not None:
+    register("hamming_topk", "cpp", devices=("cpu",))(hamming_topk_cpp)
+    register("int8_topk", "cpp", devices=("cpu",))(int8_topk_cpp)
+    register("float_topk", "cpp", devices=("cpu",))(float_topk_cpp)
     register("varlen_attention", "cpp", devices=("cpu",), supports=attention_refuses)(varlen_attention_cpp)
     register("add_layernorm", "cpp", devices=("cpu",), supports=layernorm_refuses)(add_layernorm_cpp)
     register("pool_normalize", "cpp", devices=("cpu", "cuda"))(pool_normalize_cpp)

@@ -49,5 +49,14 @@ def info() -> dict:
     }
 
 
-__all__ = ["fast_embed", "Embedder", "info", "quantize_embeddings", "PRECISIONS", "DeviceUnavailableError",
+def __getattr__(name):  # EmbeddingIndex is a system part: imported on first use, never by the engine
+    if name == "EmbeddingIndex":
+        from postembed_fast.index import EmbeddingIndex
+
+        return EmbeddingIndex
+    raise AttributeError(f"module 'postembed_fast' has no attribute {name!r}")
+
+
+__all__ = ["fast_embed", "Embedder", "EmbeddingIndex", "info", "quantize_embeddings", "PRECISIONS",
+           "DeviceUnavailableError",
            "__version__"]

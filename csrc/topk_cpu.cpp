@@ -1,0 +1,468 @@
+// CPU exact top-k scans over a code database (EmbeddingIndex): for every query the k best rows by
+//   binary:  8 * bytes - popcount(q XOR x)          (int32; packed sign bits, any byte count)
+//   int8:    q . x + bias[row]                      (int32; raw integer dot + per-row correction)
+//   float32: q . x                                  (float)
+// best first, ties broken by the lower row index; rows with allow[row] == 0 are skipped inside
+// the scan; fewer than k candidates: the rest of the row is index -1 with the lowest score
+// (INT32_MIN / -inf).
+//
+// The [nq, N] score matrix never exists: each OpenMP thread owns a contiguous range of database
+// rows (std::thread, see topk_typed), scores it tile by tile (kRowTile rows x kQ queries, the rows stay in L1 while every query
+// passes over them) and keeps one bounded heap per query (the worst kept candidate on top: most
+// rows are rejected by one compare against it). The per-thread heaps are then merged per query.
+//
+// One source, two builds (as csrc/attention_cpu.cpp): the baseline ISA and, on x86-64,
+// AVX2 + POPCNT (+FMA), picked at run time by avx2_enabled(). The scoring loops are plain C++
+// loops / GCC vector extensions that the compiler vectorizes per build: popcount becomes the
+// popcnt instruction, the int8 dot vpmovsxbw + vpmaddwd (exact int32 sums, no saturation).
+#include <algorithm>
+#include <climits>
+#include <limits>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include <thread>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+#include "kernels.h"
+
+namespace postembed {
+namespace {
+
+#define PE_INLINE inline __attribute__((always_inline))
+
+constexpr int kQ = 8;           // queries scored together against each database row (binary: two passes of 4)
+constexpr int64_t kRowTile = 256;  // database rows per tile
+
+template <typename S>
+struct Cand {
+  S s;
+  int64_t i;
+};
+
+template <typename S>
+PE_INLINE bool better(const Cand<S>& a, const Cand<S>& b) {
+  return a.s > b.s || (a.s == b.s && a.i < b.i);
+}
+
+template <typename S>
+struct Better {
+  bool operator()(const Cand<S>& a, const Cand<S>& b) const { return better(a, b); }
+};
+
+// A bounded heap of at most k candidates with the worst on top (Better as the heap's "less").
+template <typename S>
+struct Heap {
+  Cand<S>* c;
+  int64_t n;
+  PE_INLINE void offer(S s, int64_t i, int64_t k) {
+    const Cand<S> x{s, i};
+    if (n < k) {
+      c[n++] = x;
+      std::push_heap(c, c + n, Better<S>());
+    } else if (better(x, c[0])) {
+      std::pop_heap(c, c + n, Better<S>());
+      c[n - 1] = x;
+      std::push_heap(c, c + n, Better<S>());
+    }
+  }
+};
+
+typedef float v8 __attribute__((vector_size(32)));
+
+PE_INLINE v8 load8(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// ---- scorers: scores of nq (<= kQ) queries against rows [r0, r0 + nr) into out[q][r - r0] ----
+
+// Binary: q and x as uint64 words, W per row (zero-padded past the last byte in both).
+template <int W>
+PE_INLINE void score_binary_w(const uint64_t* const* q, int nq, const uint64_t* x, int64_t nr, int64_t Wd,
+                              int32_t total_bits, int32_t* out) {
+  const int64_t words = W > 0 ? W : Wd;
+  for (int j0 = 0; j0 < nq; j0 += 4) {
+    const uint64_t *q0 = q[j0], *q1 = q[j0 + 1], *q2 = q[j0 + 2], *q3 = q[j0 + 3];
+    const int nj = std::min(4, nq - j0);
+    for (int64_t r = 0; r < nr; ++r) {
+      const uint64_t* xr = x + r * words;
+      int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+      for (int64_t w = 0; w < words; ++w) {
+        const uint64_t xw = xr[w];
+        a0 += __builtin_popcountll(q0[w] ^ xw);
+        a1 += __builtin_popcountll(q1[w] ^ xw);
+        a2 += __builtin_popcountll(q2[w] ^ xw);
+        a3 += __builtin_popcountll(q3[w] ^ xw);
+      }
+      const int32_t acc[4] = {a0, a1, a2, a3};
+      for (int j = 0; j < nj; ++j) out[(j0 + j) * kRowTile + r] = total_bits - acc[j];
+    }
+  }
+}
+
+PE_INLINE void score_binary(const uint64_t* const* q, int nq, const uint64_t* x, int64_t nr, int64_t W,
+                            int32_t total_bits, int32_t* out) {
+  switch (W) {
+    case 1: score_binary_w<1>(q, nq, x, nr, W, total_bits, out); break;
+    case 2: score_binary_w<2>(q, nq, x, nr, W, total_bits, out); break;
+    case 4: score_binary_w<4>(q, nq, x, nr, W, total_bits, out); break;
+    case 6: score_binary_w<6>(q, nq, x, nr, W, total_bits, out); break;
+    case 8: score_binary_w<8>(q, nq, x, nr, W, total_bits, out); break;
+    case 12: score_binary_w<12>(q, nq, x, nr, W, total_bits, out); break;
+    case 16: score_binary_w<16>(q, nq, x, nr, W, total_bits, out); break;
+    default: score_binary_w<0>(q, nq, x, nr, W, total_bits, out); break;
+  }
+}
+
+// int8: q.x in int32 (products of int8 fit int16, their sums int32 for D < 2^17).
+PE_INLINE void score_int8(const int8_t* const* q, int nq, const int8_t* x, int64_t ldx, int64_t nr, int64_t D,
+                          const int32_t* bias, int32_t* out) {
+  for (int64_t r = 0; r < nr; ++r) {
+    const int8_t* xr = x + r * ldx;
+    int32_t acc[kQ] = {};
+    for (int j = 0; j < kQ; ++j) {
+      const int8_t* qj = q[j];
+      int32_t a = 0;
+      for (int64_t d = 0; d < D; ++d) a += static_cast<int32_t>(qj[d]) * static_cast<int32_t>(xr[d]);
+      acc[j] = a;
+    }
+    const int32_t b = bias ? bias[r] : 0;
+    for (int j = 0; j < nq; ++j) out[j * kRowTile + r] = acc[j] + b;
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// AVX2 int8: queries pre-widened to int16 (zero-padded to a multiple of 16), each database row
+// widened once (vpmovsxbw) and multiplied with every query by vpmaddwd: exact int32 sums.
+template <int NQ>
+__attribute__((target("avx2"))) void score_int8_avx2_n(const int16_t* const* q, int nq, const int8_t* x, int64_t ldx,
+                                                       int64_t nr, int64_t D, const int32_t* bias, int32_t* out) {
+  const int64_t D16 = D / 16 * 16;
+  for (int64_t r = 0; r < nr; ++r) {
+    const int8_t* xr = x + r * ldx;
+    __m256i acc[NQ];
+    for (int j = 0; j < NQ; ++j) acc[j] = _mm256_setzero_si256();
+    for (int64_t d = 0; d < D16; d += 16) {
+      const __m256i xv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xr + d)));
+      for (int j = 0; j < NQ; ++j)
+        acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(
+                                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[j] + d)), xv));
+    }
+    if (D16 < D) {  // the tail through a zeroed copy: never read past the row
+      alignas(16) int8_t tmp[16] = {};
+      std::memcpy(tmp, xr + D16, static_cast<size_t>(D - D16));
+      const __m256i xv = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(tmp)));
+      for (int j = 0; j < NQ; ++j)
+        acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(
+                                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[j] + D16)), xv));
+    }
+    const int32_t b = bias ? bias[r] : 0;
+    for (int j = 0; j < nq; ++j) {
+      __m128i v = _mm_add_epi32(_mm256_castsi256_si128(acc[j]), _mm256_extracti128_si256(acc[j], 1));
+      v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4E));
+      v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0xB1));
+      out[j * kRowTile + r] = _mm_cvtsi128_si32(v) + b;
+    }
+  }
+}
+void score_int8_avx2(const int16_t* const* q, int nq, const int8_t* x, int64_t ldx, int64_t nr, int64_t D,
+                     const int32_t* bias, int32_t* out) {
+  if (nq == 1)
+    score_int8_avx2_n<1>(q, nq, x, ldx, nr, D, bias, out);
+  else if (nq == 2)
+    score_int8_avx2_n<2>(q, nq, x, ldx, nr, D, bias, out);
+  else if (nq <= 4)
+    score_int8_avx2_n<4>(q, nq, x, ldx, nr, D, bias, out);
+  else
+    score_int8_avx2_n<kQ>(q, nq, x, ldx, nr, D, bias, out);
+}
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// AVX2 binary on a transposed tile: xt[w * kRowTile + r] is word w of row r, so one ymm holds word w
+// of 4 consecutive rows and a query word is broadcast against it. Popcount by nibble lookups
+// (vpshufb), byte counts accumulated over up to 31 words (<= 248 per byte), then summed per row
+// by vpsadbw: about 2 instructions per (query, row, word) against ~5 for scalar popcnt.
+__attribute__((target("avx2"))) void score_binary_avx2(const uint64_t* const* q, int nq, const uint64_t* xt,
+                                                       int64_t W, int32_t total_bits, int32_t* out) {
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2,
+                                       2, 3, 2, 3, 3, 4);
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i total = _mm256_set1_epi32(total_bits);
+  const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  for (int j = 0; j < nq; ++j) {
+    const uint64_t* qj = q[j];
+    for (int64_t r0 = 0; r0 < kRowTile; r0 += 16) {
+      __m256i sum[4] = {zero, zero, zero, zero};
+      for (int64_t w0 = 0; w0 < W; w0 += 31) {
+        const int64_t w1 = std::min<int64_t>(W, w0 + 31);
+        __m256i acc[4] = {zero, zero, zero, zero};
+        for (int64_t w = w0; w < w1; ++w) {
+          const __m256i qv = _mm256_set1_epi64x(static_cast<long long>(qj[w]));
+          const uint64_t* xw = xt + w * kRowTile + r0;
+          for (int i = 0; i < 4; ++i) {
+            const __m256i v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xw + 4 * i)), qv);
+            const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, low4));
+            const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
+            acc[i] = _mm256_add_epi8(acc[i], _mm256_add_epi8(lo, hi));
+          }
+        }
+        for (int i = 0; i < 4; ++i) sum[i] = _mm256_add_epi64(sum[i], _mm256_sad_epu8(acc[i], zero));
+      }
+      // qword counts of rows (0..3), (4..7) -> 8 int32 in row order, then total - count
+      for (int h = 0; h < 2; ++h) {
+        const __m256i t = _mm256_or_si256(sum[2 * h], _mm256_slli_epi64(sum[2 * h + 1], 32));
+        const __m256i c = _mm256_permutevar8x32_epi32(t, order);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j * kRowTile + r0 + 8 * h), _mm256_sub_epi32(total, c));
+      }
+    }
+  }
+}
+#endif
+
+// float32: 8-wide partial sums, then the tail.
+PE_INLINE void score_float(const float* const* q, int nq, const float* x, int64_t ldx, int64_t nr, int64_t D,
+                           float* out) {
+  const int64_t D8 = D / 8 * 8;
+  for (int64_t r = 0; r < nr; ++r) {
+    const float* xr = x + r * ldx;
+    v8 acc[kQ] = {};
+    for (int64_t d = 0; d < D8; d += 8) {
+      const v8 xv = load8(xr + d);
+      for (int j = 0; j < kQ; ++j) acc[j] += load8(q[j] + d) * xv;
+    }
+    for (int j = 0; j < nq; ++j) {
+      float s = 0.f;
+      for (int i = 0; i < 8; ++i) s += acc[j][i];
+      for (int64_t d = D8; d < D; ++d) s += q[j][d] * xr[d];
+      out[j * kRowTile + r] = s;
+    }
+  }
+}
+
+// ---- the scan -------------------------------------------------------------------------------
+
+template <typename S>
+PE_INLINE void offer_tile(Heap<S>* heaps, int q0, int nq, const S* tile, int64_t r0, int64_t nr,
+                          const uint8_t* allow, int64_t k) {
+  // A thread scans its rows in increasing order, so a candidate tying the worst kept one comes
+  // later and loses: once the heap is full only s > worst can enter (one compare per score).
+  for (int j = 0; j < nq; ++j) {
+    Heap<S>& h = heaps[q0 + j];
+    const S* t = tile + j * kRowTile;
+    S thr = h.n == k ? h.c[0].s : std::numeric_limits<S>::lowest();
+    bool full = h.n == k;
+    for (int64_t r = 0; r < nr; ++r) {
+      const S s = t[r];
+      if (full ? !(s > thr) : false) continue;
+      if (allow && !allow[r0 + r]) continue;
+      h.offer(s, r0 + r, k);
+      full = h.n == k;
+      if (full) thr = h.c[0].s;
+    }
+  }
+}
+
+// Rows [r0, r1) of the database for every query into heaps[0..nq).
+template <typename S, bool AVX2>
+PE_INLINE void scan_range(const TopkArgs& a, const void* qprep, int64_t qpitch, int64_t r0, int64_t r1,
+                          Heap<S>* heaps, S* tile, uint64_t* xpad) {
+  // Few queries: the tile transposition would cost as much as scoring it; rows are scored in place
+  // by popcnt instead.
+  const bool transposed = AVX2 && a.nq >= 4;
+  for (int64_t t0 = r0; t0 < r1; t0 += kRowTile) {
+    const int64_t nr = std::min(kRowTile, r1 - t0);
+    const uint64_t* xw = nullptr;
+    if (a.kind == kTopkBinary && transposed) {  // transposed, zero-padded tile for score_binary_avx2
+      const int64_t W = qpitch;
+      const uint8_t* src = static_cast<const uint8_t*>(a.db) + t0 * a.lddb;
+      uint64_t row[64];
+      for (int64_t r = 0; r < kRowTile; ++r) {
+        for (int64_t w0 = 0; w0 < W; w0 += 64) {
+          const int64_t nw = std::min<int64_t>(64, W - w0);
+          if (r < nr) {
+            const int64_t b0 = w0 * 8, nb = std::min<int64_t>(a.cols - b0, nw * 8);
+            row[nw - 1] = 0;
+            std::memcpy(row, src + r * a.lddb + b0, static_cast<size_t>(nb));
+          } else {
+            for (int64_t w = 0; w < nw; ++w) row[w] = 0;
+          }
+          for (int64_t w = 0; w < nw; ++w) xpad[(w0 + w) * kRowTile + r] = row[w];
+        }
+      }
+    } else if (a.kind == kTopkBinary) {
+      const int64_t W = qpitch;
+      const uint8_t* src = static_cast<const uint8_t*>(a.db) + t0 * a.lddb;
+      if (a.cols % 8 == 0 && a.lddb == a.cols) {
+        xw = reinterpret_cast<const uint64_t*>(src);  // read in place (alignment: memcpy-free only on x86)
+      } else {
+        for (int64_t r = 0; r < nr; ++r) {
+          xpad[r * W + W - 1] = 0;
+          std::memcpy(xpad + r * W, src + r * a.lddb, a.cols);
+        }
+        xw = xpad;
+      }
+    }
+    for (int64_t q0 = 0; q0 < a.nq; q0 += kQ) {
+      const int nq = static_cast<int>(std::min<int64_t>(kQ, a.nq - q0));
+      if (a.kind == kTopkBinary && transposed) {
+#if defined(__x86_64__) && defined(__GNUC__)
+        const uint64_t* qp[kQ];
+        for (int j = 0; j < kQ; ++j) qp[j] = static_cast<const uint64_t*>(qprep) + (q0 + std::min(j, nq - 1)) * qpitch;
+        score_binary_avx2(qp, nq, xpad, qpitch, static_cast<int32_t>(8 * a.cols), reinterpret_cast<int32_t*>(tile));
+#endif
+      } else if (a.kind == kTopkBinary) {
+        const uint64_t* qp[kQ];
+        for (int j = 0; j < kQ; ++j) qp[j] = static_cast<const uint64_t*>(qprep) + (q0 + std::min(j, nq - 1)) * qpitch;
+        score_binary(qp, nq, xw, nr, qpitch, static_cast<int32_t>(8 * a.cols), reinterpret_cast<int32_t*>(tile));
+      } else if (a.kind == kTopkInt8 && AVX2) {
+#if defined(__x86_64__) && defined(__GNUC__)
+        const int16_t* qp[kQ];
+        for (int j = 0; j < kQ; ++j) qp[j] = static_cast<const int16_t*>(qprep) + (q0 + std::min(j, nq - 1)) * qpitch;
+        score_int8_avx2(qp, nq, static_cast<const int8_t*>(a.db) + t0 * a.lddb, a.lddb, nr, a.cols,
+                        a.db_bias ? a.db_bias + t0 : nullptr, reinterpret_cast<int32_t*>(tile));
+#endif
+      } else if (a.kind == kTopkInt8) {
+        const int8_t* qp[kQ];
+        for (int j = 0; j < kQ; ++j) qp[j] = static_cast<const int8_t*>(a.q) + (q0 + std::min(j, nq - 1)) * a.ldq;
+        score_int8(qp, nq, static_cast<const int8_t*>(a.db) + t0 * a.lddb, a.lddb, nr, a.cols,
+                   a.db_bias ? a.db_bias + t0 : nullptr, reinterpret_cast<int32_t*>(tile));
+      } else {
+        const float* qp[kQ];
+        for (int j = 0; j < kQ; ++j) qp[j] = static_cast<const float*>(a.q) + (q0 + std::min(j, nq - 1)) * a.ldq;
+        score_float(qp, nq, static_cast<const float*>(a.db) + t0 * a.lddb, a.lddb, nr, a.cols,
+                    reinterpret_cast<float*>(tile));
+      }
+      offer_tile(heaps, static_cast<int>(q0), nq, tile, t0, nr, a.allow, a.k);
+    }
+  }
+}
+
+using RangeFn = void (*)(const TopkArgs&, const void*, int64_t, int64_t, int64_t, void*, void*, uint64_t*);
+
+template <typename S, bool AVX2>
+PE_INLINE void scan_any(const TopkArgs& a, const void* qprep, int64_t qpitch, int64_t r0, int64_t r1, void* heaps,
+                        void* tile, uint64_t* xpad) {
+  scan_range<S, AVX2>(a, qprep, qpitch, r0, r1, static_cast<Heap<S>*>(heaps), static_cast<S*>(tile), xpad);
+}
+
+void range_i32_baseline(const TopkArgs& a, const void* qp, int64_t qpitch, int64_t r0, int64_t r1, void* h, void* t,
+                        uint64_t* x) {
+  scan_any<int32_t, false>(a, qp, qpitch, r0, r1, h, t, x);
+}
+void range_f32_baseline(const TopkArgs& a, const void* qp, int64_t qpitch, int64_t r0, int64_t r1, void* h, void* t,
+                        uint64_t* x) {
+  scan_any<float, false>(a, qp, qpitch, r0, r1, h, t, x);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,fma,popcnt"))) void range_i32_avx2(const TopkArgs& a, const void* qp, int64_t qpitch,
+                                                               int64_t r0, int64_t r1, void* h, void* t, uint64_t* x) {
+  scan_any<int32_t, true>(a, qp, qpitch, r0, r1, h, t, x);
+}
+__attribute__((target("avx2,fma,popcnt"))) void range_f32_avx2(const TopkArgs& a, const void* qp, int64_t qpitch,
+                                                               int64_t r0, int64_t r1, void* h, void* t, uint64_t* x) {
+  scan_any<float, true>(a, qp, qpitch, r0, r1, h, t, x);
+}
+bool cpu_has_popcnt() {
+  static const bool ok = __builtin_cpu_supports("popcnt");
+  return ok;
+}
+#endif
+
+template <typename S>
+void topk_typed(const TopkArgs& a) {
+  const bool is_float = a.kind == kTopkFloat32;
+  RangeFn fn = is_float ? range_f32_baseline : range_i32_baseline;
+  bool use_avx2 = false;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (avx2_enabled() && cpu_has_popcnt()) {
+    fn = is_float ? range_f32_avx2 : range_i32_avx2;
+    use_avx2 = true;
+  }
+#endif
+  // Queries of a binary scan as zero-padded uint64 words.
+  std::vector<uint64_t> qwords;
+  int64_t qpitch = 0;
+  const void* qprep = a.q;
+  if (a.kind == kTopkBinary) {
+    qpitch = (a.cols + 7) / 8;
+    qwords.assign(static_cast<size_t>(a.nq * qpitch), 0);
+    for (int64_t i = 0; i < a.nq; ++i)
+      std::memcpy(qwords.data() + i * qpitch, static_cast<const uint8_t*>(a.q) + i * a.ldq, a.cols);
+    qprep = qwords.data();
+  }
+  std::vector<int16_t> q16;  // AVX2 int8: queries widened to int16, zero-padded to a multiple of 16
+  if (a.kind == kTopkInt8 && use_avx2) {
+    qpitch = (a.cols + 15) / 16 * 16;
+    q16.assign(static_cast<size_t>(a.nq * qpitch), 0);
+    for (int64_t i = 0; i < a.nq; ++i)
+      for (int64_t d = 0; d < a.cols; ++d) q16[i * qpitch + d] = static_cast<const int8_t*>(a.q)[i * a.ldq + d];
+    qprep = q16.data();
+  }
+  const int64_t work = a.nq * a.N * std::max<int64_t>(a.cols, 1);
+  int nthreads = 1;
+  if (work >= (int64_t{1} << 20))
+    nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, (a.N + kRowTile - 1) / kRowTile)));
+  const int64_t k = a.k;
+  std::vector<Cand<S>> store(static_cast<size_t>(nthreads) * a.nq * k);
+  std::vector<Heap<S>> heaps(static_cast<size_t>(nthreads) * a.nq);
+  for (int t = 0; t < nthreads; ++t)
+    for (int64_t i = 0; i < a.nq; ++i) heaps[t * a.nq + i] = Heap<S>{store.data() + (t * a.nq + i) * k, 0};
+
+  // Threads: std::thread fork/join, not OpenMP. Measured on the 2-core dev machine: a libgomp
+  // parallel region started while torch's own OpenMP pool (a second libgomp) still spins after a
+  // torch op waited 15-25 ms for a core (a scan of 3,000 rows takes 0.2 ms); a joined std::thread
+  // sleeps in the kernel instead of spinning, so the cores go where the work is.
+  auto work_of = [&](int t) {
+    // Tiles of kRowTile rows, split evenly (in whole tiles) between the threads.
+    const int64_t tiles = (a.N + kRowTile - 1) / kRowTile;
+    const int64_t r0 = std::min(a.N, tiles * t / nthreads * kRowTile);
+    const int64_t r1 = std::min(a.N, tiles * (t + 1) / nthreads * kRowTile);
+    std::vector<S> tile(static_cast<size_t>(kQ * kRowTile));
+    std::vector<uint64_t> xpad(a.kind == kTopkBinary ? static_cast<size_t>(kRowTile * qpitch) : 0);
+    if (r1 > r0) fn(a, qprep, qpitch, r0, r1, heaps.data() + t * a.nq, tile.data(), xpad.data());
+  };
+  {
+    std::vector<std::thread> pool;
+    for (int t = 1; t < nthreads; ++t) pool.emplace_back(work_of, t);
+    work_of(0);
+    for (auto& th : pool) th.join();
+  }
+
+  // Merge the threads' heaps per query, best first, and pad.
+  S* out_s = static_cast<S*>(a.out_scores);
+  const S lowest = is_float ? static_cast<S>(-INFINITY) : static_cast<S>(INT32_MIN);
+  for (int64_t i = 0; i < a.nq; ++i) {
+    std::vector<Cand<S>> all;
+    all.reserve(static_cast<size_t>(nthreads * k));
+    for (int t = 0; t < nthreads; ++t) {
+      const Heap<S>& h = heaps[t * a.nq + i];
+      all.insert(all.end(), h.c, h.c + h.n);
+    }
+    const int64_t m = std::min<int64_t>(k, static_cast<int64_t>(all.size()));
+    std::partial_sort(all.begin(), all.begin() + m, all.end(), Better<S>());
+    for (int64_t j = 0; j < k; ++j) {
+      out_s[i * k + j] = j < m ? all[j].s : lowest;
+      a.out_idx[i * k + j] = j < m ? all[j].i : -1;
+    }
+  }
+}
+
+}  // namespace
+
+void topk_cpu(const TopkArgs& a) {
+  if (a.kind == kTopkFloat32)
+    topk_typed<float>(a);
+  else
+    topk_typed<int32_t>(a);
+}
+
+}  // namespace postembed

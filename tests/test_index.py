@@ -1,0 +1,301 @@
+"""EmbeddingIndex (postembed_fast/index.py) against a numpy reference: every precision, awkward sizes,
+ties by insertion order, allow masks / id lists, remove + add, upsert, rescoring, save/load, bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from postembed_fast.index import EmbeddingIndex
+
+INT_LOWEST = -(2**31)
+_POP = np.array([bin(i).count("1") for i in range(256)], np.int64)
+
+
+def unit_rows(n, dim, seed):
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def ranges_for(dim, seed=0):
+    rng = np.random.default_rng(seed)
+    lo = -0.2 - 0.1 * rng.random(dim)
+    return np.stack([lo, -lo * (0.8 + 0.4 * rng.random(dim))]).astype(np.float32)
+
+
+def ref_scores(precision, qf, xf, quant, ranges):
+    """Scores by the documented formulas, in int64 / float64."""
+    if precision == "binary":
+        q, x = quant(qf, "ubinary"), quant(xf, "ubinary")
+        return 8 * q.shape[1] - _POP[q[:, None, :] ^ x[None, :, :]].sum(-1)
+    if precision == "int8":
+        z = quant(np.zeros((1, qf.shape[1]), np.float32), "int8", ranges)[0].astype(np.int64)
+        q, x = quant(qf, "int8", ranges).astype(np.int64) - z, quant(xf, "int8", ranges).astype(np.int64) - z
+        return q @ x.T
+    if precision == "float16":
+        return qf.astype(np.float16).astype(np.float64) @ xf.astype(np.float16).astype(np.float64).T
+    return qf.astype(np.float64) @ xf.astype(np.float64).T
+
+
+def ref_topk(scores, k, ids, allow_rows=None):
+    nq, n = scores.shape
+    low = -np.inf if scores.dtype.kind == "f" else INT_LOWEST
+    out_s = np.full((nq, k), low, np.float64)
+    out_i = np.full((nq, k), -1, np.int64)
+    rows = np.arange(n) if allow_rows is None else np.asarray(allow_rows)
+    for i in range(nq):
+        s = scores[i, rows]
+        o = np.lexsort((rows, -s))[:k]
+        out_s[i, : len(o)] = s[o]
+        out_i[i, : len(o)] = ids[rows[o]]
+    return out_s, out_i
+
+
+def assert_search(index, qf, xf, k, ids, quant, ranges=None, allow=None, allow_rows=None):
+    s, got = index.search(qf, k, allow=allow)
+    want_s, want = ref_topk(ref_scores(index.precision, qf, xf, quant, ranges), k, ids, allow_rows)
+    if index.precision in ("binary", "int8"):
+        assert s.dtype == np.int32
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(s.astype(np.float64), want_s)
+    else:  # float: the scan's summation order differs from float64 in the last bits
+        assert s.dtype == np.float32
+        np.testing.assert_allclose(s, want_s, rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(np.sort(got, 1)[:, -1] >= -1, True)
+        for i in range(len(qf)):  # same ids unless two scores are within rounding of each other
+            fin = want_s[i][np.isfinite(want_s[i])]
+            gap = np.abs(np.diff(fin)).min() if len(fin) > 1 else 1.0
+            if gap > 1e-5:
+                np.testing.assert_array_equal(got[i], want[i])
+
+
+@pytest.mark.parametrize("precision,dim", [("binary", 48), ("binary", 50), ("binary", 384), ("int8", 50),
+                                           ("int8", 384), ("float32", 50), ("float16", 128)])
+@pytest.mark.parametrize("n", [1, 7, 1000, 4097])
+def test_search_matches_numpy(precision, dim, n, reference_quantize):
+    if n == 4097 and dim == 384 and precision == "int8":
+        n = 2049  # keep the int64 numpy reference quick
+    ranges = ranges_for(dim) if precision == "int8" else None
+    index = EmbeddingIndex(dim, precision=precision, ranges=ranges)
+    xf = unit_rows(n, dim, seed=n + dim)
+    if n > 3:
+        xf[n // 2:: 5] = xf[2]  # exact duplicates: ties broken by insertion order
+    qf = unit_rows(6, dim, seed=1)
+    qf[0] = xf[min(2, n - 1)]
+    ids = np.arange(1000, 1000 + n, dtype=np.int64)[::-1].copy()  # ids unrelated to insertion order
+    index.add(xf[: n // 2], ids[: n // 2])
+    index.add(xf[n // 2:], ids[n // 2:])
+    assert len(index) == n
+    for k in sorted({1, min(10, n), n}):
+        assert_search(index, qf, xf, k, ids, reference_quantize, ranges)
+    allow = np.random.default_rng(n).random(n) < 0.2
+    assert_search(index, qf, xf, min(10, n), ids, reference_quantize, ranges, allow=allow,
+                  allow_rows=np.flatnonzero(allow))
+    chosen = ids[allow][::-1]
+    assert_search(index, qf, xf, min(10, n), ids, reference_quantize, ranges, allow=chosen,
+                  allow_rows=np.flatnonzero(allow))
+
+
+def test_codes_in_and_out_agree(reference_quantize):
+    dim = 50
+    xf, qf = unit_rows(300, dim, 0), unit_rows(4, dim, 1)
+    a = EmbeddingIndex(dim, precision="binary")
+    a.add(xf)
+    b = EmbeddingIndex(dim, precision="binary")
+    codes = reference_quantize(xf, "binary")
+    assert codes.shape == (300, 7) and codes.dtype == np.int8
+    b.add(codes)
+    for queries in (qf, reference_quantize(qf, "binary")):
+        sa, ia = a.search(queries, 10)
+        sb, ib = b.search(queries, 10)
+        np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_array_equal(sa, sb)
+    r = ranges_for(dim)
+    c = EmbeddingIndex(dim, precision="int8", ranges=r)
+    c.add(reference_quantize(xf, "int8", r))
+    d = EmbeddingIndex(dim, precision="int8", ranges=r)
+    d.add(xf)
+    np.testing.assert_array_equal(c.search(qf, 5)[1], d.search(reference_quantize(qf, "int8", r), 5)[1])
+
+
+def test_fewer_candidates_than_k_are_padded():
+    index = EmbeddingIndex(16, precision="binary")
+    index.add(unit_rows(5, 16, 0), ids=[10, 11, 12, 13, 14])
+    s, ids = index.search(unit_rows(2, 16, 1), k=4, allow=[11, 99])
+    assert (ids[:, 0] == 11).all() and (ids[:, 1:] == -1).all()
+    assert (s[:, 1:] == INT_LOWEST).all()
+    s, ids = index.search(unit_rows(1, 16, 1), k=3, allow=np.zeros(5, bool))
+    assert (ids == -1).all() and (s == INT_LOWEST).all()
+    f = EmbeddingIndex(16, precision="float32")
+    f.add(unit_rows(5, 16, 0))
+    s, ids = f.search(unit_rows(1, 16, 1), k=5, allow=[0])
+    assert ids[0, 0] == 0 and (ids[0, 1:] == -1).all() and np.isneginf(s[0, 1:]).all()
+
+
+def test_remove_add_upsert(reference_quantize):
+    dim = 48
+    xf = unit_rows(50, dim, 0)
+    index = EmbeddingIndex(dim, precision="binary")
+    assert list(index.add(xf[:30])) == list(range(30))  # default ids: running numbers
+    assert index.remove([3, 7, 29]) == 3
+    assert len(index) == 27 and 7 not in index and 8 in index
+    assert list(index.add(xf[30:35])) == list(range(30, 35))  # numbering goes on after removals
+    keep = [i for i in range(35) if i not in (3, 7, 29)]
+    np.testing.assert_array_equal(index.ids, keep)
+    q = unit_rows(3, dim, 9)
+    assert_search(index, q, xf[keep], 10, np.array(keep), reference_quantize)
+    with pytest.raises(ValueError, match="already in the index"):
+        index.add(xf[:1], ids=[5])
+    with pytest.raises(ValueError, match="not in the index"):
+        index.remove([7])
+    # upsert: id 5 gets vector 40 and keeps its position; id 100 is new (appended)
+    index.add(xf[[40, 41]], ids=[5, 100], upsert=True)
+    rows = {i: r for r, i in enumerate(index.ids)}
+    assert rows[5] == keep.index(5) and rows[100] == len(index) - 1
+    vecs = xf[keep + [0]].copy()
+    vecs[keep.index(5)] = xf[40]
+    vecs[-1] = xf[41]
+    assert_search(index, q, vecs, 12, np.array(keep + [100]), reference_quantize)
+    s, ids = index.search(xf[40], 1)
+    assert ids[0, 0] == 5 and s[0, 0] == 48
+
+
+def test_rescore_float16(reference_quantize):
+    dim, n = 64, 2000
+    xf = unit_rows(n, dim, 3)
+    qf = unit_rows(8, dim, 4)
+    index = EmbeddingIndex(dim, precision="binary", keep_float16=True)
+    index.add(xf)
+    s, ids = index.search(qf, 10, rescore=4)
+    _, cand = index.search(qf, 40)
+    x16 = xf.astype(np.float16).astype(np.float32)
+    for i in range(len(qf)):
+        sc = x16[cand[i]] @ qf[i]
+        o = np.lexsort((cand[i], -sc))[:10]  # candidates come back in row order of their ids here
+        np.testing.assert_array_equal(ids[i], cand[i][o])
+        np.testing.assert_allclose(s[i], sc[o], rtol=0, atol=1e-6)
+    assert s.dtype == np.float32
+    # rescore over all rows = exact float16 search
+    s_all, ids_all = index.search(qf, 10, rescore=n)
+    exact = np.argsort(-(qf @ x16.T), axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(ids_all, exact)
+    plain = EmbeddingIndex(dim, precision="binary")
+    plain.add(xf)
+    with pytest.raises(ValueError, match="keep_float16"):
+        plain.search(qf, 1, rescore=2)
+    with pytest.raises(ValueError, match="float vectors"):
+        index.search(reference_quantize(qf, "binary"), 1, rescore=2)
+    with pytest.raises(ValueError, match="float vectors"):
+        index.add(reference_quantize(qf, "binary"))
+
+
+@pytest.mark.parametrize("precision", ["binary", "int8", "float16", "float32"])
+def test_save_load_round_trip(tmp_path, precision):
+    dim = 50
+    ranges = ranges_for(dim) if precision == "int8" else None
+    index = EmbeddingIndex(dim, precision=precision, ranges=ranges, keep_float16=True, model_tag="m-123")
+    xf = unit_rows(120, dim, 0)
+    index.add(xf, ids=np.arange(120) * 3)
+    index.remove([0, 33])
+    index.save(tmp_path / "idx")
+    assert not list((tmp_path / "idx").glob("*.pkl"))
+    loaded = EmbeddingIndex.load(tmp_path / "idx")
+    assert (loaded.dim, loaded.precision, loaded.model_tag, len(loaded)) == (dim, precision, "m-123", 118)
+    np.testing.assert_array_equal(loaded.ids, index.ids)
+    if ranges is not None:
+        np.testing.assert_array_equal(loaded.ranges, ranges)
+    q = unit_rows(5, dim, 1)
+    for kw in ({}, {"rescore": 3}, {"allow": index.ids[::2]}):
+        a, b = index.search(q, 7, **kw), loaded.search(q, 7, **kw)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+    assert list(loaded.add(xf[:1])) == [358]  # the running numbers continue after the largest id
+    loaded.to("cpu")
+    assert loaded.search(q, 3)[1].shape == (5, 3)
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(ValueError, match="header"):
+        EmbeddingIndex.load(tmp_path / "bad")
+
+
+def test_bad_input():
+    index = EmbeddingIndex(16, precision="binary")
+    with pytest.raises(ValueError, match="empty"):
+        index.search(unit_rows(1, 16, 0), 1)
+    index.add(unit_rows(5, 16, 0))
+    q = unit_rows(2, 16, 1)
+    with pytest.raises(ValueError, match="k must be"):
+        index.search(q, 0)
+    with pytest.raises(ValueError, match="k must be"):
+        index.search(q, 6)
+    with pytest.raises(TypeError, match="k must be"):
+        index.search(q, 2.0)
+    with pytest.raises(ValueError, match="dimension"):
+        index.search(unit_rows(1, 15, 0), 1)
+    with pytest.raises(ValueError, match="columns"):
+        index.search(np.zeros((1, 3), np.int8), 1)
+    with pytest.raises(TypeError, match="int8"):
+        index.search(np.zeros((1, 2), np.uint8), 1)
+    bad = q.copy()
+    bad[1, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        index.search(bad, 1)
+    with pytest.raises(ValueError, match="NaN"):
+        index.add(bad)
+    with pytest.raises(ValueError, match="repeat"):
+        index.add(q, ids=[1000, 1000])
+    with pytest.raises(ValueError, match="shape"):
+        index.add(q, ids=[1, 2, 3])
+    with pytest.raises(TypeError, match="ids"):
+        index.add(q, ids=[1.5, 2.5])
+    with pytest.raises(ValueError, match="allow"):
+        index.search(q, 1, allow=np.ones(4, bool))
+    with pytest.raises(ValueError, match="precision"):
+        EmbeddingIndex(16, precision="uint8")
+    with pytest.raises(ValueError, match="ranges"):
+        EmbeddingIndex(16, precision="int8")
+    with pytest.raises(ValueError, match="ranges"):
+        EmbeddingIndex(16, precision="int8", ranges=np.zeros((2, 15), np.float32))
+    with pytest.raises(TypeError, match="float"):
+        EmbeddingIndex(16, precision="float32").add(np.zeros((1, 16), np.int8))
+    tagged = EmbeddingIndex(16, precision="binary", model_tag="a-1")
+    tagged.add(q, model_tag="a-1")
+    with pytest.raises(ValueError, match="model"):
+        tagged.search(q, 1, model_tag="b-2")
+    with pytest.raises(ValueError, match="model"):
+        tagged.add(q, model_tag="b-2")
+
+
+def test_for_embedder(embedder, tmp_path):
+    texts = ["Excited to share our new paper on post embeddings!", "We are hiring ML engineers in Dublin",
+             "Great talk at the conference today", "Our new office opens next week"]
+    emb = embedder.embed(texts)
+    for precision in ("binary", "int8"):
+        index = EmbeddingIndex.for_embedder(embedder, precision=precision)
+        assert index.model_tag == embedder.model_tag and index.dim == emb.shape[1]
+        index.add(emb)
+        _, ids = index.search(emb, 1)
+        np.testing.assert_array_equal(ids[:, 0], np.arange(4))
+        index.check_embedder(embedder)
+        index.save(tmp_path / precision)
+        EmbeddingIndex.load(tmp_path / precision).check_embedder(embedder)
+        with pytest.raises(ValueError, match="model"):
+            index.search(emb, 1, model_tag="other-model-0123")
+    int8 = EmbeddingIndex.for_embedder(embedder, precision="int8")
+    np.testing.assert_array_equal(int8.ranges, embedder.quantization_ranges)
+    other = EmbeddingIndex(emb.shape[1], precision="int8", ranges=embedder.quantization_ranges * 1.5,
+                           model_tag=embedder.model_tag)
+    with pytest.raises(ValueError, match="mismatched ranges"):
+        other.check_embedder(embedder)
+    wrong = EmbeddingIndex(emb.shape[1], precision="binary", model_tag="other-model-0123")
+    with pytest.raises(ValueError, match="model"):
+        wrong.check_embedder(embedder)
+
+
+def test_torch_inputs_and_single_vector():
+    index = EmbeddingIndex(32, precision="float32")
+    x = torch.from_numpy(unit_rows(10, 32, 0))
+    index.add(x)
+    s, ids = index.search(x[3], 2)
+    assert ids.shape == (1, 2) and ids[0, 0] == 3
+    s, ids = index.search(np.zeros((0, 32), np.float32), 2)
+    assert s.shape == (0, 2) and ids.shape == (0, 2)

@@ -1,0 +1,175 @@
+"""Exact top-k scans (kernels/hamming_topk.py, int8_topk.py, float_topk.py) against a numpy reference:
+every backend (torch reference, C++ in both ISA builds, Triton under the interpreter with
+sentinel-poisoned buffers), awkward sizes, ties, allow masks, bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from postembed_fast.kernels import dispatch, float_topk, hamming_topk, int8_topk
+
+INT_LOWEST = -(2**31)
+_POP = np.array([bin(i).count("1") for i in range(256)], np.int64)
+
+
+def np_scores(kind, q, x, zero=None):
+    if kind == "binary":
+        qu, xu = q.view(np.uint8), x.view(np.uint8)
+        ham = _POP[qu[:, None, :] ^ xu[None, :, :]].sum(-1)
+        return 8 * q.shape[1] - ham
+    if kind == "int8":
+        z = np.zeros(q.shape[1], np.int64) if zero is None else zero.astype(np.int64)
+        return (q.astype(np.int64) - z) @ (x.astype(np.int64) - z).T
+    return q.astype(np.float64) @ x.astype(np.float64).T  # exact for the small-integer floats used here
+
+
+def np_topk(scores, k, allow=None):
+    nq, n = scores.shape
+    low = -np.inf if scores.dtype.kind == "f" else INT_LOWEST
+    out_s = np.full((nq, k), low, dtype=np.float64 if scores.dtype.kind == "f" else np.int64)
+    out_i = np.full((nq, k), -1, np.int64)
+    rows = np.arange(n) if allow is None else np.flatnonzero(allow)
+    for i in range(nq):
+        s = scores[i, rows]
+        order = np.lexsort((rows, -s))[:k]  # score desc, then row asc
+        out_s[i, : len(order)] = s[order]
+        out_i[i, : len(order)] = rows[order]
+    return out_s, out_i
+
+
+def make_data(kind, nq, n, dim, seed, ties=True):
+    rng = np.random.default_rng(seed)
+    if kind == "binary":
+        cols = (dim + 7) // 8
+        q = rng.integers(-128, 128, (nq, cols), dtype=np.int8)
+        x = rng.integers(-128, 128, (n, cols), dtype=np.int8)
+        if dim % 8:  # the unused low bits of the last byte are 0 (numpy.packbits)
+            keep = np.int16(0xFF << (8 - dim % 8) & 0xFF)
+            q[:, -1] = ((q[:, -1].astype(np.int16) + 128) & keep) - 128
+            x[:, -1] = ((x[:, -1].astype(np.int16) + 128) & keep) - 128
+    elif kind == "int8":
+        q = rng.integers(-128, 128, (nq, dim), dtype=np.int8)
+        x = rng.integers(-128, 128, (n, dim), dtype=np.int8)
+    else:  # small integers as floats: every dot product is exact, so ties are real ties
+        q = rng.integers(-3, 4, (nq, dim)).astype(np.float32)
+        x = rng.integers(-3, 4, (n, dim)).astype(np.float32)
+    if ties and n > 3:
+        x[n // 2:: 3] = x[1]  # many exact duplicates of row 1, spread over the rows
+        q[0] = x[1]
+    return q, x
+
+
+def run(kind, backend, q, x, k, allow=None, zero=None, poison=False):
+    qt, xt = torch.from_numpy(q), torch.from_numpy(x)
+    at = None if allow is None else torch.from_numpy(allow)
+    if backend == "triton" and poison:
+        import importlib
+
+        ht, it, ft = (importlib.import_module(f"postembed_fast.kernels.{m}")
+                      for m in ("hamming_topk", "int8_topk", "float_topk"))
+
+        sd = torch.float32 if kind == "float32" else torch.int32
+        out = (torch.full((len(q), k), 7, dtype=sd), torch.full((len(q), k), -77, dtype=torch.int64))
+        if kind == "binary":
+            s, i = ht.hamming_topk_triton(qt, xt, k, at, out=out, poison=-99)
+        elif kind == "int8":
+            bias = it.int8_row_bias(xt, None if zero is None else torch.from_numpy(zero))
+            s, i = it.int8_topk_triton(qt, xt, k, at, bias, out=out, poison=-99)
+            s, i = it._finish(s, i, qt, None if zero is None else torch.from_numpy(zero))
+        else:
+            s, i = ft.float_topk_triton(qt, xt, k, at, out=out, poison=-99)
+        return s.numpy(), i.numpy()
+    if kind == "binary":
+        s, i = hamming_topk(qt, xt, k, at, backend=backend)
+    elif kind == "int8":
+        s, i = int8_topk(qt, xt, k, None if zero is None else torch.from_numpy(zero), at, backend=backend)
+    else:
+        s, i = float_topk(qt, xt, k, at, backend=backend)
+    return s.numpy(), i.numpy()
+
+
+def check(kind, backend, q, x, k, allow=None, zero=None, poison=False):
+    want_s, want_i = np_topk(np_scores(kind, q, x, zero), k, allow)
+    got_s, got_i = run(kind, backend, q, x, k, allow, zero, poison)
+    assert got_i.dtype == np.int64 and got_i.shape == (len(q), k)
+    assert got_s.dtype == (np.float32 if kind == "float32" else np.int32)
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_array_equal(got_s.astype(np.float64), want_s.astype(np.float64))
+
+
+KINDS = ("binary", "int8", "float32")
+DIMS = {"binary": (48, 50, 128, 384), "int8": (48, 50, 384), "float32": (48, 50, 128)}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n", [1, 7, 1000, 4097])
+def test_cpp_exact(kind, n, cpu_isa):
+    for dim in DIMS[kind]:
+        q, x = make_data(kind, 9, n, dim, seed=n + dim)
+        zero = np.random.default_rng(dim).integers(-128, 128, dim, dtype=np.int8) if kind == "int8" else None
+        for k in sorted({1, min(10, n), n}):
+            check(kind, "cpp", q, x, k, zero=zero)
+        check(kind, "cpp", q[:2], x, min(10, n), zero=zero)  # few queries: binary scores rows in place
+        allow = np.random.default_rng(n).random(n) < 0.3
+        check(kind, "cpp", q, x, min(10, n), allow=allow, zero=zero)  # may leave fewer than k: padded
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n", [7, 1000])
+def test_torch_reference_exact(kind, n):
+    dim = 50
+    q, x = make_data(kind, 5, n, dim, seed=3)
+    zero = np.arange(-25, 25, dtype=np.int8) if kind == "int8" else None
+    for k in (1, n):
+        check(kind, "torch", q, x, k, zero=zero)
+    check(kind, "torch", q, x, 5, allow=np.arange(n) % 4 == 1, zero=zero)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n,dim,k", [(1, 50, 1), (7, 48, 7), (300, 50, 10), (300, 128, 300), (70, 384, 3)])
+def test_triton_exact(kind, n, dim, k):
+    if dispatch.unavailable_reason("triton", "cpu") is not None:
+        pytest.skip(dispatch.unavailable_reason("triton", "cpu"))
+    if kind == "int8" and dim > 128 or kind == "float32" and dim > 128:
+        dim = 128
+    q, x = make_data(kind, 18, n, dim, seed=n * 7 + dim)
+    zero = np.random.default_rng(1).integers(-128, 128, dim, dtype=np.int8) if kind == "int8" else None
+    check(kind, "triton", q, x, k, zero=zero, poison=True)
+    check(kind, "triton", q, x, min(k, 4), allow=np.random.default_rng(2).random(n) < 0.5, zero=zero, poison=True)
+
+
+def test_scan_is_blocked_not_full_matrix(monkeypatch):
+    """The torch reference scores the database in blocks and merges partial top-k (bounded memory)."""
+    from postembed_fast.kernels import topk_common
+
+    monkeypatch.setattr(topk_common, "REF_BLOCK_ELEMS", 7 * 6 * 16)  # blocks of 16 rows for 7 queries x 6 bytes
+    q, x = make_data("binary", 7, 1000, 48, seed=5)
+    check("binary", "torch", q, x, 10)
+    check("binary", "torch", q, x, 1000)
+
+
+def test_large_k_and_many_queries_cpp():
+    q, x = make_data("binary", 300, 4097, 384, seed=11)
+    check("binary", "cpp", q, x, 4097)
+
+
+@pytest.mark.parametrize("fn,dt", [(hamming_topk, torch.int8), (int8_topk, torch.int8), (float_topk, torch.float32)])
+def test_bad_input(fn, dt):
+    x = torch.zeros(5, 8, dtype=dt)
+    with pytest.raises(ValueError, match="k must be"):
+        fn(x[:1], x, 0)
+    with pytest.raises(ValueError, match="k must be"):
+        fn(x[:1], x, 6)
+    with pytest.raises(ValueError, match="empty"):
+        fn(x[:1], x[:0], 1)
+    with pytest.raises(ValueError, match="columns|dimensions|bytes"):
+        fn(torch.zeros(1, 7, dtype=dt), x, 1)
+    with pytest.raises(TypeError):
+        fn(x[:1].to(torch.float64), x, 1)
+    with pytest.raises(TypeError, match="allow"):
+        fn(x[:1], x, 1, allow=torch.ones(5, dtype=torch.int32))
+    with pytest.raises(ValueError, match="allow"):
+        fn(x[:1], x, 1, allow=torch.ones(4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="k must be"):
+        fn(x[:1], x, 1.5)
