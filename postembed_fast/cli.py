@@ -135,6 +135,42 @@ examples:
     p.set_defaults(func=cmd_embed, parser=p)
 
 
+def _add_serve(sub) -> None:
+    from postembed_fast.serve.options import add_arguments  # flags only: no web framework imported
+
+    p = sub.add_parser(
+        "serve", help="serve embeddings over HTTP (OpenAI- and TEI-compatible; needs the serve extra)",
+        description="Serve embeddings over HTTP, the same as `python -m postembed_fast.serve`: POST /v1/embeddings\n"
+                    "(OpenAI), POST /embed (TEI), POST /tokenize, GET /health, /info, /metrics. Concurrent\n"
+                    "requests are merged into token-budget batches. SIGTERM drains and exits 0.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=cmd_serve, parser=p)
+
+
+def _add_nearline(sub) -> None:
+    from postembed_fast.nearline import add_embed_arguments  # flags only: redis is imported by the worker
+
+    p = sub.add_parser(
+        "nearline", help="near-line embedding from a Redis stream (needs the nearline extra)",
+        description="Near-line embedding, the same as `python -m postembed_fast.nearline`: `embed` runs one\n"
+                    "consumer-group worker that embeds new posts of a Redis stream into Redis hashes.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    nsub = p.add_subparsers(dest="nearline_command", metavar="COMMAND", required=True)
+    e = nsub.add_parser("embed", help="embed new posts of a Redis stream into Redis (SIGTERM: finish the batch, exit 0)")
+    add_embed_arguments(e)
+    e.set_defaults(func=cmd_nearline_embed, parser=e)
+
+
+def cmd_nearline_embed(args) -> int:
+    from postembed_fast.nearline import missing_extra, run_from_args
+
+    problem = missing_extra()
+    if problem:
+        raise UsageError(problem)
+    return run_from_args(args, prog=f"{PROG} nearline embed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="postembed_fast: high-throughput post embeddings (padding-free BERT).",
@@ -142,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_embed(sub)
+    _add_serve(sub)
+    _add_nearline(sub)
     return parser
 
 
@@ -512,6 +550,19 @@ def _run(args, emb, opts, template, texts, chunk_size, out_path, ids, load_s) ->
           f"{secs:.1f} s, {n / secs if secs > 0 else 0.0:.1f} posts/s (model load {load_s:.1f} s){extra}",
           file=sys.stderr)
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# serve
+# ---------------------------------------------------------------------------------------------
+def cmd_serve(args) -> int:
+    from postembed_fast.serve.__main__ import missing_extra, serve
+    from postembed_fast.serve.options import ServeConfig
+
+    problem = missing_extra()
+    if problem:
+        raise UsageError(problem)
+    return serve(ServeConfig.from_args(args))
 
 
 if __name__ == "__main__":

@@ -212,3 +212,13 @@ def test_usage_errors_help_version(tmp_path):
                  "--chunk-size", "--text-field", "--ids-field", "--ids-output", "--no-progress", "--format"):
         assert flag in out, flag
     assert "EMPTY LINE IS AN EMPTY POST" in out and "OUT.ids.npy" in out
+
+
+def test_nearline_subcommand_parses_the_worker_flags():
+    """`postembed-fast nearline embed` is the worker of `python -m postembed_fast.nearline embed`."""
+    from postembed_fast.cli import build_parser
+
+    args = build_parser().parse_args(["nearline", "embed", "--stream", "s", "--group", "g", "--consumer", "c",
+                                      "--precision", "binary", "--batch-max", "7", "--device", "cpu"])
+    assert args.func.__name__ == "cmd_nearline_embed"
+    assert (args.stream, args.group, args.consumer, args.precision, args.batch_max) == ("s", "g", "c", "binary", 7)

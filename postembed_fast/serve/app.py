@@ -1,0 +1,287 @@
+"""HTTP routes (Starlette). Every route answers JSON; every refusal is an OpenAI-style error
+{"error": {"message", "type", "code"}}. The work runs on the batcher's threads; a handler only
+parses, waits on its future (or on its client going away) and serializes."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import logging
+import time
+from typing import Callable
+
+import numpy as np
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from postembed_fast.serve import schemas
+from postembed_fast.serve.batcher import EMBED, TOKENIZE, Batcher, Job, NotReady, Overloaded
+from postembed_fast.serve.metrics import Metrics
+from postembed_fast.serve.options import DEFAULT_MAX_BATCH_TOKENS, ServeConfig
+from postembed_fast.serve.schemas import ApiError
+
+log = logging.getLogger("postembed_fast.serve")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready; its work was dropped."""
+
+
+def json_response(obj, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+                    headers=headers, media_type="application/json")
+
+
+def error_response(err: ApiError) -> Response:
+    return json_response(err.body(), err.status, err.headers)
+
+
+# ---- model loading --------------------------------------------------------------------------
+def load_and_warm(cfg: ServeConfig):
+    """Loads the model and runs it on a few shapes, so the first request pays no warm-up."""
+    from postembed_fast import Embedder
+
+    t0 = time.perf_counter()
+    emb = Embedder(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    t1 = time.perf_counter()
+    for n in (1, 2, 4, 8):  # small requests (CUDA graphs on a GPU), then a long batch
+        emb.embed(["warm up the encoder"] * n)
+    emb.embed(["warm " * 400] * 4)
+    emb.tokenize(["warm up the tokenizer"])
+    log.info("model %s (%s) on %s %s: loaded in %.1f s, warmed in %.1f s; ready", cfg.model_name, emb.model_tag,
+             emb.device, str(emb.dtype).replace("torch.", ""), t1 - t0, time.perf_counter() - t1)
+    return emb
+
+
+def _default_batch_tokens(emb) -> int:
+    return DEFAULT_MAX_BATCH_TOKENS.get(emb.device.type, DEFAULT_MAX_BATCH_TOKENS["cpu"])
+
+
+# ---- request plumbing -----------------------------------------------------------------------
+def _check_auth(request: Request, key: str | None) -> None:
+    if key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                       "authentication_error", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+
+
+async def _read_json(request: Request, limit: int):
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"request body of {length} bytes; at most {limit} (--max-payload-bytes)",
+                       "invalid_request_error", "payload_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body over {limit} bytes (--max-payload-bytes)",
+                           "invalid_request_error", "payload_too_large")
+        chunks.append(chunk)
+    return schemas.parse_json(b"".join(chunks))
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body is read by then, so receive() waits for that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _submit(request: Request, kind: str, texts: list[str], options: tuple = ()):
+    state = request.app.state
+    if state.draining:
+        raise ApiError(503, "server is shutting down", "server_error", "draining", {"Retry-After": "1"})
+    loop = asyncio.get_running_loop()
+    job = Job(kind, texts, loop, loop.create_future(), options)
+    batcher: Batcher = state.batcher
+    try:
+        batcher.submit(job)
+    except Overloaded as exc:
+        raise ApiError(429, f"server overloaded: {exc}; retry later", "rate_limit_error", "overloaded",
+                       {"Retry-After": "1"}) from None
+    except NotReady as exc:
+        raise ApiError(503, str(exc), "server_error", "not_ready", {"Retry-After": "1"}) from None
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((job.future, watcher), return_when=asyncio.FIRST_COMPLETED)
+        if not job.future.done():
+            job.cancelled = True
+            job.future.cancel()
+            state.metrics.dropped.inc()
+            raise ClientGone()
+        try:
+            return job.future.result()
+        except (ValueError, TypeError) as exc:  # a text the tokenizer refuses (e.g. a lone surrogate)
+            raise schemas.invalid(str(exc), "invalid_input") from None
+        except NotReady as exc:
+            raise ApiError(503, str(exc), "server_error", "not_ready", {"Retry-After": "1"}) from None
+    finally:
+        watcher.cancel()
+        batcher.release(job)
+
+
+def endpoint(name: str, auth: bool = True) -> Callable:
+    """Auth, error mapping and metrics around one route."""
+    def decorate(fn):
+        async def handler(request: Request) -> Response:
+            state = request.app.state
+            t0 = time.perf_counter()
+            try:
+                if auth:
+                    _check_auth(request, state.cfg.api_key)
+                response = await fn(request)
+            except ApiError as err:
+                response = error_response(err)
+            except ClientGone:
+                response = Response(status_code=499)
+            except Exception:  # noqa: BLE001 (one failed request; the server keeps serving)
+                log.exception("%s failed", name)
+                response = error_response(ApiError(500, "internal server error", "server_error", "internal_error"))
+            state.metrics.requests.labels(name, str(response.status_code)).inc()
+            state.metrics.latency.labels(name).observe(time.perf_counter() - t0)
+            return response
+        handler.__name__ = fn.__name__
+        return handler
+    return decorate
+
+
+def _embedder(request: Request):
+    batcher: Batcher = request.app.state.batcher
+    if batcher.embedder is None or not batcher.ready.is_set():
+        raise ApiError(503, "model is loading", "server_error", "not_ready", {"Retry-After": "1"})
+    return batcher.embedder
+
+
+# ---- routes ---------------------------------------------------------------------------------
+@endpoint("/v1/embeddings")
+async def openai_embeddings(request: Request) -> Response:
+    state = request.app.state
+    emb = _embedder(request)
+    body = await _read_json(request, state.cfg.max_payload_bytes)
+    req = schemas.parse_openai(body, state.cfg, emb.dim)
+    result = await _submit(request, EMBED, req.texts, req.options)
+    rows = result.embeddings
+    if req.encoding_format == "base64":
+        little = rows.astype("<f4", copy=False)
+        items = [base64.b64encode(r.tobytes()).decode("ascii") for r in little]
+    else:
+        items = list(rows)
+    data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(items)]
+    return json_response({"object": "list", "data": data, "model": req.model or state.cfg.model_name,
+                          "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens}})
+
+
+@endpoint("/embed")
+async def tei_embed(request: Request) -> Response:
+    state = request.app.state
+    emb = _embedder(request)
+    body = await _read_json(request, state.cfg.max_payload_bytes)
+    req = schemas.parse_tei(body, state.cfg, emb.dim, state.precisions)
+    result = await _submit(request, EMBED, req.texts, req.options)
+    out = result.embeddings
+    if out.dtype == np.float16:
+        out = out.astype(np.float32)
+    return json_response(out)
+
+
+@endpoint("/tokenize")
+async def tokenize(request: Request) -> Response:
+    state = request.app.state
+    _embedder(request)
+    body = await _read_json(request, state.cfg.max_payload_bytes)
+    texts = schemas.parse_tokenize(body, state.cfg)
+    return json_response(await _submit(request, TOKENIZE, texts))
+
+
+@endpoint("/health", auth=False)
+async def health(request: Request) -> Response:
+    state = request.app.state
+    batcher: Batcher = state.batcher
+    if state.draining:
+        status = "draining"
+    elif batcher.load_error is not None:
+        status = "failed"
+    elif not batcher.ready.is_set():
+        status = "loading"
+    else:
+        return json_response({"status": "ok"})
+    return json_response({"status": status}, 503, {"Retry-After": "1"})
+
+
+@endpoint("/info")
+async def info(request: Request) -> Response:
+    import postembed_fast
+
+    state = request.app.state
+    emb = _embedder(request)
+    cfg: ServeConfig = state.cfg
+    return json_response({
+        "model": cfg.model_name, "model_tag": emb.model_tag, "dimension": emb.dim,
+        "max_seq_length": emb.max_seq_length, "precisions": list(state.precisions),
+        "device": str(emb.device), "dtype": str(emb.dtype).replace("torch.", ""),
+        "version": postembed_fast.__version__,
+        "limits": {"max_batch_tokens": state.batcher.max_batch_tokens,
+                   "max_batch_requests": cfg.max_batch_requests, "max_wait_ms": cfg.max_wait_ms,
+                   "max_concurrent_requests": cfg.max_concurrent_requests,
+                   "max_client_batch_size": cfg.max_client_batch_size, "max_input_chars": cfg.max_input_chars,
+                   "max_payload_bytes": cfg.max_payload_bytes},
+        "engine": postembed_fast.info(),
+    })
+
+
+@endpoint("/metrics", auth=False)
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=request.app.state.metrics.content_type)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                   "invalid_request_error", code, dict(exc.headers or {})))
+
+
+def create_app(cfg: ServeConfig, on_fatal: Callable[[BaseException], None] | None = None) -> Starlette:
+    """The app; its lifespan starts the batcher (which loads and warms the model in the background,
+    /health answering 503 until then) and stops it after the last request is answered."""
+    from postembed_fast import PRECISIONS
+
+    metrics_ = Metrics()
+    batcher = Batcher(lambda: load_and_warm(cfg), max_batch_tokens=cfg.max_batch_tokens,
+                      max_wait_s=cfg.max_wait_ms / 1000.0, max_queue=cfg.max_concurrent_requests,
+                      max_batch_requests=cfg.max_batch_requests, metrics=metrics_,
+                      default_batch_tokens=_default_batch_tokens, on_fatal=on_fatal)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        try:
+            yield
+        finally:
+            app.state.draining = True
+            await asyncio.get_running_loop().run_in_executor(None, batcher.stop)
+
+    routes = [
+        Route("/v1/embeddings", openai_embeddings, methods=["POST"]),
+        Route("/embeddings", openai_embeddings, methods=["POST"]),
+        Route("/embed", tei_embed, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/info", info, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error})
+    app.state.cfg = cfg
+    app.state.batcher = batcher
+    app.state.metrics = metrics_
+    app.state.precisions = tuple(PRECISIONS)
+    app.state.draining = False
+    return app
