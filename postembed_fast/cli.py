@@ -4,7 +4,7 @@
 
 One function per subcommand (`cmd_<name>`), all hanging off `build_parser()`; a later
 subcommand (serve, train, nearline, backfill) adds a `_add_<name>(subparsers)` and a
-`cmd_<name>(args) -> int`, and reuses `_add_model_args` for the model/device/dtype flags.
+`cmd_<name>(args) -> int`, and reuses `cli_args.add_model_args` for the model/device/dtype flags.
 
 Exit codes: 0 done; 2 usage or input error (bad flag, unreadable input, bad line: nothing is
 written); 1 any other failure (e.g. the output directory is not writable); 130 interrupted.
@@ -27,10 +27,10 @@ from pathlib import Path
 
 # Importing the package itself is light (torch, no model); the model loads inside the subcommand.
 from postembed_fast import PRECISIONS, __version__
+from postembed_fast.cli_args import add_model_args, positive_int
 
 PROG = "postembed-fast"
 FORMATS = ("auto", "jsonl", "text")
-DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 TEXT_SUFFIXES = (".txt",)
 DEFAULT_CHUNK = {"cpu": 1024, "cuda": 8192}  # texts per embed_iter chunk (progress updates once per chunk)
@@ -52,30 +52,6 @@ class UsageError(Exception):
 # ---------------------------------------------------------------------------------------------
 # parser
 # ---------------------------------------------------------------------------------------------
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid positive int value: {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {v}")
-    return v
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    """The flags every subcommand that loads a model shares."""
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, metavar="NAME_OR_DIR",
-                   help="'all-MiniLM-L6-v2' (default, shipped with the install) or a local Hugging Face / "
-                        "sentence-transformers folder; nothing is downloaded")
-    g.add_argument("--device", default=None, metavar="DEVICE",
-                   help="cpu, cuda or cuda:N (default: cuda if a GPU is available, else cpu)")
-    g.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
-                   help="compute dtype (default: float32 on CPU, float16 on GPU)")
-    g.add_argument("--batch-tokens", type=_positive_int, default=None, metavar="N",
-                   help="tokens per forward batch (default: 4096 on CPU, 65536 on GPU)")
-
-
 def _add_embed(sub) -> None:
     p = sub.add_parser(
         "embed", help="embed a JSONL / JSONL.gz / plain-text file of posts into a .npy file",
@@ -120,9 +96,9 @@ examples:
     p.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="output precision (default: float32; int8/uint8 use the ranges shipped for the "
                         "default model)")
-    p.add_argument("--dimensions", type=_positive_int, default=None, metavar="K",
+    p.add_argument("--dimensions", type=positive_int, default=None, metavar="K",
                    help="keep the first K dimensions, re-normalized (default: all)")
-    p.add_argument("--chunk-size", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--chunk-size", type=positive_int, default=None, metavar="N",
                    help="posts embedded per step; memory grows with it, the progress bar moves once per step "
                         "(default: 1024 on CPU, 8192 on GPU)")
     p.add_argument("--format", default="auto", choices=FORMATS, help="input format (default: auto, see below)")
@@ -131,7 +107,7 @@ examples:
                    help="JSONL field holding an id per post, written to OUT.ids.npy (see below)")
     p.add_argument("--ids-output", default=None, metavar="PATH", help="where --ids-field writes (default: OUT.ids.npy)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_embed, parser=p)
 
 

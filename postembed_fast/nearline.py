@@ -55,6 +55,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from postembed_fast.cli_args import add_model_args, non_negative_int, positive_int
+
 log = logging.getLogger("postembed_fast.nearline")
 
 PROG = "python -m postembed_fast.nearline"
@@ -112,23 +114,6 @@ class Config:
         return c
 
 
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-def _pos_int(s: str) -> int:
-    v = _nonneg_int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
 def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of `nearline embed` (shared by `postembed-fast nearline embed`)."""
     from postembed_fast.kernels.precision import PRECISIONS
@@ -144,39 +129,35 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
                    help="where a group this worker creates starts: 0 = whole stream (default), $ = new entries")
     g.add_argument("--prefix", default=d.prefix, help="key prefix of the stored hashes (default %(default)s)")
     g.add_argument("--out-stream", default=d.out_stream, help="output stream (default %(default)s)")
-    g.add_argument("--out-maxlen", type=_nonneg_int, default=d.out_maxlen, metavar="N",
+    g.add_argument("--out-maxlen", type=non_negative_int, default=d.out_maxlen, metavar="N",
                    help="trim the output stream to ~N entries on each write (default 0: never)")
     g.add_argument("--dead-stream", default=d.dead_stream, help="dead-letter stream (default %(default)s)")
-    g.add_argument("--ttl", type=_nonneg_int, default=d.ttl, metavar="SECONDS",
+    g.add_argument("--ttl", type=non_negative_int, default=d.ttl, metavar="SECONDS",
                    help="expiry of the stored hashes (default 0: none)")
     w = p.add_argument_group("worker")
     w.add_argument("--precision", default=d.precision, choices=PRECISIONS, help="default %(default)s")
-    w.add_argument("--batch-max", type=_pos_int, default=d.batch_max, metavar="N",
+    w.add_argument("--batch-max", type=positive_int, default=d.batch_max, metavar="N",
                    help="entries per micro-batch (default %(default)s)")
-    w.add_argument("--batch-wait-ms", type=_nonneg_int, default=d.batch_wait_ms, metavar="MS",
+    w.add_argument("--batch-wait-ms", type=non_negative_int, default=d.batch_wait_ms, metavar="MS",
                    help="how long a batch waits for more entries after its first (default %(default)s)")
-    w.add_argument("--max-text-chars", type=_pos_int, default=d.max_text_chars, metavar="N",
+    w.add_argument("--max-text-chars", type=positive_int, default=d.max_text_chars, metavar="N",
                    help="longer texts are dead-lettered (default %(default)s)")
-    w.add_argument("--max-deliveries", type=_pos_int, default=d.max_deliveries, metavar="N",
+    w.add_argument("--max-deliveries", type=positive_int, default=d.max_deliveries, metavar="N",
                    help="an entry delivered more often is dead-lettered (default %(default)s)")
-    w.add_argument("--claim-min-idle-ms", type=_pos_int, default=d.claim_min_idle_ms, metavar="MS",
+    w.add_argument("--claim-min-idle-ms", type=positive_int, default=d.claim_min_idle_ms, metavar="MS",
                    help="claim entries pending this long on other consumers (default %(default)s)")
     w.add_argument("--claim-interval-s", type=float, default=d.claim_interval_s, metavar="S",
                    help="how often to look for such entries (default %(default)s)")
-    w.add_argument("--trim-maxlen", type=_nonneg_int, default=d.trim_maxlen, metavar="N",
+    w.add_argument("--trim-maxlen", type=non_negative_int, default=d.trim_maxlen, metavar="N",
                    help="trim the input stream to ~N entries, never past unacknowledged ones (default 0: never)")
     w.add_argument("--trim-interval-s", type=float, default=d.trim_interval_s, metavar="S",
                    help="how often to trim (default %(default)s)")
     w.add_argument("--trim-exact", action="store_true", help="exact XTRIM instead of ~ (slower)")
-    w.add_argument("--metrics-port", type=_nonneg_int, default=0, metavar="PORT",
+    w.add_argument("--metrics-port", type=non_negative_int, default=0, metavar="PORT",
                    help="serve Prometheus metrics on this port (default 0: off)")
     w.add_argument("--stop-timeout-s", type=float, default=d.stop_timeout_s, metavar="S",
                    help="on SIGTERM, how long to keep retrying the last batch's store (default %(default)s)")
-    m = p.add_argument_group("model")
-    m.add_argument("--model", default=None, metavar="NAME_OR_DIR", help="default all-MiniLM-L6-v2")
-    m.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    m.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
-    m.add_argument("--batch-tokens", type=_pos_int, default=None, metavar="N")
+    add_model_args(p)
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:

@@ -6,42 +6,16 @@ import argparse
 import os
 from dataclasses import dataclass
 
-DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+from postembed_fast.cli_args import add_model_args, non_negative_float, positive_int
+
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 DEFAULT_MAX_BATCH_TOKENS = {"cpu": 16384, "cuda": 65536}  # tokens merged into one model batch
 API_KEY_ENV = "POSTEMBED_API_KEY"
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid positive int value: {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {v}")
-    return v
-
-
-def _non_negative_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number: {s!r}") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return v
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Adds every server flag to `p` (used by `python -m postembed_fast.serve` and `postembed-fast serve`)."""
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, metavar="NAME_OR_DIR",
-                   help="'all-MiniLM-L6-v2' (default, shipped with the install) or a local Hugging Face / "
-                        "sentence-transformers folder; nothing is downloaded")
-    g.add_argument("--device", default=None, metavar="DEVICE",
-                   help="cpu, cuda or cuda:N (default: cuda if a GPU is available, else cpu)")
-    g.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
-                   help="compute dtype (default: float32 on CPU, float16 on GPU)")
+    add_model_args(p, batch_tokens=False)
     g = p.add_argument_group("network")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 in a container)")
     g.add_argument("--port", type=int, default=8080, help="port to bind (default: 8080)")
@@ -50,21 +24,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default: the {API_KEY_ENV} environment variable; unset: no auth)")
     g.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level (default: info)")
     g = p.add_argument_group("batching and limits")
-    g.add_argument("--max-batch-tokens", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--max-batch-tokens", type=positive_int, default=None, metavar="N",
                    help="token budget of one model batch: concurrent requests are merged up to it "
                         "(default: 16384 on CPU, 65536 on GPU); a larger request runs alone, split by the engine")
-    g.add_argument("--max-batch-requests", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--max-batch-requests", type=positive_int, default=None, metavar="N",
                    help="at most N requests merged into one batch (default: no limit; 1 turns batching off)")
-    g.add_argument("--max-wait-ms", type=_non_negative_float, default=2.0, metavar="MS",
+    g.add_argument("--max-wait-ms", type=non_negative_float, default=2.0, metavar="MS",
                    help="how long a batch that is not full waits for more requests (default: 2)")
-    g.add_argument("--max-concurrent-requests", type=_positive_int, default=512, metavar="N",
+    g.add_argument("--max-concurrent-requests", type=positive_int, default=512, metavar="N",
                    help="requests admitted at once (queued or running); more get 429 (default: 512)")
-    g.add_argument("--max-client-batch-size", type=_positive_int, default=512, metavar="N",
+    g.add_argument("--max-client-batch-size", type=positive_int, default=512, metavar="N",
                    help="inputs per request; more get 413 (default: 512)")
-    g.add_argument("--max-input-chars", type=_positive_int, default=32768, metavar="N",
+    g.add_argument("--max-input-chars", type=positive_int, default=32768, metavar="N",
                    help="characters per input; longer gets 413, or is cut when the request says truncate "
                         "(default: 32768; the model reads at most max_seq_length tokens anyway)")
-    g.add_argument("--max-payload-bytes", type=_positive_int, default=4 * 1024 * 1024, metavar="N",
+    g.add_argument("--max-payload-bytes", type=positive_int, default=4 * 1024 * 1024, metavar="N",
                    help="request body limit; larger gets 413 (default: 4 MiB)")
 
 
