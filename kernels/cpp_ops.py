@@ -25,6 +25,7 @@ from . import _ext
 from .dispatch import register
 from .layernorm import rows_2d
 from .precision import TABLE
+from .quantize import empty_output
 
 _C = _ext._C
 
@@ -44,10 +45,10 @@ def _rows_view(name: str, t: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def _out(out, rows: int, dim: int, precision: str, device: torch.device) -> torch.Tensor:
+    if out is None:
+        return empty_output(rows, dim, precision, device)
     spec = TABLE[precision]
     shape, dtype = (rows, spec.columns(dim)), spec.torch_dtype
-    if out is None:
-        return torch.empty(shape, dtype=dtype, device=device)
     if tuple(out.shape) != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
         raise ValueError(
             f"out must be a contiguous {dtype} tensor of shape {shape} on {device}, "
