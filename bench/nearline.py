@@ -10,6 +10,12 @@ produce rate, the stored throughput, and the group's lag/pending sampled every 0
 starts its own redis-server (no persistence) on a free loopback port; without --no-workers it starts
 --workers worker processes (and stops them with SIGTERM, checking they exit 0). Both clocks are this
 machine's, so the latency is not skewed. JSON: --json (default bench/results/nearline-DEVICE.json).
+
+--searchable N (after the rate phases; `--rates ""` skips those) also starts `nearline index` on the output
+stream and measures, for N posts XADDed one at a time every --searchable-interval s, the time from XADD to the
+post being in the top 10 of GET /search?q=<its own title> (polled every 25 ms; each poll embeds the title,
+so the polling itself takes some CPU from the worker). A title that never finds its own post within
+--searchable-timeout s is a retrieval miss (counted apart when the post was stored), not a latency.
 """
 from __future__ import annotations
 
@@ -28,6 +34,11 @@ import time
 from pathlib import Path
 
 from bench.corpus import DEFAULT_CORPUS, load_posts
+
+
+def load_posts_with_titles(path) -> list[dict]:
+    """Posts that have a title, from the end of the corpus (the rate phases use it from the start)."""
+    return [p for p in reversed(load_posts(path)) if p.get("title")]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -114,6 +125,74 @@ def read_outputs(r, out_stream, after_id="-"):
         cursor = rows[-1][0].decode()
 
 
+def searchable_phase(r, url, out_stream, stream, prefix, posts, n, interval, timeout, device, tmp):
+    """XADD -> found in /search top-10 by its own title, one post at a time. -> phase dict."""
+    from urllib.parse import urlencode
+    from urllib.request import urlopen
+
+    port = _free_port()
+    log = open(tmp / "index.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "postembed_fast.nearline", "index", "--redis", url, "--stream",
+                             out_stream, "--prefix", prefix, "--snapshot", str(tmp / "index-snapshot"),
+                             "--port", str(port), "--device", device], stdout=log, stderr=subprocess.STDOUT)
+
+    def get(path, **q):
+        with urlopen(f"http://127.0.0.1:{port}{path}" + (f"?{urlencode(q)}" if q else ""), timeout=30) as resp:
+            return json.loads(resp.read())
+
+    t0 = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"the index updater exited with {proc.returncode}; log in {tmp / 'index.log'}")
+        try:
+            if get("/health").get("status") == "ok":
+                break
+        except OSError:
+            pass
+        if time.monotonic() - t0 > 300:
+            raise SystemExit("index updater not ready after 300 s")
+        time.sleep(0.1)
+    ready_s = time.monotonic() - t0
+    lat, misses, unstored = [], 0, 0
+    chosen = [p for p in posts if p.get("title")][:n]
+    try:
+        for i, p in enumerate(chosen):
+            pid = f"searchable-{i}"
+            t_add = time.monotonic()
+            r.xadd(stream, {"id": pid, "text": p["text"], "created_ms": int(time.time() * 1000)})
+            found = False
+            while time.monotonic() - t_add < timeout:
+                if pid in [x["id"] for x in get("/search", q=p["title"], k=10)["results"]]:
+                    found = True
+                    break
+                time.sleep(0.025)
+            if found:
+                lat.append((time.monotonic() - t_add) * 1000)
+            elif r.exists(prefix + pid):
+                misses += 1
+            else:
+                unstored += 1
+            rest = interval - (time.monotonic() - t_add)
+            if rest > 0:
+                time.sleep(rest)
+        info = get("/info")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = "killed after 60 s"
+        log.close()
+    return {"phase": "xadd_to_searchable", "posts": len(chosen), "found_top10": len(lat),
+            "title_misses": misses, "not_stored_in_time": unstored, "timeout_s": timeout,
+            "index_ready_s": round(ready_s, 2), "index_count": info["count"], "index_precision": info["precision"],
+            "latency_ms": {q: None if v is None else round(v, 1) for q, v in
+                           (("p50", percentile(lat, 50)), ("p90", percentile(lat, 90)),
+                            ("p99", percentile(lat, 99)), ("max", max(lat, default=None)))},
+            "index_exit_code": rc}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.nearline", description=__doc__.split("\n\n")[0])
     ap.add_argument("--redis", default=None, metavar="URL", help="an existing Redis (default: start one)")
@@ -130,6 +209,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-wait-ms", type=int, default=50)
     ap.add_argument("--corpus", default=str(DEFAULT_CORPUS))
     ap.add_argument("--json", default=None, help="output (default bench/results/nearline-DEVICE.json)")
+    ap.add_argument("--searchable", type=int, default=0, metavar="N",
+                    help="then measure XADD -> own title in /search top-10 for N posts (default 0: skip)")
+    ap.add_argument("--searchable-interval", type=float, default=1.0, metavar="S",
+                    help="seconds between those posts (default %(default)s)")
+    ap.add_argument("--searchable-timeout", type=float, default=30.0, metavar="S",
+                    help="give up on one post after S seconds (default %(default)s)")
     args = ap.parse_args(argv)
 
     import redis
@@ -214,6 +299,15 @@ def main(argv=None) -> int:
                 print(f"rate {rate:g}: {phase['missing']} posts not stored within {args.drain_timeout} s; "
                       "higher rates would only queue further, stopping", file=sys.stderr)
                 break
+        if args.searchable:
+            if args.no_workers and not args.stream:
+                raise SystemExit("--searchable with --no-workers needs --stream (the workers' stream)")
+            sampler.phase = "searchable"
+            phase = searchable_phase(r, url, out_stream, stream, prefix, load_posts_with_titles(args.corpus),
+                                     args.searchable, args.searchable_interval, args.searchable_timeout,
+                                     args.device, tmp)
+            result["searchable"] = phase
+            print(json.dumps(phase), flush=True)
     finally:
         if sampler is not None:
             sampler.stop.set()

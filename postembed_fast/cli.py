@@ -130,12 +130,19 @@ def _add_nearline(sub) -> None:
     p = sub.add_parser(
         "nearline", help="near-line embedding from a Redis stream (needs the nearline extra)",
         description="Near-line embedding, the same as `python -m postembed_fast.nearline`: `embed` runs one\n"
-                    "consumer-group worker that embeds new posts of a Redis stream into Redis hashes.",
+                    "consumer-group worker that embeds new posts of a Redis stream into Redis hashes; `index`\n"
+                    "keeps a searchable EmbeddingIndex of the worker's output stream (GET /search).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     nsub = p.add_subparsers(dest="nearline_command", metavar="COMMAND", required=True)
     e = nsub.add_parser("embed", help="embed new posts of a Redis stream into Redis (SIGTERM: finish the batch, exit 0)")
     add_embed_arguments(e)
     e.set_defaults(func=cmd_nearline_embed, parser=e)
+    from postembed_fast.nearline_index import add_index_arguments  # flags only
+
+    i = nsub.add_parser("index", help="keep a searchable index of the output stream, GET /search (snapshots to "
+                                      "disk and resumes from them; SIGTERM: final snapshot, exit 0)")
+    add_index_arguments(i)
+    i.set_defaults(func=cmd_nearline_index, parser=i)
 
 
 def cmd_nearline_embed(args) -> int:
@@ -145,6 +152,15 @@ def cmd_nearline_embed(args) -> int:
     if problem:
         raise UsageError(problem)
     return run_from_args(args, prog=f"{PROG} nearline embed")
+
+
+def cmd_nearline_index(args) -> int:
+    from postembed_fast.nearline_index import missing_extra, run_from_args
+
+    problem = missing_extra()
+    if problem:
+        raise UsageError(problem)
+    return run_from_args(args, prog=f"{PROG} nearline index")
 
 
 def build_parser() -> argparse.ArgumentParser:

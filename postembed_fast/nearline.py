@@ -2,6 +2,8 @@
 
     python -m postembed_fast.nearline embed --redis redis://127.0.0.1:6379/0 --stream posts \\
         --group embedders --consumer w1 --precision int8 --batch-max 256 --batch-wait-ms 50
+    python -m postembed_fast.nearline index --redis redis://127.0.0.1:6379/0 --stream posts.embedded \\
+        --snapshot DIR --port 8081      # the searchable index of the output stream: nearline_index.py
 
 Input: a Redis stream (default `posts`) of entries with fields `id` (post id), `text`, `created_ms`
 (the producer's clock, ms since the epoch; the entry id's time is used when it is missing or not an
@@ -27,7 +29,10 @@ The worker loop (one consumer of a consumer group; several workers share a group
      of every entry of the batch. The ack is in the same transaction as the store, so an entry is
      acked exactly when its outputs are stored (at-least-once; hash writes are idempotent; a
      transaction retried after its reply was lost can repeat an output-stream / dead-letter entry:
-     readers dedupe on `source_id`).
+     readers dedupe on `source_id`). Each post's store is conditional (a Lua script, see _STORE_LUA):
+     an entry older than the one the stored hash came from, or than the post's last delete (a
+     tombstone `{prefix}__deleted__:{id}` kept --tombstone-ttl seconds), is stale: acked, but nothing
+     is written or announced, so a slow or redelivered worker never overwrites a newer version.
 Recovery: at start the consumer first re-reads its own pending entries (a restart under the same
 name), and at start and every --claim-interval-s it XAUTOCLAIMs entries pending longer than
 --claim-min-idle-ms on any consumer (dead workers) and processes them. Redis unavailable: every
@@ -87,6 +92,7 @@ class Config:
     out_maxlen: int = 0  # 0: the output stream is not trimmed; else MAXLEN ~ N on each XADD
     dead_stream: str = "posts.dead"
     ttl: int = 0  # seconds; 0: no expiry
+    tombstone_ttl: int = 86400  # seconds a deleted post's tombstone refuses older (redelivered) upserts
     max_text_chars: int = 20000
     max_deliveries: int = 5
     claim_min_idle_ms: int = 60000
@@ -105,6 +111,7 @@ class Config:
                 model=a.model, device=a.device, dtype=a.dtype, batch_tokens=a.batch_tokens,
                 precision=a.precision, batch_max=a.batch_max, batch_wait_ms=a.batch_wait_ms, prefix=a.prefix,
                 out_stream=a.out_stream, out_maxlen=a.out_maxlen, dead_stream=a.dead_stream, ttl=a.ttl,
+                tombstone_ttl=a.tombstone_ttl,
                 max_text_chars=a.max_text_chars, max_deliveries=a.max_deliveries,
                 claim_min_idle_ms=a.claim_min_idle_ms, claim_interval_s=a.claim_interval_s,
                 trim_maxlen=a.trim_maxlen, trim_interval_s=a.trim_interval_s, trim_exact=a.trim_exact,
@@ -134,6 +141,8 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dead-stream", default=d.dead_stream, help="dead-letter stream (default %(default)s)")
     g.add_argument("--ttl", type=non_negative_int, default=d.ttl, metavar="SECONDS",
                    help="expiry of the stored hashes (default 0: none)")
+    g.add_argument("--tombstone-ttl", type=positive_int, default=d.tombstone_ttl, metavar="SECONDS",
+                   help="how long a deleted post refuses older upserts that arrive late (default %(default)s)")
     w = p.add_argument_group("worker")
     w.add_argument("--precision", default=d.precision, choices=PRECISIONS, help="default %(default)s")
     w.add_argument("--batch-max", type=positive_int, default=d.batch_max, metavar="N",
@@ -165,6 +174,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     e = sub.add_parser("embed", help="embed new posts of a Redis stream into Redis (a consumer-group worker)")
     add_embed_arguments(e)
+    from postembed_fast.nearline_index import add_index_arguments  # flags only: nothing heavy imported
+
+    i = sub.add_parser("index", help="keep a searchable EmbeddingIndex of the output stream; GET /search "
+                                     "(snapshots to disk, resumes from them)")
+    add_index_arguments(i)
     return p
 
 
@@ -206,7 +220,7 @@ class Metrics:
 
         r = self.registry = CollectorRegistry()
         self.entries = Counter("postembed_nearline_entries", "input entries handled, by outcome "
-                               "(stored, deleted, dead)", ["outcome"], registry=r)
+                               "(stored, deleted, dead, stale)", ["outcome"], registry=r)
         self.redis_errors = Counter("postembed_nearline_redis_errors", "failed Redis calls (retried)", registry=r)
         self.batch_size = Histogram("postembed_nearline_batch_entries", "entries per micro-batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)
@@ -274,6 +288,57 @@ def trim_stream(r, stream: str, maxlen: int, approximate: bool = True, step: int
     return r.xtrim(stream, minid=f"{cut[0]}-{cut[1]}", approximate=approximate)
 
 
+# The conditional store, one call per post inside the batch's MULTI/EXEC. Input entry ids order the
+# versions of a post (Redis assigns them in arrival order): an entry older than the one the stored hash
+# came from (its `source_id`), or older than the post's delete (a tombstone key holding the delete's
+# entry id, kept --tombstone-ttl seconds), is stale: it changes nothing and announces nothing, so a slow
+# or redelivered worker (an edit racing its previous version, a redelivery after a model switch) never
+# overwrites a newer version, and a late delete never removes a newer post. The same entry again (a
+# redelivery) is applied again: idempotent. An id that is not a stream id (written by other tools)
+# never counts as newer.
+# KEYS: hash, tombstone, output stream. ARGV: op (upsert|delete), entry id, ttl, tombstone ttl, output
+# maxlen (0: none), n = number of hash field/value items, n hash items, then the output-only items
+# (the output entry is the output-only items followed by the hash items).
+# Returns 1 when applied, 0 when stale.
+_STORE_LUA = """
+local function parse(x)
+  if not x then return nil end
+  local ms, seq = string.match(x, '^(%d+)-(%d+)$')
+  if not ms then return nil end
+  return {tonumber(ms), tonumber(seq)}
+end
+local function older(a, b)  -- stream id a < stream id b (false when either is not a stream id)
+  if not a or not b then return false end
+  if a[1] ~= b[1] then return a[1] < b[1] end
+  return a[2] < b[2]
+end
+local op, id = ARGV[1], parse(ARGV[2])
+local ttl, tomb_ttl, maxlen, n = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local stored = parse(redis.call('HGET', KEYS[1], 'source_id'))
+local deleted = parse(redis.call('GET', KEYS[2]))
+if older(id, stored) or older(id, deleted) or (op == 'upsert' and deleted and not older(deleted, id)) then
+  return 0
+end
+local out = {}  -- the output entry: the output-only items, then the hash's
+for i = 7 + n, #ARGV do out[#out + 1] = ARGV[i] end
+for i = 7, 6 + n do out[#out + 1] = ARGV[i] end
+redis.call('DEL', KEYS[1])  -- no field of an older version survives
+if op == 'upsert' then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 7, 6 + n))
+  if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+else
+  redis.call('SET', KEYS[2], ARGV[2], 'EX', tomb_ttl)
+end
+if maxlen > 0 then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*', unpack(out))
+else
+  redis.call('XADD', KEYS[3], '*', unpack(out))
+end
+return 1
+"""
+_TOMBSTONE_INFIX = "__deleted__:"
+
+
 class _Stop(Exception):
     """Raised out of a Redis retry loop when the worker is stopping and gave up on Redis."""
 
@@ -308,6 +373,8 @@ class Worker:
                                                 socket_connect_timeout=2, socket_keepalive=True,
                                                 health_check_interval=30)
         self.metrics = metrics or Metrics(0)
+        self._store_script = self.r.register_script(_STORE_LUA)  # EVALSHA; loaded before each MULTI
+        self.stale = 0  # entries refused as older than the stored version (see _STORE_LUA)
         self.stop_event = threading.Event()
         self._stop_deadline = None
         self._own_pending_cursor = "0"  # re-read our own pending entries first (a restart)
@@ -589,20 +656,21 @@ class Worker:
             dead.append((entry_id, entries_fields(entries, entry_id), errors[i]))
         stored = [(e, p, vectors[i]) for i, (e, p) in enumerate(upserts) if i not in errors]
         ack_ids = [e for e, _ in entries]
-        embedded_ms = self._store(stored, deletes, dead, ack_ids)
+        embedded_ms, stale = self._store(stored, deletes, dead, ack_ids)
         for _, p, _ in stored:
             self.metrics.latency.observe(max(0, embedded_ms - p["created_ms"]) / 1000)
-        self.metrics.entries.labels("stored").inc(len(stored))
-        self.metrics.entries.labels("deleted").inc(len(deletes))
+        self.metrics.entries.labels("stored").inc(len(stored) - stale["upsert"])
+        self.metrics.entries.labels("deleted").inc(len(deletes) - stale["delete"])
         self.metrics.entries.labels("dead").inc(len(dead))
         if dead:
             log.warning("%d poison entries sent to %s: %s", len(dead), cfg.dead_stream,
                         "; ".join(f"{e}: {r}" for e, _, r in dead[:5]))
         return len(entries)
 
-    def _store(self, stored, deletes, dead, ack_ids) -> int:
+    def _store(self, stored, deletes, dead, ack_ids) -> tuple[int, dict]:
+        """One MULTI/EXEC: the conditional stores, dead letters and the XACK. -> (embedded_ms, stale
+        entries per op: {"upsert": n, "delete": n})."""
         cfg, tag, dim = self.cfg, self.model_tag, str(self.dim)
-        out_kw = {"maxlen": cfg.out_maxlen, "approximate": True} if cfg.out_maxlen else {}
         embedded_ms = int(time.time() * 1000)
 
         def transaction():
@@ -610,31 +678,41 @@ class Worker:
             if self.ranges is not None and not self._ranges_written:
                 pipe.hset(f"{cfg.prefix}{_RANGES_INFIX}{tag}", mapping={
                     "ranges": self.ranges.astype("<f4").tobytes(), "dim": dim, "model": tag, "shape": f"2,{dim}"})
+            script_at = []  # (op, position) of the conditional stores in the transaction's replies
+
+            def store(op, entry_id, pid, h, out_only):
+                script_at.append((op, len(pipe)))
+                items = [x for kv in h.items() for x in kv]
+                self._store_script(keys=[cfg.prefix + pid, f"{cfg.prefix}{_TOMBSTONE_INFIX}{pid}", cfg.out_stream],
+                                   args=[op, entry_id, cfg.ttl, cfg.tombstone_ttl, cfg.out_maxlen, len(items), *items,
+                                         *[x for kv in out_only.items() for x in kv]],
+                                   client=pipe)
+
             for entry_id, p, vec in stored:
                 h = {"vector": vec.astype(self.vector_dtype, copy=False).tobytes(), "model": tag, "dim": dim,
                      "precision": cfg.precision, "created_ms": p["created_ms"], "embedded_ms": embedded_ms,
                      "source_id": entry_id}
                 if "lang" in p:
                     h["lang"] = p["lang"]
-                key = cfg.prefix + p["id"]
-                pipe.delete(key)  # no field of an older version survives
-                pipe.hset(key, mapping=h)
-                if cfg.ttl:
-                    pipe.expire(key, cfg.ttl)
-                pipe.xadd(cfg.out_stream, {"id": p["id"], "op": "upsert", "consumer": cfg.consumer, **h}, **out_kw)
+                store("upsert", entry_id, p["id"], h, {"id": p["id"], "op": "upsert", "consumer": cfg.consumer})
             for entry_id, p in deletes:
-                pipe.delete(cfg.prefix + p["id"])
-                pipe.xadd(cfg.out_stream, {"id": p["id"], "op": "delete", "source_id": entry_id,
-                                           "created_ms": p["created_ms"], "embedded_ms": embedded_ms,
-                                           "consumer": cfg.consumer}, **out_kw)
+                store("delete", entry_id, p["id"], {}, {"id": p["id"], "op": "delete", "source_id": entry_id,
+                                                        "created_ms": p["created_ms"], "embedded_ms": embedded_ms,
+                                                        "consumer": cfg.consumer})
             for entry_id, fields, reason in dead:
                 pipe.xadd(cfg.dead_stream, _dead_letter(entry_id, fields, reason, cfg))
             pipe.xack(cfg.stream, cfg.group, *ack_ids)
-            pipe.execute()
+            replies = pipe.execute()
+            return {op: sum(1 for o, i in script_at if o == op and not replies[i]) for op in ("upsert", "delete")}
 
-        self._call("MULTI/EXEC store+ack", transaction, must_finish=True)
+        stale = self._call("MULTI/EXEC store+ack", transaction, must_finish=True)
         self._ranges_written = self.ranges is not None
-        return embedded_ms
+        n = stale["upsert"] + stale["delete"]
+        if n:
+            self.stale += n
+            self.metrics.entries.labels("stale").inc(n)
+            log.info("%d entries older than the stored version of their post were not applied", n)
+        return embedded_ms, stale
 
     # ---- housekeeping ------------------------------------------------------------------
     def _stats(self) -> None:
@@ -716,7 +794,12 @@ def run_from_args(args, prog: str = PROG) -> int:
 
 
 def main(argv=None, prog: str = PROG) -> int:
-    return run_from_args(build_parser(prog).parse_args(argv), prog)
+    args = build_parser(prog).parse_args(argv)
+    if args.command == "index":
+        from postembed_fast.nearline_index import run_from_args as run_index_from_args
+
+        return run_index_from_args(args, f"{prog} index")
+    return run_from_args(args, prog)
 
 
 if __name__ == "__main__":

@@ -344,3 +344,44 @@ def test_redis_restart_and_sigterm(tmp_path, names):
         assert info["lag"] == n + 40 - len(stored)
     finally:
         srv.stop()
+
+
+def test_older_entry_never_overwrites_a_newer_one(server, embedder, names):
+    """Two versions of a post handled out of order (an edit racing its previous version on another
+    worker, or a redelivery after a model switch): the older one is acked but changes nothing."""
+    r = server.client()
+    s, prefix, key = names["stream"], names["prefix"], f"{names['prefix']}p"
+    v1, v2, v4 = (POSTS[i]["text"] for i in (0, 1, 2))
+    e1 = r.xadd(s, {"id": "p", "text": v1, "created_ms": 1})
+    e2 = r.xadd(s, {"id": "p", "text": v2, "created_ms": 2})
+    e3 = r.xadd(s, {"id": "p", "op": "delete"})
+    e4 = r.xadd(s, {"id": "p", "text": v4, "created_ms": 4})
+    entry = {i.decode(): f for i, f in r.xrange(s)}
+    w = make_worker(server, embedder, names, precision="int8")
+    w._ensure_group()
+
+    def handle(eid):
+        w.process([(eid.decode(), entry[eid.decode()])])
+
+    def out_ops():
+        return [(f[b"op"].decode(), f[b"source_id"]) for _, f in r.xrange(names["out_stream"])]
+
+    handle(e2)  # the newer version is stored first ...
+    handle(e1)  # ... then the older one arrives: refused
+    h = r.hgetall(key)
+    assert h[b"source_id"] == e2 and w.stale == 1
+    assert_rows_match(decode(h, "int8")[None], expected(embedder, [v2], "int8"), "int8")
+    assert out_ops() == [("upsert", e2)], "the stale version was announced to readers"
+    handle(e2)  # the same entry again (a redelivery) is applied again: idempotent
+    assert r.hget(key, "source_id") == e2 and w.stale == 1 and len(out_ops()) == 2
+    handle(e3)  # delete
+    assert not r.exists(key)
+    handle(e2)  # an upsert older than the delete, arriving late, does not bring the post back
+    assert not r.exists(key) and w.stale == 2
+    handle(e4)  # a newer upsert re-creates it
+    assert r.hget(key, "source_id") == e4
+    handle(e3)  # a late delete older than that does not remove it
+    assert r.hget(key, "source_id") == e4 and w.stale == 3
+    assert [op for op, _ in out_ops()] == ["upsert", "upsert", "delete", "upsert"]
+    assert r.ttl(f"{prefix}__deleted__:p") > 0  # tombstones expire (--tombstone-ttl)
+    assert r.xpending(s, names["group"])["pending"] == 0
