@@ -109,7 +109,7 @@ class Embedder:
         self.encoder = Encoder(config, load_state_dict(spec.encoder_folder), self.device, self.dtype,
                                spec.encoder_folder)
         self.dim = dense[-1].weight.shape[0] if dense else config.hidden
-        self._ranges = shipped_ranges(is_default)
+        self._ranges = shipped_ranges(is_default, folder, self.dim)
         self._calibration = None  # normalized float32 embeddings from calibrate(), for truncated ranges
         self._lock = threading.Lock()
         self._workspaces = ThreadWorkspaces()  # activation buffers, one set per calling thread

@@ -2,8 +2,9 @@
 
 int8/uint8 codes need them (kernels/precision.py). They never come from the call being
 quantized: the default model ships ranges calibrated on out-of-sample posts
-(bench/calibrate_default.py), other models get them from Embedder.calibrate(texts) or the
-user's ranges= argument.
+(bench/calibrate_default.py), a model folder may carry its own (FOLDER_RANGES_FILE, written by
+the training recipe from validation posts), other models get them from Embedder.calibrate(texts)
+or the user's ranges= argument.
 """
 from __future__ import annotations
 
@@ -14,8 +15,25 @@ import numpy as np
 DEFAULT_RANGES_FILE = Path(__file__).resolve().parent / "data" / "all-MiniLM-L6-v2.ranges.npy"
 
 
-def shipped_ranges(is_default_model: bool) -> np.ndarray | None:
-    return np.load(DEFAULT_RANGES_FILE) if is_default_model and DEFAULT_RANGES_FILE.is_file() else None
+FOLDER_RANGES_FILE = "quantization_ranges.npy"  # in a model folder: float32 [2, dim]
+
+
+def shipped_ranges(is_default_model: bool, folder: Path | None = None, dim: int | None = None) -> np.ndarray | None:
+    """The ranges that come with a model: the default model's, or the folder's FOLDER_RANGES_FILE
+    (checked: float32-convertible [2, dim], finite, min < max), else None."""
+    if is_default_model and DEFAULT_RANGES_FILE.is_file():
+        return np.load(DEFAULT_RANGES_FILE)
+    path = None if folder is None else Path(folder) / FOLDER_RANGES_FILE
+    if path is None or not path.is_file():
+        return None
+    try:
+        r = np.asarray(np.load(path, allow_pickle=False), dtype=np.float32)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable .npy array ({exc})") from None
+    if r.shape != (2, dim) or not np.isfinite(r).all() or not (r[0] < r[1]).all():
+        raise ValueError(f"{path}: expected finite float32 [2, {dim}] ranges with min < max per dimension, "
+                         f"got shape {r.shape}")
+    return r
 
 
 def ranges_of(emb: np.ndarray) -> np.ndarray:

@@ -1,0 +1,127 @@
+"""python -m postembed_fast.train --data POSTS.jsonl.gz --out models/post-embed-50 [options]
+
+Fine-tunes the base encoder (default all-MiniLM-L6-v2) with multi-task contrastive learning into a
+sentence-transformers folder (Transformer, Pooling, Dense hidden -> dim, Normalize) that
+SentenceTransformer(path) and postembed_fast.Embedder(path) both load, with its int8 ranges
+(calibrated on validation posts), then prints the triplet-accuracy table of the new model and the
+base on the data's test split.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from postembed_fast.train.data import read_posts, split_posts
+from postembed_fast.train.tasks import TRAIN_TASKS
+
+PROG = "python -m postembed_fast.train"
+
+
+def _tasks(s: str) -> tuple[str, ...]:
+    tasks = tuple(t.strip() for t in s.split(",") if t.strip())
+    bad = [t for t in tasks if t not in TRAIN_TASKS]
+    if not tasks or bad:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {', '.join(bad) or '(none)'}; "
+                                         f"valid: a comma-separated subset of {','.join(TRAIN_TASKS)}")
+    return tasks
+
+
+def _dim(s: str):
+    if s.lower() in ("none", "full", "0"):
+        return None
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--dim must be a positive integer or 'none', got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"--dim must be a positive integer or 'none', got {s!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from postembed_fast.train.recipe import Recipe
+
+    d = Recipe()
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="posts, JSONL or JSONL.gz (fields id, source, section, title, text, tags)")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--base", default=None, help="base encoder folder (default: all-MiniLM-L6-v2)")
+    p.add_argument("--tasks", type=_tasks, default=d.tasks, help=f"comma-separated (default {','.join(d.tasks)})")
+    p.add_argument("--dim", type=_dim, default=d.dim, help=f"output dimension, or 'none' for no Dense (default {d.dim})")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"total optimizer steps, split evenly over the tasks (default {d.steps_per_task} per task)")
+    p.add_argument("--batch-size", type=int, default=None, help=f"pairs per batch (default {d.batch_size})")
+    p.add_argument("--max-seq-length", type=int, default=None, help=f"training truncation (default {d.max_seq_length})")
+    p.add_argument("--freeze-layers", type=int, default=None, help=f"lower encoder layers not trained (default {d.freeze_layers})")
+    p.add_argument("--learning-rate", type=float, default=None, help=f"default {d.learning_rate}")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--full", action="store_true",
+                   help="the GPU-size recipe: all layers, 256 tokens, batch 128, 1,500 steps per task")
+    p.add_argument("--no-eval", action="store_true", help="skip the triplet evaluation at the end")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder at --out")
+    return p
+
+
+def recipe_from_args(a, parser):
+    from postembed_fast.train.recipe import Recipe
+
+    kw = {"tasks": a.tasks, "dim": a.dim, "device": a.device, "seed": a.seed}
+    for name in ("batch_size", "max_seq_length", "freeze_layers", "learning_rate"):
+        if getattr(a, name) is not None:
+            kw[name] = getattr(a, name)
+    r = Recipe.full(**kw) if a.full else Recipe(**kw)
+    if a.steps is not None:
+        if a.steps < len(r.tasks):
+            parser.error(f"--steps must be >= the number of tasks ({len(r.tasks)}), got {a.steps}")
+        r.steps_per_task = -(-a.steps // len(r.tasks))
+    r.eval_every = min(r.eval_every, r.steps)
+    r.warmup_steps = min(r.warmup_steps, r.steps // 10)
+    try:
+        r.check()
+    except ValueError as exc:
+        parser.error(str(exc))
+    return r
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    recipe = recipe_from_args(a, parser)
+    out = Path(a.out)
+    if (out / "modules.json").exists() and not a.overwrite:
+        parser.error(f"{out} already holds a model; pass --overwrite to replace it")
+    try:
+        posts = read_posts(a.data)
+        from postembed_fast.train import recipe as rc  # needs the train extra
+
+        splits = split_posts(posts)
+        print(f"{len(posts)} posts: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + " (split by source)",
+              file=sys.stderr)
+        record = rc.train(recipe, splits, out, base=a.base, log=lambda m: print(m, file=sys.stderr))
+    except (ValueError, ImportError) as exc:
+        parser.exit(2, f"{PROG}: error: {exc}\n")
+    print(f"saved {out} ({record['train_seconds']} s, {record['seconds_per_step']} s/step); validation loss per task:",
+          file=sys.stderr)
+    for task, v in record["validation_loss"].items():
+        print(f"  {task:10s} {v['before']:.4f} -> {v['after']:.4f}", file=sys.stderr)
+    if not a.no_eval:
+        from postembed_fast.train import evaluate as ev
+
+        triplets = ev.load_triplets(posts, seed=a.seed)
+        by_id = {p.id: p for p in posts}
+        summaries = []
+        for name, path in (("base", a.base or "all-MiniLM-L6-v2"), (out.name, str(out))):
+            info, correct = ev.score_model(path, triplets, by_id, device=a.device)
+            summaries.append(ev.summarize(name, info, correct))
+        table = ev.format_table(summaries)
+        print(table)
+        record["evaluation"] = summaries
+        (out / rc.RECIPE_FILE).write_text(json.dumps(record, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""The training recipe: a pre-trained encoder + mean pooling + Dense (hidden -> dim) + Normalize,
+fine-tuned with in-batch-negative contrastive loss over several tasks at once, by
+sentence-transformers' trainer (SentenceTransformerTrainer: round-robin over one dataset per task,
+`no_duplicates` batches, MultipleNegativesRankingLoss). Nothing here is a hand-written training loop.
+
+The Dense layer starts as the PCA projection of the base model's pooled embeddings of training
+posts: step 0 is then "the base model reduced to dim by PCA" (the cheap baseline) rather than a
+random projection that training must first undo, which matters with a few hundred CPU steps.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from postembed_fast.ranges import FOLDER_RANGES_FILE
+from postembed_fast.train.data import Post
+from postembed_fast.train.tasks import TRAIN_TASKS, training_pairs
+
+RECIPE_FILE = "postembed_train.json"
+PCA_SAMPLE = 4000  # training posts the Dense layer's PCA is fitted on
+VALIDATION_PAIRS = 128  # pairs per task for the per-task validation loss in the log
+
+
+@dataclass
+class Recipe:
+    """Defaults: the CPU recipe (about 20-25 min on 2 cores, see README "Post-embedding model").
+    Why these numbers: a step of batch 32 at 128 tokens costs about 3 s here with every layer
+    trained; at 96 tokens (the median post is about 70 tokens) with the embeddings and the lower
+    3 of 6 layers frozen it still costs 2-3 s (measured), so 4 tasks x 100 steps fit the budget. `full()` is the
+    GPU-size recipe: every layer trained, 256 tokens, 10x the steps, batch 128."""
+
+    tasks: tuple[str, ...] = TRAIN_TASKS
+    dim: int | None = 50  # None: no Dense (the encoder's hidden size)
+    steps_per_task: int = 100
+    batch_size: int = 32
+    max_seq_length: int = 96  # while training; the saved folder embeds up to serve_max_seq_length
+    serve_max_seq_length: int | None = None  # None: the base model's (256 for the default)
+    freeze_layers: int = 3  # the embeddings and this many lower encoder layers do not train
+    learning_rate: float = 5e-5
+    warmup_steps: int = 30
+    seed: int = 0
+    device: str | None = None  # None: cuda if available, else cpu
+    eval_every: int = 50
+
+    @property
+    def steps(self) -> int:
+        return self.steps_per_task * len(self.tasks)
+
+    @classmethod
+    def full(cls, **kw) -> "Recipe":
+        base = dict(steps_per_task=1500, batch_size=128, max_seq_length=256, freeze_layers=0,
+                    learning_rate=5e-5, warmup_steps=300, eval_every=500)
+        base.update(kw)
+        return cls(**base)
+
+    def check(self) -> None:
+        bad = [t for t in self.tasks if t not in TRAIN_TASKS]
+        if not self.tasks or bad:
+            raise ValueError(f"tasks must be a non-empty subset of {', '.join(TRAIN_TASKS)}; got {list(self.tasks)}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks repeat: {list(self.tasks)}")
+        for name in ("steps_per_task", "batch_size", "max_seq_length", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be >= 2: in-batch negatives need another pair in the batch")
+        if self.dim is not None and self.dim < 1:
+            raise ValueError(f"dim must be >= 1 (or None for no Dense), got {self.dim}")
+        if self.freeze_layers < 0 or self.warmup_steps < 0 or not self.learning_rate > 0:
+            raise ValueError("freeze_layers and warmup_steps must be >= 0 and learning_rate > 0")
+
+
+def _st():
+    try:
+        import datasets  # noqa: F401
+        import sentence_transformers  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"training needs the train extra ({exc.name} is missing): "
+                          "pip install 'postembed_fast[train]'") from None
+    import sentence_transformers
+
+    return sentence_transformers
+
+
+def _modules():
+    try:  # sentence-transformers >= 6 moved them; the old path still works with a warning
+        from sentence_transformers.sentence_transformer import modules
+    except ImportError:
+        from sentence_transformers import models as modules
+    return modules
+
+
+def resolve_device(device: str | None) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def encoder_model(base, max_seq_length: int | None, device: str):
+    """SentenceTransformer of the base folder's Transformer + mean Pooling only (its Dense and
+    Normalize modules, if any, dropped): what the new head is put on."""
+    st = _st()
+    from postembed_fast.loading import resolve_model
+
+    folder, _ = resolve_model(base)
+    m = _modules()
+    full = st.SentenceTransformer(str(folder), device=device)
+    transformer = full[0]
+    if not isinstance(transformer, m.Transformer):
+        raise ValueError(f"{folder}: the first module is {type(transformer).__name__}, not a Transformer")
+    transformer.base_max_seq_length = transformer.max_seq_length
+    if max_seq_length is not None:
+        transformer.max_seq_length = max_seq_length
+    width = getattr(transformer, "get_embedding_dimension", None) or transformer.get_word_embedding_dimension
+    pooling = m.Pooling(width(), pooling_mode="mean")
+    return st.SentenceTransformer(modules=[transformer, pooling], device=device)
+
+
+def pca_projection(pooled: np.ndarray, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W [dim, hidden], b [dim]) with W x + b = the top-dim principal components of x - mean."""
+    x = torch.as_tensor(pooled, dtype=torch.float64)
+    if dim > min(x.shape):
+        raise ValueError(f"dim={dim} exceeds what {x.shape[0]} posts of width {x.shape[1]} can give by PCA")
+    mean = x.mean(0)
+    _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
+    w = vh[:dim]
+    return w.float(), (-(w @ mean)).float()
+
+
+def with_head(encoder, dim: int | None, pooled_sample: np.ndarray | None):
+    """encoder (Transformer + Pooling) + [Dense(hidden -> dim, identity, PCA-initialized)] + Normalize."""
+    st = _st()
+    m = _modules()
+    mods = [encoder[0], encoder[1]]
+    if dim is not None:
+        w, b = pca_projection(pooled_sample, dim)
+        mods.append(m.Dense(w.shape[1], dim, bias=True, activation_function=torch.nn.Identity(),
+                            init_weight=w, init_bias=b))
+    mods.append(m.Normalize())
+    return st.SentenceTransformer(modules=mods, device=str(encoder.device))
+
+
+def pooled_embeddings(encoder, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    return encoder.encode(texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=False,
+                          show_progress_bar=False)
+
+
+def freeze_lower_layers(model, n: int) -> None:
+    """The word/position embeddings and the first n encoder layers stop training (fewer backward FLOPs)."""
+    if n == 0:
+        return
+    hf = model[0].auto_model
+    layers = hf.encoder.layer
+    if n > len(layers):
+        raise ValueError(f"freeze_layers={n} but the encoder has {len(layers)} layers")
+    for mod in [hf.embeddings, *layers[:n]]:
+        for p in mod.parameters():
+            p.requires_grad_(False)
+
+
+def _pair_datasets(posts: list[Post], tasks, seed: int, limit: int | None = None):
+    from datasets import Dataset
+
+    out = {}
+    for task in tasks:
+        pairs = training_pairs(task, posts, seed)
+        if limit is not None:
+            pairs = pairs[:limit]
+        if len(pairs) < 2:
+            raise ValueError(f"task {task!r}: only {len(pairs)} training pair(s) in this data; "
+                             "it needs posts with " + {"search": "titles", "storyline": "siblings (same source)",
+                                                       "interest": "shared topical tags",
+                                                       "hashtag": "tags"}[task])
+        out[task] = Dataset.from_dict({"anchor": [a for a, _ in pairs], "positive": [p for _, p in pairs]})
+    return out
+
+
+def build_pca_model(base, train_posts: list[Post], dim: int, out, *, max_seq_length: int | None = None,
+                    device: str | None = None, seed: int = 0):
+    """The cheap baseline: the base encoder with a PCA projection to dim, no training."""
+    device = resolve_device(device)
+    encoder = encoder_model(base, max_seq_length, device)
+    sample = _pca_sample(train_posts, seed)
+    model = with_head(encoder, dim, pooled_embeddings(encoder, sample))
+    model.save(str(out))
+    return model
+
+
+def _pca_sample(posts: list[Post], seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(posts))[:PCA_SAMPLE]
+    return [posts[i].text for i in sorted(idx)]
+
+
+def train(recipe: Recipe, splits: dict[str, list[Post]], out, *, base=None, progress: bool = True,
+          log=print) -> dict:
+    """Train one model into folder `out` (a sentence-transformers folder). Returns the run record
+    (recipe, timings, per-task validation losses), also written to out/postembed_train.json."""
+    recipe.check()
+    st = _st()
+    device = resolve_device(recipe.device)
+    torch.manual_seed(recipe.seed)
+    out = Path(out)
+    t0 = time.perf_counter()
+
+    encoder = encoder_model(base, recipe.max_seq_length, device)
+    pooled = pooled_embeddings(encoder, _pca_sample(splits["train"], recipe.seed)) if recipe.dim else None
+    model = with_head(encoder, recipe.dim, pooled)
+    freeze_lower_layers(model, recipe.freeze_layers)
+    train_sets = _pair_datasets(splits["train"], recipe.tasks, recipe.seed)
+    eval_sets = _pair_datasets(splits["validation"], recipe.tasks, recipe.seed, limit=VALIDATION_PAIRS)
+    log(f"pairs per task: " + ", ".join(f"{k} {len(v)}" for k, v in train_sets.items())
+        + f"; {recipe.steps} steps ({recipe.steps_per_task} per task) of batch {recipe.batch_size}"
+        + f" at <= {recipe.max_seq_length} tokens on {device}")
+
+    try:
+        from sentence_transformers.sentence_transformer import losses
+    except ImportError:
+        from sentence_transformers import losses
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="postembed-train-") as scratch:
+        args = st.SentenceTransformerTrainingArguments(
+            output_dir=scratch, max_steps=recipe.steps, per_device_train_batch_size=recipe.batch_size,
+            per_device_eval_batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
+            warmup_steps=recipe.warmup_steps, seed=recipe.seed, data_seed=recipe.seed,
+            batch_sampler="no_duplicates",  # a repeated text in a batch would be a false negative
+            multi_dataset_batch_sampler="round_robin",  # equal steps per task
+            eval_strategy="steps", eval_steps=recipe.eval_every, logging_steps=max(1, recipe.eval_every // 2),
+            save_strategy="no", report_to="none", use_cpu=(device == "cpu"), disable_tqdm=not progress,
+            dataloader_num_workers=0, fp16=False, bf16=False)
+        trainer = st.SentenceTransformerTrainer(model=model, args=args, train_dataset=train_sets,
+                                                eval_dataset=eval_sets, loss=losses.MultipleNegativesRankingLoss(model))
+        before = trainer.evaluate()
+        trainer.train()
+        history = [dict(h) for h in trainer.state.log_history]
+    train_s = time.perf_counter() - t0
+
+    out.mkdir(parents=True, exist_ok=True)
+    # Trained at max_seq_length for speed, served at the base's length (all-MiniLM-L6-v2 itself was
+    # trained at 128 tokens and is served at 256): truncating posts at serving time would lose text.
+    model.max_seq_length = recipe.serve_max_seq_length or encoder[0].base_max_seq_length
+    model.save(str(out))
+    val_loss = {t: {"before": before.get(f"eval_{t}_loss"),
+                    "after": next((h[f"eval_{t}_loss"] for h in reversed(history) if f"eval_{t}_loss" in h), None)}
+                for t in recipe.tasks}
+    ranges = write_ranges(out, [p.text for p in splits["validation"]], device)
+    record = {"recipe": {**asdict(recipe), "device": device}, "base": str(base or "all-MiniLM-L6-v2"),
+              "train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / recipe.steps, 3),
+              "validation_loss": val_loss, "log_history": history, "ranges_shape": list(ranges.shape)}
+    (out / RECIPE_FILE).write_text(json.dumps(record, indent=1))
+    return record
+
+
+def write_ranges(folder, texts: list[str], device: str) -> np.ndarray:
+    """int8 ranges of the model in `folder`, calibrated by the engine on held-out posts (validation),
+    saved where Embedder finds them (postembed_fast.ranges.shipped_ranges)."""
+    from postembed_fast import Embedder
+
+    emb = Embedder(str(folder), device=device if device != "cuda" else None, dtype="float32")
+    ranges = emb.calibrate(texts)
+    tmp = Path(folder) / (FOLDER_RANGES_FILE + ".tmp.npy")
+    np.save(tmp, ranges)
+    os.replace(tmp, Path(folder) / FOLDER_RANGES_FILE)
+    return ranges

@@ -1,0 +1,264 @@
+"""The post-embedding recipe (postembed_fast.train): data validation, task pairs and triplets, a tiny
+random BERT trained for a few steps by sentence-transformers' trainer, the saved folder served by the
+engine, the evaluate and train commands. The real recipe's numbers are bench/train_compare.py's."""
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sentence_transformers", reason="needs the train extra: pip install 'postembed_fast[train]'")
+pytest.importorskip("datasets", reason="needs the train extra: pip install 'postembed_fast[train]'")
+
+from postembed_fast import Embedder, fast_embed  # noqa: E402
+from postembed_fast.loading import default_model_folder  # noqa: E402
+from postembed_fast.ranges import FOLDER_RANGES_FILE  # noqa: E402
+from postembed_fast.train import evaluate as ev  # noqa: E402
+from postembed_fast.train.__main__ import main as train_main  # noqa: E402
+from postembed_fast.train.data import read_posts, split_of, split_posts, tag_phrase  # noqa: E402
+from postembed_fast.train.recipe import Recipe, train  # noqa: E402
+from postembed_fast.train.tasks import (EVAL_TASKS, TRAIN_TASKS, build_triplets, read_triplets,  # noqa: E402
+                                        training_pairs, write_triplets)
+
+SAMPLE = Path(__file__).parent / "data" / "train-posts.jsonl.gz"
+
+
+@pytest.fixture(scope="module")
+def posts():
+    return read_posts(SAMPLE)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory, posts):
+    """A few hundred posts of the sample (whole sources, so siblings stay together)."""
+    keep = {p.source for p in posts[:700]}
+    path = tmp_path_factory.mktemp("data") / "posts.jsonl"
+    with open(path, "w") as f:
+        for p in posts:
+            if p.source in keep:
+                f.write(json.dumps({"id": p.id, "source": p.source, "section": p.section, "title": p.title,
+                                    "text": p.text[:400], "tags": list(p.tags)}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A random 2-layer BERT (hidden 64) with the default model's tokenizer: trains in seconds."""
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=128, max_position_embeddings=128)
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(folder, safe_serialization=True)
+    src = default_model_folder()
+    for name in ("vocab.txt", "tokenizer.json", "special_tokens_map.json"):
+        shutil.copy(src / name, folder / name)
+    tok_cfg = json.loads((src / "tokenizer_config.json").read_text())
+    tok_cfg["model_max_length"] = 128
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, small_data, tiny_bert):
+    out = tmp_path_factory.mktemp("model") / "tiny-50"
+    recipe = Recipe(dim=16, steps_per_task=5, batch_size=8, max_seq_length=32, freeze_layers=0,
+                    learning_rate=1e-3, warmup_steps=2, eval_every=20, device="cpu")
+    record = train(recipe, split_posts(read_posts(small_data)), out, base=tiny_bert, progress=False,
+                   log=lambda m: None)
+    return out, record
+
+
+# ---- data -----------------------------------------------------------------------------------------
+def test_split_is_by_source_and_stable(posts):
+    splits = split_posts(posts)
+    assert sum(map(len, splits.values())) == len(posts)
+    where = {p.source: name for name, ps in splits.items() for p in ps}
+    for name, ps in splits.items():
+        assert all(where[p.source] == name for p in ps)  # siblings never straddle splits
+    assert all(split_of(p.source) == where[p.source] for p in posts)
+    assert 0.08 < len(splits["test"]) / len(posts) < 0.25
+
+
+@pytest.mark.parametrize("tag, phrase", [("implemented-in::perl", "implemented in perl"),
+                                         ("field::biology:bioinformatics", "field biology bioinformatics"),
+                                         ("works-with::software:source", "works with software source")])
+def test_tag_phrase(tag, phrase):
+    assert tag_phrase(tag) == phrase
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "no posts"),
+    ('{"id": "a", "source": "s", "section": "x", "title": "t", "text": "u"}\nnot json\n', ":2: not a JSON object"),
+    ('{"id": "a", "source": "s", "title": "t", "text": "u"}\n', ":1: missing field(s) section"),
+    ('{"id": "a", "source": "s", "section": "x", "title": "t", "text": 5}\n', ":1: field(s) text must be strings"),
+    ('[1, 2]\n', ":1: expected a JSON object"),
+    ('{"id": "a", "source": "s", "section": "x", "title": "t", "text": "u", "tags": "x"}\n', ":1: tags must be a list"),
+    ('{"id": "a", "source": "s", "section": "x", "title": "t", "text": "u"}\n' * 2, ":2: id 'a' repeats line 1"),
+])
+def test_bad_data_names_the_line(tmp_path, content, message):
+    path = tmp_path / "posts.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        read_posts(path)
+
+
+def test_missing_data_file(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        read_posts(tmp_path / "nope.jsonl")
+
+
+# ---- tasks ----------------------------------------------------------------------------------------
+def test_training_pairs_follow_their_task(posts):
+    train_posts = split_posts(posts)["train"]
+    by_text = {}
+    for p in train_posts:
+        by_text.setdefault(p.text, []).append(p)
+    titles = {}
+    for p in train_posts:
+        titles.setdefault(p.title, set()).add(p.text)
+    search = training_pairs("search", train_posts)
+    assert len(search) == sum(1 for p in train_posts if p.title.strip())
+    assert all(t in titles[q] for q, t in search[:200])
+    for a, b in training_pairs("storyline", train_posts)[:200]:
+        assert {p.source for p in by_text[a]} & {p.source for p in by_text[b]}
+    for a, b in training_pairs("interest", train_posts)[:200]:
+        assert any(set(p.topical_tags) & set(q.topical_tags) for p in by_text[a] for q in by_text[b])
+    phrases = {tag_phrase(t) for p in train_posts for t in p.hashtag_tags}
+    assert all(t in phrases for _, t in training_pairs("hashtag", train_posts)[:200])
+    assert training_pairs("search", train_posts, seed=0) == training_pairs("search", train_posts, seed=0)
+    with pytest.raises(ValueError, match="unknown training task"):
+        training_pairs("section", train_posts)
+
+
+def test_triplets_deterministic_and_test_only(posts, tmp_path):
+    splits = split_posts(posts)
+    trip = build_triplets(splits["test"], seed=0)
+    assert trip == build_triplets(splits["test"], seed=0)
+    assert trip != build_triplets(splits["test"], seed=1)
+    assert {t["task"] for t in trip} == set(EVAL_TASKS)
+    test_ids = {p.id for p in splits["test"]}
+    by_id = {p.id: p for p in posts}
+    for t in trip:
+        for ref in (t["anchor"], t["positive"], t["negative_ref"]):
+            kind, _, key = ref.partition(":")
+            if kind != "tag":
+                assert key in test_ids, ref  # never a train or validation post
+        if t["task"] == "section":
+            a, p, n = (by_id[r.partition(":")[2]] for r in (t["anchor"], t["positive"], t["negative_ref"]))
+            assert a.section == p.section != n.section
+        if t["task"] == "search" and t["negative"] == "hard":
+            a, n = by_id[t["anchor"].partition(":")[2]], by_id[t["negative_ref"].partition(":")[2]]
+            assert a.section == n.section and a.source != n.source
+    # the file round-trips byte for byte
+    write_triplets(trip, tmp_path / "a.jsonl.gz")
+    write_triplets(read_triplets(tmp_path / "a.jsonl.gz"), tmp_path / "b.jsonl")
+    assert gzip.open(tmp_path / "a.jsonl.gz").read() == (tmp_path / "b.jsonl").read_bytes()
+
+
+def test_bootstrap_interval_brackets_the_mean():
+    x = np.random.default_rng(0).random(2000) < 0.8
+    lo, hi = ev.bootstrap_ci(x)
+    assert lo < x.mean() < hi and hi - lo < 0.05
+    d = ev.paired_difference(x, x)
+    assert d["difference"] == d["ci_low"] == d["ci_high"] == 0
+
+
+# ---- training -------------------------------------------------------------------------------------
+def test_training_lowers_the_loss(trained):
+    _, record = trained
+    before = sum(v["before"] for v in record["validation_loss"].values())
+    after = sum(v["after"] for v in record["validation_loss"].values())
+    assert set(record["validation_loss"]) == set(TRAIN_TASKS)
+    assert after < before, record["validation_loss"]
+
+
+def test_trained_folder_loads_in_both_libraries(trained, posts):
+    from sentence_transformers import SentenceTransformer
+
+    folder, _ = trained
+    texts = [p.text for p in posts[:40]] + ["", "short", "x " * 300]
+    st = SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_numpy=True)
+    emb = Embedder(str(folder), device="cpu", dtype="float32")
+    ours = emb.embed(texts)
+    assert ours.shape == st.shape == (len(texts), 16)
+    cos = (ours * st).sum(1) / np.linalg.norm(st, axis=1)
+    assert cos.min() >= 0.99999, cos.min()
+
+
+def test_folder_ranges_serve_int8_without_calibrate(trained, posts):
+    folder, _ = trained
+    ranges = np.load(folder / FOLDER_RANGES_FILE)
+    emb = Embedder(str(folder), device="cpu", dtype="float32")
+    np.testing.assert_array_equal(emb.quantization_ranges, ranges)
+    texts = [p.text for p in posts[:30]]
+    codes = fast_embed(texts, model=str(folder), device="cpu", precision="int8")
+    assert codes.dtype == np.int8 and codes.shape == (30, 16)
+    np.testing.assert_array_equal(codes, emb.embed(texts, precision="int8", ranges=ranges))
+
+
+def test_bad_folder_ranges_are_refused(trained, tmp_path):
+    folder, _ = trained
+    copy = tmp_path / "bad"
+    shutil.copytree(folder, copy)
+    np.save(copy / FOLDER_RANGES_FILE, np.zeros((2, 7), np.float32))
+    with pytest.raises(ValueError, match=r"quantization_ranges.npy: expected finite float32 \[2, 16\]"):
+        Embedder(str(copy), device="cpu")
+
+
+def test_evaluate_command(trained, small_data, tmp_path, capsys):
+    folder, _ = trained
+    out = tmp_path / "eval.json"
+    assert ev.main(["--data", str(small_data), "--model", f"tiny={folder}", "--device", "cpu",
+                    "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| tiny | 16 |" in table
+    rep = json.loads(out.read_text())
+    rows = rep["models"][0]["results"]
+    assert {r["task"] for r in rows} <= set(EVAL_TASKS) and len(rows) >= 4
+    for r in rows:
+        assert 0 <= r["ci_low"] <= r["accuracy"] <= r["ci_high"] <= 1 and r["n"] > 0
+    assert ev.main(["--data", str(small_data), "--model", str(folder), "--device", "cpu",
+                    "--precision", "binary"]) == 0
+
+
+def test_train_command_end_to_end(small_data, tiny_bert, tmp_path, capsys):
+    out = tmp_path / "m"
+    assert train_main(["--data", str(small_data), "--out", str(out), "--base", str(tiny_bert), "--steps", "4",
+                       "--batch-size", "8", "--max-seq-length", "32", "--dim", "8", "--device", "cpu", "--freeze-layers", "0",
+                       "--tasks", "search,hashtag"]) == 0
+    assert "| m | 8 |" in capsys.readouterr().out
+    rec = json.loads((out / "postembed_train.json").read_text())
+    assert rec["recipe"]["tasks"] == ["search", "hashtag"] and rec["recipe"]["steps_per_task"] == 2
+    assert Embedder(str(out), device="cpu").dim == 8
+    with pytest.raises(SystemExit):  # an existing model is not overwritten silently
+        train_main(["--data", str(small_data), "--out", str(out), "--base", str(tiny_bert)])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "search,bogus"], "unknown task(s) bogus"),
+    (["--dim", "-3"], "--dim must be a positive integer"),
+    (["--batch-size", "1"], "batch_size must be >= 2"),
+    (["--steps", "2"], "--steps must be >= the number of tasks"),
+])
+def test_train_command_bad_options(argv, message, small_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train_main(["--data", str(small_data), "--out", str(tmp_path / "m"), *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_command_bad_data(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a"}\n')
+    with pytest.raises(SystemExit) as exc:
+        train_main(["--data", str(bad), "--out", str(tmp_path / "m")])
+    assert exc.value.code == 2
+    assert "bad.jsonl:1: missing field(s) source, section, title, text" in capsys.readouterr().err
