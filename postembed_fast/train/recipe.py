@@ -31,15 +31,16 @@ VALIDATION_PAIRS = 128  # pairs per task for the per-task validation loss in the
 class Recipe:
     """Defaults: the CPU recipe (about 20-25 min on 2 cores, see README "Post-embedding model").
     Why these numbers: a step of batch 32 at 128 tokens costs about 3 s here with every layer
-    trained; at 96 tokens (the median post is about 70 tokens) with the embeddings and the lower
-    3 of 6 layers frozen it still costs 2-3 s (measured), so 4 tasks x 100 steps fit the budget. `full()` is the
+    trained; at 96 tokens with the embeddings and the lower 3 of 6 layers frozen it still cost 3 s
+    (measured; 7 s with other jobs running), so training truncates posts at 64 tokens (the median
+    post is about 70: most of the first paragraph) and takes 4 tasks x 100 steps. `full()` is the
     GPU-size recipe: every layer trained, 256 tokens, 10x the steps, batch 128."""
 
     tasks: tuple[str, ...] = TRAIN_TASKS
     dim: int | None = 50  # None: no Dense (the encoder's hidden size)
     steps_per_task: int = 100
     batch_size: int = 32
-    max_seq_length: int = 96  # while training; the saved folder embeds up to serve_max_seq_length
+    max_seq_length: int = 64  # while training; the saved folder embeds up to serve_max_seq_length
     serve_max_seq_length: int | None = None  # None: the base model's (256 for the default)
     freeze_layers: int = 3  # the embeddings and this many lower encoder layers do not train
     learning_rate: float = 5e-5
