@@ -163,6 +163,25 @@ def cmd_nearline_index(args) -> int:
     return run_from_args(args, prog=f"{PROG} nearline index")
 
 
+def _add_backfill(sub) -> None:
+    from postembed_fast.backfill import add_arguments  # flags only: ray is imported by the job
+
+    p = sub.add_parser(
+        "backfill", help="embed a corpus of JSONL/Parquet files on Ray Data into Parquet (needs the backfill extra)",
+        description="Backfill, the same as `python -m postembed_fast.backfill`: embeds every input file not yet\n"
+                    "done into DIR/<input key>/part-*.parquet (id, embedding) on a pool of Ray Data actors,\n"
+                    "rejects bad rows into rejects.jsonl, and can load a finished output into Redis.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=cmd_backfill, parser=p)
+
+
+def cmd_backfill(args) -> int:
+    from postembed_fast.backfill import run_from_args
+
+    return run_from_args(args, prog=f"{PROG} backfill")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="postembed_fast: high-throughput post embeddings (padding-free BERT).",
@@ -172,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_embed(sub)
     _add_serve(sub)
     _add_nearline(sub)
+    _add_backfill(sub)
     return parser
 
 
