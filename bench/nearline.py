@@ -16,6 +16,21 @@ stream and measures, for N posts XADDed one at a time every --searchable-interva
 post being in the top 10 of GET /search?q=<its own title> (polled every 25 ms; each poll embeds the title,
 so the polling itself takes some CPU from the worker). A title that never finds its own post within
 --searchable-timeout s is a retrieval miss (counted apart when the post was stored), not a latency.
+
+--crash (after the rest; the rate workers are stopped first) runs the crash scenarios, each on a fresh stream
+with ONE worker process under a fixed consumer name: --crash-posts posts at --crash-rate/s, one SIGKILL, a
+restart under the same name (which re-reads its own pending entries first), drain. `kill9_random`: kill -9 from
+outside at a seeded random time mid-run. The store and the ack are one MULTI/EXEC in the worker, so "between the
+store and the ack" does not exist; the two closest points use the worker's test hook (the environment variable
+POSTEMBED_TEST_SIGKILL_BEFORE_EXEC / _AFTER_EXEC=N: it SIGKILLs itself at the first batch once N entries are
+read): `kill9_before_exec` (batch embedded, nothing stored, not acked) and `kill9_after_exec` (stored and acked,
+before the next read). Checks: every produced post has its hash, none missing, none extra, `source_id` = its
+input entry, the vector equals this process's own `Embedder.embed(texts, precision=...)` (int8/uint8: identical
+codes counted, +-1 tolerated as in the tests; float: atol 2e-3); "processed_twice" = output-stream upserts per
+post minus 1, summed; "recover_s" = kill -> the first store of the restarted worker (includes its model load).
+JSON "crash" key; a markdown table is printed.
+
+    python -m bench.nearline --rates "" --crash --crash-posts 600 --crash-rate 50
 """
 from __future__ import annotations
 
@@ -90,9 +105,9 @@ class Sampler(threading.Thread):
                                  "pending": None if g is None else g.get("pending"), "stored": stored})
 
 
-def produce(r, stream, texts, rate, duration, tag, start_index):
-    """XADD at `rate`/s for `duration` s on an absolute schedule. -> (ids, seconds, behind_max_ms)."""
-    n = int(rate * duration)
+def produce(r, stream, texts, rate, duration, tag, start_index, n=None):
+    """XADD at `rate`/s for `duration` s (or `n` posts) on an absolute schedule. -> (ids, seconds, behind_max_ms)."""
+    n = int(round(rate * duration)) if n is None else n
     ids, behind = [], 0.0
     t0 = time.monotonic()
     for i in range(n):
@@ -193,6 +208,229 @@ def searchable_phase(r, url, out_stream, stream, prefix, posts, n, interval, tim
             "index_exit_code": rc}
 
 
+def lag_trend(samples: list[dict]) -> dict:
+    """Lag (entries not yet delivered) over one produce window: the mean of its first and last thirds and the
+    last sample, so growth is visible without reading the series."""
+    lags = [x["lag"] or 0 for x in samples]
+    k = len(lags) // 3
+    mean = (lambda xs: round(sum(xs) / len(xs), 1) if xs else None)
+    return {"samples": len(lags), "first_third_mean": mean(lags[:k]), "last_third_mean": mean(lags[-k:] if k else []),
+            "at_end": lags[-1] if lags else None}
+
+
+def worker_cmd(url, stream, group, consumer, prefix, args) -> list[str]:
+    """`nearline embed` for one bench worker on `stream` (outputs under `stream`.embedded / .dead)."""
+    return [sys.executable, "-m", "postembed_fast.nearline", "embed", "--redis", url, "--stream", stream,
+            "--group", group, "--consumer", consumer, "--device", args.device, "--precision", args.precision,
+            "--batch-max", str(args.batch_max), "--batch-wait-ms", str(args.batch_wait_ms), "--prefix", prefix,
+            "--out-stream", f"{stream}.embedded", "--dead-stream", f"{stream}.dead"]
+
+
+# The crash scenarios. The worker stores a batch's hashes + output entries and XACKs its input entries in ONE
+# MULTI/EXEC, so "between the store and the ack" does not exist literally; the closest points are right before
+# the EXEC (embedded, nothing stored, not acked) and right after it (stored and acked, before the next read).
+# The worker's test hook (POSTEMBED_TEST_SIGKILL_{BEFORE,AFTER}_EXEC, postembed_fast/nearline.py) kills it there.
+CRASH_SCENARIOS = {
+    "kill9_random": "SIGKILL from outside at a seeded random time while posts are being produced",
+    "kill9_before_exec": "the worker SIGKILLs itself after embedding a batch, right before its MULTI/EXEC store+ack",
+    "kill9_after_exec": "the worker SIGKILLs itself right after a batch's MULTI/EXEC store+ack returned",
+}
+
+
+def _decode_vec(raw: bytes, precision: str):
+    import numpy as np
+
+    from postembed_fast.kernels.precision import precision_spec
+
+    dt = precision_spec(precision).numpy_dtype
+    return np.frombuffer(raw, dtype=dt.newbyteorder("<") if dt.itemsize > 1 else dt)
+
+
+def compare_vectors(got, want, precision) -> dict:
+    """Stored rows vs the bench process's own embed() of the same texts."""
+    import numpy as np
+
+    got, want = np.asarray(got), np.asarray(want)
+    out = {"rows": int(len(got)), "rows_identical": int((got == want).all(axis=1).sum())}
+    if precision in ("float16", "float32"):
+        d = float(np.abs(got.astype(np.float32) - want.astype(np.float32)).max()) if len(got) else 0.0
+        out.update(max_abs_diff=d, ok=d <= 2e-3)  # batch composition may move the last bit of a float
+    elif precision in ("int8", "uint8"):
+        d = int(np.abs(got.astype(np.int32) - want.astype(np.int32)).max()) if len(got) else 0
+        # identical codes expected; +-1 on a few rows is what a different batch composition can do (tests allow it)
+        out.update(max_code_diff=d, ok=d <= 1 and out["rows_identical"] >= 0.99 * len(got))
+    else:
+        bits = np.unpackbits(got.view(np.uint8), axis=-1) != np.unpackbits(want.view(np.uint8), axis=-1)
+        frac = float(bits.mean()) if len(got) else 0.0
+        out.update(bit_diff_frac=frac, ok=frac < 0.01)
+    return out
+
+
+def crash_scenario(r, url, args, texts, tmp, scenario: str, seed: int, ref) -> dict:
+    """One worker (fixed consumer name) on a fresh stream; N posts at a fixed rate; one SIGKILL (from outside at a
+    random time, or by the worker's test hook at a random entry count); restart under the same name; drain; check
+    every post is stored once with its own embedding. `ref` is a callable () -> Embedder (loaded lazily)."""
+    import random
+
+    rng = random.Random(f"{seed}-{scenario}")
+    n, rate = args.crash_posts, args.crash_rate
+    stream = f"crash-{scenario}-{int(time.time() * 1000)}"
+    out_stream, prefix, consumer = f"{stream}.embedded", f"{stream}:emb:", "crash0"
+    r.xgroup_create(stream, args.group, id="0", mkstream=True)
+    env = dict(os.environ)
+    kill_after_s = kill_at_entries = None
+    if scenario == "kill9_random":
+        kill_after_s = rng.uniform(0.25, 0.75) * n / rate  # after the producer's first post
+    else:
+        kill_at_entries = 1 + rng.randint(max(1, n // 4), max(1, 3 * n // 4))  # 1: the warm-up post
+        env[f"POSTEMBED_TEST_SIGKILL_{'BEFORE' if scenario == 'kill9_before_exec' else 'AFTER'}_EXEC"] = \
+            str(kill_at_entries)
+    cmd = worker_cmd(url, stream, args.group, consumer, prefix, args)
+    logs = []
+
+    def spawn(k, env):
+        log = open(tmp / f"{stream}-worker{k}.log", "wb")
+        logs.append(log)
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    proc = spawn(0, env)
+    res = {"scenario": scenario, "what": CRASH_SCENARIOS[scenario], "posts": n, "rate": rate, "consumer": consumer,
+           "stream": stream, "kill_after_s": None if kill_after_s is None else round(kill_after_s, 2),
+           "kill_at_entries_read": kill_at_entries}
+    try:
+        t0 = time.monotonic()
+        r.xadd(stream, {"id": "warmup", "text": texts[0], "created_ms": int(time.time() * 1000)})
+        while r.xlen(out_stream) < 1:
+            if proc.poll() is not None:
+                raise SystemExit(f"crash worker exited early ({proc.returncode}); logs in {tmp}")
+            if time.monotonic() - t0 > 300:
+                raise SystemExit("crash worker not ready after 300 s")
+            time.sleep(0.05)
+        res["worker_ready_s"] = round(time.monotonic() - t0, 2)
+        produced = {}
+
+        def producer():
+            produced["ids"], produced["s"], produced["behind_ms"] = produce(
+                r, stream, texts, rate, n / rate, f"c{scenario}", 1 + rng.randrange(len(texts)), n=n)
+
+        th = threading.Thread(target=producer, daemon=True)
+        t_prod = time.monotonic()
+        th.start()
+        killed = False
+        while not killed:
+            if kill_after_s is not None and time.monotonic() - t_prod >= kill_after_s:
+                proc.kill()  # kill -9
+                proc.wait()
+                killed = True
+            elif proc.poll() is not None:  # the test hook (or a real failure: the exit code says which)
+                killed = True
+            elif not th.is_alive() and r.xpending(stream, args.group)["pending"] == 0 and \
+                    _group_lag(r, stream, args.group) == 0:
+                break  # everything stored and the kill point was never reached
+            else:
+                time.sleep(0.005)
+        t_kill_ms = int(time.time() * 1000)
+        res["killed"] = killed
+        res["killed_exit_code"] = proc.returncode
+        if killed:
+            res["killed_at_s"] = round(time.monotonic() - t_prod, 2)
+            res["pending_at_kill"] = len(r.xpending_range(stream, args.group, "-", "+", 100000, consumername=consumer))
+            res["stored_at_kill"] = r.xlen(out_stream) - 1  # not the warm-up
+            t_restart_ms = int(time.time() * 1000)
+            proc = spawn(1, dict(os.environ))  # no test hook: the restarted worker runs normally
+            res["restart_delay_ms"] = t_restart_ms - t_kill_ms
+        th.join()
+        res["produce_rate"] = round(n / produced["s"], 2)
+        res["producer_behind_max_ms"] = round(produced["behind_ms"], 1)
+        t_end = time.monotonic()
+        while time.monotonic() - t_end < args.drain_timeout:
+            if proc.poll() is not None:
+                raise SystemExit(f"restarted crash worker exited ({proc.returncode}); logs in {tmp}")
+            if r.xpending(stream, args.group)["pending"] == 0 and _group_lag(r, stream, args.group) == 0:
+                break
+            time.sleep(0.1)
+        res["drain_s"] = round(time.monotonic() - t_end, 2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            res["worker_exit_code"] = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            res["worker_exit_code"] = "killed after 60 s"
+        for log in logs:
+            log.close()
+
+    # ---- checks -----------------------------------------------------------------------------------------
+    inputs = {}  # post id -> (entry id, text)
+    for eid, f in r.xrange(stream, "-", "+"):
+        inputs[f[b"id"].decode()] = (eid.decode(), f[b"text"].decode())
+    outputs: dict[str, int] = {}
+    first_after_restart_ms = None
+    for eid, f in r.xrange(out_stream, "-", "+"):
+        if f.get(b"op", b"upsert") != b"upsert":
+            continue
+        pid = f[b"id"].decode()
+        outputs[pid] = outputs.get(pid, 0) + 1
+        if killed and first_after_restart_ms is None and int(f[b"embedded_ms"]) >= t_restart_ms:
+            first_after_restart_ms = int(f[b"embedded_ms"])
+    stored_keys = {k.decode()[len(prefix):] for k in r.scan_iter(match=prefix + "*", count=1000)}
+    stored_keys = {k for k in stored_keys if not k.startswith("__")}  # the ranges key, tombstones
+    want_ids = set(inputs)
+    missing, extra = sorted(want_ids - stored_keys), sorted(stored_keys - want_ids)
+    order = [pid for pid in inputs if pid in stored_keys]
+    pipe = r.pipeline(transaction=False)
+    for pid in order:
+        pipe.hmget(prefix + pid, "vector", "source_id", "precision")
+    rows = pipe.execute()
+    wrong_source = [pid for pid, (_, src, _) in zip(order, rows) if src is None or src.decode() != inputs[pid][0]]
+    import numpy as np
+
+    got = np.stack([_decode_vec(v, args.precision) for v, _, _ in rows]) if rows else np.zeros((0, 0))
+    want = ref().embed([inputs[pid][1] for pid in order], precision=args.precision) if order else got
+    res.update({
+        "produced": len(inputs) - 1, "stored": len(stored_keys & want_ids) - ("warmup" in stored_keys),
+        "missing": len(missing), "missing_ids": missing[:20], "extra": len(extra), "extra_ids": extra[:20],
+        "output_entries": sum(outputs.values()),
+        "processed_twice": sum(c - 1 for c in outputs.values()),
+        "posts_processed_twice": sum(1 for c in outputs.values() if c > 1),
+        "not_announced": len(want_ids - set(outputs)),
+        "wrong_source_id": len(wrong_source),
+        "vectors": compare_vectors(got, want, args.precision),
+        "dead_letters": r.xlen(f"{stream}.dead"),
+        "pending_end": r.xpending(stream, args.group)["pending"],
+        "recover_s": None if first_after_restart_ms is None else round((first_after_restart_ms - t_kill_ms) / 1000, 2),
+    })
+    res["passed"] = bool(killed and res["killed_exit_code"] == -signal.SIGKILL and not missing and not extra
+                         and not wrong_source and res["vectors"]["ok"]
+                         and not res["not_announced"] and not res["dead_letters"] and not res["pending_end"]
+                         and res["worker_exit_code"] == 0)
+    return res
+
+
+def _group_lag(r, stream, group):
+    g = next((g for g in r.xinfo_groups(stream) if g["name"].decode() == group), None)
+    if g is None:
+        return None
+    if g.get("lag") is not None:
+        return g["lag"]
+    last = r.xinfo_stream(stream)["last-generated-id"]
+    return 0 if g["last-delivered-id"] == last else 1
+
+
+def crash_table(rows: list[dict]) -> str:
+    head = ("| scenario | posts @ rate | kill | pending at kill | processed twice | missing | extra | "
+            "vectors identical | recover s | passed |\n|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for x in rows:
+        kill = (f"{x['killed_at_s']} s" if x.get("killed") else "never") + (
+            f" (>= {x['kill_at_entries_read']} read)" if x.get("kill_at_entries_read") else "")
+        v = x["vectors"]
+        lines.append(f"| {x['scenario']} | {x['produced']} @ {x['rate']:g}/s | {kill} | {x.get('pending_at_kill')} | "
+                     f"{x['processed_twice']} | {x['missing']} | {x['extra']} | {v['rows_identical']}/{v['rows']} | "
+                     f"{x['recover_s']} | {'yes' if x['passed'] else 'NO'} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.nearline", description=__doc__.split("\n\n")[0])
     ap.add_argument("--redis", default=None, metavar="URL", help="an existing Redis (default: start one)")
@@ -215,7 +453,23 @@ def main(argv=None) -> int:
                     help="seconds between those posts (default %(default)s)")
     ap.add_argument("--searchable-timeout", type=float, default=30.0, metavar="S",
                     help="give up on one post after S seconds (default %(default)s)")
+    ap.add_argument("--crash", action="store_true",
+                    help="then the crash scenarios (after the rate phases; `--rates \"\"` skips those): "
+                         + "; ".join(f"{k}: {v}" for k, v in CRASH_SCENARIOS.items()))
+    ap.add_argument("--crash-scenarios", default=",".join(CRASH_SCENARIOS), metavar="LIST",
+                    help="which (default all: %(default)s)")
+    ap.add_argument("--crash-posts", type=int, default=600, metavar="N",
+                    help="posts per crash scenario (default %(default)s)")
+    ap.add_argument("--crash-rate", type=float, default=50.0, metavar="R",
+                    help="posts/s in the crash scenarios (default %(default)s)")
+    ap.add_argument("--crash-seed", type=int, default=0, help="seeds the kill points (default %(default)s)")
     args = ap.parse_args(argv)
+    scenarios = [x.strip() for x in args.crash_scenarios.split(",") if x.strip()]
+    unknown = [x for x in scenarios if x not in CRASH_SCENARIOS]
+    if unknown:
+        ap.error(f"unknown --crash-scenarios {unknown}; known: {', '.join(CRASH_SCENARIOS)}")
+    if args.crash and args.no_workers:
+        ap.error("--crash starts and kills its own worker processes: not with --no-workers")
 
     import redis
 
@@ -239,81 +493,9 @@ def main(argv=None) -> int:
                                                                                 "posts_in_corpus": len(texts)},
               "phases": []}
     sampler = None
-    try:
-        r.xgroup_create(stream, args.group, id="0", mkstream=True)
-        if not args.no_workers:
-            for k in range(args.workers):
-                log = open(tmp / f"worker{k}.log", "wb")
-                logs.append(log)
-                workers.append(subprocess.Popen(
-                    [sys.executable, "-m", "postembed_fast.nearline", "embed", "--redis", url, "--stream", stream,
-                     "--group", args.group, "--consumer", f"bench{k}", "--device", args.device,
-                     "--precision", args.precision, "--batch-max", str(args.batch_max),
-                     "--batch-wait-ms", str(args.batch_wait_ms), "--prefix", prefix, "--out-stream", out_stream,
-                     "--dead-stream", f"{stream}.dead"], stdout=log, stderr=subprocess.STDOUT))
-        # warm-up: one post per worker through the whole path before the clock starts
-        t_ready = time.monotonic()
-        for k in range(max(1, len(workers))):
-            r.xadd(stream, {"id": f"warmup-{k}", "text": texts[k], "created_ms": int(time.time() * 1000)})
-        while r.xlen(out_stream) < max(1, len(workers)):
-            if any(w.poll() is not None for w in workers):
-                raise SystemExit(f"a worker exited early; logs in {tmp}")
-            if time.monotonic() - t_ready > 300:
-                raise SystemExit("workers not ready after 300 s")
-            time.sleep(0.1)
-        result["worker_ready_s"] = round(time.monotonic() - t_ready, 2)
-        sampler = Sampler(r, stream, args.group, out_stream)
-        sampler.start()
-        start_index = 0
-        for rate in rates:
-            sampler.phase = rate
-            tag = f"r{rate:g}"
-            last_out = r.xinfo_stream(out_stream)["last-generated-id"].decode()
-            ids, produce_s, behind_ms = produce(r, stream, texts, rate, args.duration, tag, start_index)
-            start_index += len(ids)
-            t_end = time.monotonic()
-            got = {}
-            while time.monotonic() - t_end < args.drain_timeout:
-                got = read_outputs(r, out_stream, last_out)
-                if all(i in got for i in ids):
-                    break
-                time.sleep(0.2)
-            drain_s = time.monotonic() - t_end
-            lat = [got[i][1] - got[i][0] for i in ids if i in got]
-            in_phase = [x for x in sampler.samples if x["rate"] == rate]
-            first_created = min((got[i][0] for i in ids if i in got), default=0)
-            last_stored = max((got[i][1] for i in ids if i in got), default=0)
-            span = (last_stored - first_created) / 1000 if lat else None
-            phase = {"rate_target": rate, "posts": len(ids), "stored": len(lat), "missing": len(ids) - len(lat),
-                     "produce_rate": round(len(ids) / produce_s, 2), "producer_behind_max_ms": round(behind_ms, 1),
-                     "throughput_posts_s": round(len(lat) / span, 2) if span else None,
-                     "drain_s": round(drain_s, 2),
-                     "latency_ms": {"p50": percentile(lat, 50), "p90": percentile(lat, 90),
-                                    "p99": percentile(lat, 99), "max": max(lat, default=None),
-                                    "mean": round(sum(lat) / len(lat), 1) if lat else None},
-                     "lag_max": max((x["lag"] or 0 for x in in_phase), default=None),
-                     "pending_max": max((x["pending"] or 0 for x in in_phase), default=None)}
-            result["phases"].append(phase)
-            print(json.dumps(phase), flush=True)
-            if phase["missing"]:
-                print(f"rate {rate:g}: {phase['missing']} posts not stored within {args.drain_timeout} s; "
-                      "higher rates would only queue further, stopping", file=sys.stderr)
-                break
-        if args.searchable:
-            if args.no_workers and not args.stream:
-                raise SystemExit("--searchable with --no-workers needs --stream (the workers' stream)")
-            sampler.phase = "searchable"
-            phase = searchable_phase(r, url, out_stream, stream, prefix, load_posts_with_titles(args.corpus),
-                                     args.searchable, args.searchable_interval, args.searchable_timeout,
-                                     args.device, tmp)
-            result["searchable"] = phase
-            print(json.dumps(phase), flush=True)
-    finally:
-        if sampler is not None:
-            sampler.stop.set()
-            sampler.join()
-            result["lag_timeline"] = sampler.samples
-        rcs = []
+    rcs = []
+
+    def stop_workers():
         for w in workers:
             w.send_signal(signal.SIGTERM)
         for w in workers:
@@ -322,6 +504,106 @@ def main(argv=None) -> int:
             except subprocess.TimeoutExpired:
                 w.kill()
                 rcs.append("killed after 60 s")
+        workers.clear()
+
+    try:
+        if rates or args.searchable:  # the rate phases (and --searchable) on their own stream
+            r.xgroup_create(stream, args.group, id="0", mkstream=True)
+            if not args.no_workers:
+                for k in range(args.workers):
+                    log = open(tmp / f"worker{k}.log", "wb")
+                    logs.append(log)
+                    workers.append(subprocess.Popen(worker_cmd(url, stream, args.group, f"bench{k}", prefix, args),
+                                                    stdout=log, stderr=subprocess.STDOUT))
+            # warm-up: one post per worker through the whole path before the clock starts
+            t_ready = time.monotonic()
+            for k in range(max(1, len(workers))):
+                r.xadd(stream, {"id": f"warmup-{k}", "text": texts[k], "created_ms": int(time.time() * 1000)})
+            while r.xlen(out_stream) < max(1, len(workers)):
+                if any(w.poll() is not None for w in workers):
+                    raise SystemExit(f"a worker exited early; logs in {tmp}")
+                if time.monotonic() - t_ready > 300:
+                    raise SystemExit("workers not ready after 300 s")
+                time.sleep(0.1)
+            result["worker_ready_s"] = round(time.monotonic() - t_ready, 2)
+            sampler = Sampler(r, stream, args.group, out_stream)
+            sampler.start()
+            start_index = 0
+            for rate in rates:
+                sampler.phase = rate
+                tag = f"r{rate:g}"
+                last_out = r.xinfo_stream(out_stream)["last-generated-id"].decode()
+                p0 = time.monotonic() - sampler.t0
+                ids, produce_s, behind_ms = produce(r, stream, texts, rate, args.duration, tag, start_index)
+                p1 = time.monotonic() - sampler.t0
+                start_index += len(ids)
+                t_end = time.monotonic()
+                got = {}
+                while time.monotonic() - t_end < args.drain_timeout:
+                    got = read_outputs(r, out_stream, last_out)
+                    if all(i in got for i in ids):
+                        break
+                    time.sleep(0.2)
+                drain_s = time.monotonic() - t_end
+                lat = [got[i][1] - got[i][0] for i in ids if i in got]
+                in_phase = [x for x in sampler.samples if x["rate"] == rate]
+                first_created = min((got[i][0] for i in ids if i in got), default=0)
+                last_stored = max((got[i][1] for i in ids if i in got), default=0)
+                span = (last_stored - first_created) / 1000 if lat else None
+                phase = {"rate_target": rate, "posts": len(ids), "stored": len(lat), "missing": len(ids) - len(lat),
+                         "produce_rate": round(len(ids) / produce_s, 2), "producer_behind_max_ms": round(behind_ms, 1),
+                         "throughput_posts_s": round(len(lat) / span, 2) if span else None,
+                         "drain_s": round(drain_s, 2),
+                         "latency_ms": {"p50": percentile(lat, 50), "p90": percentile(lat, 90),
+                                        "p99": percentile(lat, 99), "max": max(lat, default=None),
+                                        "mean": round(sum(lat) / len(lat), 1) if lat else None},
+                         "lag_max": max((x["lag"] or 0 for x in in_phase), default=None),
+                         "pending_max": max((x["pending"] or 0 for x in in_phase), default=None),
+                         # growth while producing (the whole series: "lag_timeline", samples tagged with the rate)
+                         "lag_while_producing": lag_trend([x for x in in_phase if p0 <= x["t_s"] <= p1])}
+                result["phases"].append(phase)
+                print(json.dumps(phase), flush=True)
+                if phase["missing"]:
+                    print(f"rate {rate:g}: {phase['missing']} posts not stored within {args.drain_timeout} s; "
+                          "higher rates would only queue further, stopping", file=sys.stderr)
+                    break
+            if args.searchable:
+                if args.no_workers and not args.stream:
+                    raise SystemExit("--searchable with --no-workers needs --stream (the workers' stream)")
+                sampler.phase = "searchable"
+                phase = searchable_phase(r, url, out_stream, stream, prefix, load_posts_with_titles(args.corpus),
+                                         args.searchable, args.searchable_interval, args.searchable_timeout,
+                                         args.device, tmp)
+                result["searchable"] = phase
+                print(json.dumps(phase), flush=True)
+        if args.crash:  # alone on the machine: the rate workers are stopped first
+            if sampler is not None:
+                sampler.stop.set()
+                sampler.join()
+            stop_workers()
+            embedder = []
+
+            def ref():
+                if not embedder:
+                    from postembed_fast import Embedder
+
+                    embedder.append(Embedder(device=args.device))
+                return embedder[0]
+
+            result["crash"] = {"note": "store and ack are one MULTI/EXEC: kill points before/after it are the "
+                                       "closest to 'between the store and the ack'", "scenarios": []}
+            for sc in scenarios:
+                x = crash_scenario(r, url, args, texts, tmp, sc, args.crash_seed, ref)
+                result["crash"]["scenarios"].append(x)
+                print(json.dumps(x), flush=True)
+            result["crash"]["passed"] = all(x["passed"] for x in result["crash"]["scenarios"])
+            print(crash_table(result["crash"]["scenarios"]), flush=True)
+    finally:
+        if sampler is not None:
+            sampler.stop.set()
+            sampler.join()
+            result["lag_timeline"] = sampler.samples
+        stop_workers()
         result["worker_exit_codes"] = rcs
         for log in logs:
             log.close()
@@ -333,7 +615,8 @@ def main(argv=None) -> int:
             redis_proc.terminate()
             redis_proc.wait(10)
         result["loadavg_end"] = os.getloadavg()
-        out = Path(args.json) if args.json else RESULTS / f"nearline-{args.device.replace(':', '')}.json"
+        crash_only = "-crash" if args.crash and not rates and not args.searchable else ""
+        out = Path(args.json) if args.json else RESULTS / f"nearline{crash_only}-{args.device.replace(':', '')}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {out} (worker logs: {tmp})")

@@ -384,6 +384,12 @@ class Worker:
         self._next_stats = 0.0
         self._ranges_written = False
         self._group_ready = False
+        # TEST HOOK, for bench/nearline.py --crash only (unset in production: no effect): with
+        # POSTEMBED_TEST_SIGKILL_BEFORE_EXEC=N (or ..._AFTER_EXEC=N) the worker SIGKILLs itself right before
+        # (after) the MULTI/EXEC store+ack of the first batch that brings the entries it has read to >= N.
+        self._test_kill = {w: int(os.environ[f"POSTEMBED_TEST_SIGKILL_{w}_EXEC"]) for w in ("BEFORE", "AFTER")
+                           if os.environ.get(f"POSTEMBED_TEST_SIGKILL_{w}_EXEC")}
+        self._test_entries_read = 0
 
     # ---- lifecycle ------------------------------------------------------------------------
     def stop(self) -> None:
@@ -626,6 +632,7 @@ class Worker:
         if not entries:
             return 0
         cfg = self.cfg
+        self._test_entries_read += len(entries)  # for the test hook only (see __init__)
         self.metrics.batch_size.observe(len(entries))
         dead: list[tuple[str, dict, str]] = []
         by_post: dict[str, list[tuple[str, dict]]] = {}
@@ -705,7 +712,9 @@ class Worker:
             replies = pipe.execute()
             return {op: sum(1 for o, i in script_at if o == op and not replies[i]) for op in ("upsert", "delete")}
 
+        self._test_hook("BEFORE")
         stale = self._call("MULTI/EXEC store+ack", transaction, must_finish=True)
+        self._test_hook("AFTER")
         self._ranges_written = self.ranges is not None
         n = stale["upsert"] + stale["delete"]
         if n:
@@ -713,6 +722,15 @@ class Worker:
             self.metrics.entries.labels("stale").inc(n)
             log.info("%d entries older than the stored version of their post were not applied", n)
         return embedded_ms, stale
+
+    def _test_hook(self, when: str) -> None:
+        """TEST HOOK (bench/nearline.py --crash): SIGKILL this process at the configured point; see __init__."""
+        n = self._test_kill.get(when)
+        if n is not None and self._test_entries_read >= n:
+            log.warning("test hook: SIGKILL %s EXEC after %d entries read", when.lower(), self._test_entries_read)
+            for h in logging.getLogger().handlers:
+                h.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
 
     # ---- housekeeping ------------------------------------------------------------------
     def _stats(self) -> None:
