@@ -271,3 +271,79 @@ def pack_for_encoder(seqs, device="cpu"):
 @pytest.fixture
 def encoder_inputs():
     return pack_for_encoder
+
+
+# ---- real servers on loopback: free ports, redis-server ------------------------------------------
+def free_port_number() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+class RedisServer:
+    """A redis-server of Debian's package on a free loopback port in a temp folder (optionally AOF
+    fsynced on every write, for restart tests)."""
+
+    def __init__(self, tmp, persistent=False):
+        self.dir, self.port, self.persistent, self.proc = Path(tmp), free_port_number(), persistent, None
+
+    def start(self):
+        import subprocess
+        import time
+
+        import redis
+
+        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+                "--save", "", "--daemonize", "no", "--logfile", str(self.dir / "redis.log")]
+        args += ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        c = self.client()
+        for _ in range(200):
+            try:
+                if c.ping():
+                    return self
+            except redis.ConnectionError:
+                time.sleep(0.025)
+        raise RuntimeError(f"redis-server did not start: {(self.dir / 'redis.log').read_text()[-2000:]}")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: redis-server saves (AOF fsynced) and exits
+            self.proc.wait(10)
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self):
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function returning a free TCP port on 127.0.0.1."""
+    return free_port_number
+
+
+@pytest.fixture(scope="session")
+def start_redis():
+    """start_redis(tmp_dir, persistent=False) -> a started RedisServer (skips without redis / redis-server)."""
+    pytest.importorskip("redis", reason="redis-py is not installed (pip install 'postembed_fast[nearline]')")
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    started = []
+
+    def start(tmp, persistent=False):
+        started.append(RedisServer(tmp, persistent).start())
+        return started[-1]
+
+    yield start
+    for s in started:
+        s.stop()

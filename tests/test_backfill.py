@@ -7,11 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
-import socket
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -237,34 +233,10 @@ def test_without_ray_says_how_to_install(monkeypatch):
 
 
 # ---- --load-into: the near-line Redis layout ----------------------------------------------------
-REDIS_SERVER = shutil.which("redis-server")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def redis_url(tmp_path):
-    redis = pytest.importorskip("redis")
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    port = _free_port()
-    proc = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
-                             "--save", "", "--appendonly", "no", "--logfile", str(tmp_path / "redis.log")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    c = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
-    for _ in range(200):
-        try:
-            if c.ping():
-                break
-        except redis.ConnectionError:
-            time.sleep(0.025)
-    yield f"redis://127.0.0.1:{port}/0", c
-    proc.terminate()
-    proc.wait(10)
+def redis_url(tmp_path, start_redis):
+    srv = start_redis(tmp_path)
+    return srv.url, srv.client()
 
 
 def test_load_into_redis(int8_output, embedder, redis_url):

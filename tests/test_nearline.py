@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,49 +32,9 @@ for _p in POSTS:  # real posts, cut short to keep the CPU time of these tests lo
     _p["text"] = _p["text"][:300]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    def __init__(self, tmp, persistent=False):
-        self.dir, self.port, self.persistent = tmp, _free_port(), persistent
-        self.proc = None
-
-    def start(self):
-        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                "--save", "", "--daemonize", "no", "--logfile", str(self.dir / "redis.log")]
-        args += ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        c = self.client()
-        for _ in range(200):
-            try:
-                if c.ping():
-                    return self
-            except redis.ConnectionError:
-                time.sleep(0.025)
-        raise RuntimeError(f"redis-server did not start: {(self.dir / 'redis.log').read_text()[-2000:]}")
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: redis-server saves (AOF fsynced) and exits
-            self.proc.wait(10)
-
-    @property
-    def url(self):
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self):
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield s
-    s.stop()
+def server(tmp_path_factory, start_redis):
+    return start_redis(tmp_path_factory.mktemp("redis"))
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +173,7 @@ def test_poison_and_delete(server, embedder, names):
     assert r.xpending(s, names["group"])["pending"] == 0  # everything acked, nothing retried forever
 
 
-def test_redelivered_too_often_is_dead_lettered_and_metrics(server, embedder, names):
+def test_redelivered_too_often_is_dead_lettered_and_metrics(server, embedder, names, free_port):
     from urllib.request import urlopen
 
     from postembed_fast.nearline import Metrics
@@ -227,7 +186,7 @@ def test_redelivered_too_often_is_dead_lettered_and_metrics(server, embedder, na
     r.xreadgroup(g, "ghost", {s: ">"}, count=1)
     for _ in range(5):  # five workers died on it
         r.xclaim(s, g, "ghost", 0, [eid])
-    port = _free_port()
+    port = free_port()
     w = make_worker(server, embedder, names, precision="int8", claim_min_idle_ms=1)
     w.metrics = Metrics(port)
     w.run_until_idle()
@@ -313,8 +272,8 @@ def test_two_workers_share_a_group(server, names, tmp_path):
     assert {c for _, c in out} == {"w1", "w2"}
 
 
-def test_redis_restart_and_sigterm(tmp_path, names):
-    srv = RedisServer(tmp_path, persistent=True).start()
+def test_redis_restart_and_sigterm(tmp_path, names, start_redis):
+    srv = start_redis(tmp_path, persistent=True)
     try:
         r = srv.client()
         n = 60

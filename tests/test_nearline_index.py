@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,48 +39,9 @@ for _p in POSTS:  # real posts, cut short to keep the CPU time low; searched by 
     _p["text"] = _p["text"][:300]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:  # the same small pattern as tests/test_nearline.py (no persistence needed here)
-    def __init__(self, tmp):
-        self.dir, self.port, self.proc = tmp, _free_port(), None
-
-    def start(self):
-        self.proc = subprocess.Popen([REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
-                                      str(self.dir), "--save", "", "--appendonly", "no", "--daemonize", "no",
-                                      "--logfile", str(self.dir / "redis.log")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        c = self.client()
-        for _ in range(200):
-            try:
-                if c.ping():
-                    return self
-            except redis.ConnectionError:
-                time.sleep(0.025)
-        raise RuntimeError(f"redis-server did not start: {(self.dir / 'redis.log').read_text()[-2000:]}")
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-    @property
-    def url(self):
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self):
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield s
-    s.stop()
+def server(tmp_path_factory, start_redis):
+    return start_redis(tmp_path_factory.mktemp("redis"))
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +87,8 @@ def catch_up(u):
 class Http:
     """The app on uvicorn in a thread, on a free loopback port (real HTTP)."""
 
-    def __init__(self, updater):
-        self.port = _free_port()
+    def __init__(self, updater, port):
+        self.port = port
         self.server = uvicorn.Server(uvicorn.Config(create_app(updater), host="127.0.0.1", port=self.port,
                                                     log_level="warning", lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -187,7 +147,7 @@ def test_decode_vector_matches_the_precision_table(embedder):
         decode_vector(i8[0].tobytes()[:-1], "int8", dim)
 
 
-def test_new_post_searchable_delete_and_resume(server, embedder, names, tmp_path):
+def test_new_post_searchable_delete_and_resume(server, embedder, names, tmp_path, free_port):
     r = server.client()
     snap = tmp_path / "snap"
     produce(r, names["stream"], range(40))
@@ -195,7 +155,7 @@ def test_new_post_searchable_delete_and_resume(server, embedder, names, tmp_path
     u = make_updater(server, embedder, names, snap)
     catch_up(u)
     assert u.index.precision == "int8" and len(u.index) == 40 and u.applied == 40
-    with Http(u) as h:
+    with Http(u, free_port()) as h:
         status, body = h.get("/health")
         assert status == 200
         status, body = h.get("/search", q=POSTS[3]["title"], k=10)
@@ -232,7 +192,7 @@ def test_new_post_searchable_delete_and_resume(server, embedder, names, tmp_path
     catch_up(u2)
     assert u2.applied == 4, "entries before the snapshot were read again"
     assert len(u2.index) == 40 and "p3" not in u2.post_ids.values() and post_key("p40") in u2.index
-    with Http(u2) as h:
+    with Http(u2, free_port()) as h:
         assert ranked(h.get("/search", q=POSTS[40]["title"], k=10)[1])[0] == "p40"
         assert "p3" not in ranked(h.get("/search", q=POSTS[3]["title"], k=40)[1])
         # p7 now holds post 41's text: found by that title, not by its old one
@@ -330,9 +290,9 @@ def _wait(cond, timeout, what, procs=()):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_end_to_end_xadd_to_search_and_restart(server, names, tmp_path):
+def test_end_to_end_xadd_to_search_and_restart(server, names, tmp_path, free_port):
     r = server.client()
-    snap, port = tmp_path / "snap", _free_port()
+    snap, port = tmp_path / "snap", free_port()
     worker = _spawn(["embed", "--redis", server.url, "--device", "cpu", "--consumer", "e2e", "--stream",
                      names["stream"], "--prefix", names["prefix"], "--out-stream", names["out_stream"],
                      "--dead-stream", names["dead_stream"], "--precision", "int8", "--batch-wait-ms", "5"],

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -80,12 +80,10 @@ class Recipe:
 def _st():
     try:
         import datasets  # noqa: F401
-        import sentence_transformers  # noqa: F401
+        import sentence_transformers
     except ImportError as exc:
         raise ImportError(f"training needs the train extra ({exc.name} is missing): "
                           "pip install 'postembed_fast[train]'") from None
-    import sentence_transformers
-
     return sentence_transformers
 
 
@@ -214,7 +212,7 @@ def train(recipe: Recipe, splits: dict[str, list[Post]], out, *, base=None, prog
     freeze_lower_layers(model, recipe.freeze_layers)
     train_sets = _pair_datasets(splits["train"], recipe.tasks, recipe.seed)
     eval_sets = _pair_datasets(splits["validation"], recipe.tasks, recipe.seed, limit=VALIDATION_PAIRS)
-    log(f"pairs per task: " + ", ".join(f"{k} {len(v)}" for k, v in train_sets.items())
+    log("pairs per task: " + ", ".join(f"{k} {len(v)}" for k, v in train_sets.items())
         + f"; {recipe.steps} steps ({recipe.steps_per_task} per task) of batch {recipe.batch_size}"
         + f" at <= {recipe.max_seq_length} tokens on {device}")
 
