@@ -2,6 +2,7 @@
 model, and small randomly initialized models of other shapes saved as local folders."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -347,3 +348,77 @@ def start_redis():
     yield start
     for s in started:
         s.stop()
+
+
+# ---- a private network namespace: servers that bind every interface see loopback only ---------------
+@contextlib.contextmanager
+def private_loopback_network():
+    """Move this thread (the main thread: whatever it starts inherits it) into a new network namespace
+    holding only `lo`, and back at exit. Ray 2.60's GCS/raylet/workers listen on every interface even
+    with _node_ip_address=127.0.0.1; in here there is no other interface to listen on. Needs root
+    (CAP_SYS_ADMIN); yields None when isolated, else the reason it could not be."""
+    import ctypes
+    import fcntl
+    import socket
+    import struct
+
+    CLONE_NEWNET, SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x40000000, 0x8913, 0x8914, 0x1
+    libc = ctypes.CDLL(None, use_errno=True)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        if libc.unshare(CLONE_NEWNET) != 0:
+            yield f"unshare(CLONE_NEWNET) failed: {os.strerror(ctypes.get_errno())} (needs root)"
+            return
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # `ip link set lo up`, without iproute2
+                ifr = struct.pack("16sh", b"lo", 0)
+                flags = struct.unpack("16sh", fcntl.ioctl(s, SIOCGIFFLAGS, ifr))[1]
+                fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh", b"lo", flags | IFF_UP))
+            yield None
+        finally:
+            if libc.setns(home, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back to the original network namespace failed")
+    finally:
+        os.close(home)
+
+
+def listening_addresses() -> list[str]:
+    """Local addresses of this network namespace's listening TCP sockets (from /proc/net/tcp, tcp6)."""
+    import ipaddress
+
+    out = []
+    for name, width in (("tcp", 4), ("tcp6", 16)):
+        try:
+            lines = open(f"/proc/net/{name}").read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            if state != "0A":  # LISTEN
+                continue
+            raw = bytes.fromhex(local.split(":")[0])
+            # /proc prints each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            out.append(str(ipaddress.ip_address(raw if width == 16 else raw[:4])))
+    return out
+
+
+def is_loopback(addr: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(addr)
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+@pytest.fixture(scope="session")
+def loopback_network():
+    """The private_loopback_network context manager (for module-scoped fixtures)."""
+    return private_loopback_network
+
+
+@pytest.fixture(scope="session")
+def listening_sockets():
+    """-> (listening_addresses, is_loopback)."""
+    return listening_addresses, is_loopback

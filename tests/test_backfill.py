@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -36,13 +37,28 @@ BAD_LINES = [  # (line, expected reason fragment, expected id)
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    # loopback only, no dashboard; this module's runs reuse it (backfill does not init/shut down Ray
-    # when it is already initialized)
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+def ray_local(loopback_network):
+    """Local Ray, no dashboard, in a private network namespace holding only loopback (Ray's own servers
+    bind every interface: here there is no other). This module's runs reuse it (backfill does not init
+    or shut down Ray when it is already initialized)."""
+    with loopback_network() as not_isolated:
+        if not_isolated:
+            warnings.warn(f"Ray runs in the host's network namespace: {not_isolated}", stacklevel=1)
+        ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        try:
+            yield not_isolated
+        finally:
+            ray.shutdown()
+
+
+def test_ray_listens_on_loopback_only(ray_local, listening_sockets):
+    listening_addresses, is_loopback = listening_sockets
+    if ray_local:
+        pytest.skip(ray_local)
+    addrs = listening_addresses()
+    assert addrs, "Ray's servers should be listening"
+    assert all(is_loopback(a) for a in addrs), addrs
 
 
 @pytest.fixture(scope="module")
