@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from postembed_fast.cli_args import positive_int
 from postembed_fast.train.data import read_posts, split_posts
 from postembed_fast.train.tasks import TRAIN_TASKS
 
@@ -29,15 +30,13 @@ def _tasks(s: str) -> tuple[str, ...]:
 
 
 def _dim(s: str):
+    """`--dim`: a positive integer, or none/full/0 for no Dense layer."""
     if s.lower() in ("none", "full", "0"):
         return None
     try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--dim must be a positive integer or 'none', got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"--dim must be a positive integer or 'none', got {s!r}")
-    return v
+        return positive_int(s)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"--dim must be a positive integer or 'none': {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
