@@ -227,11 +227,32 @@ def check_row(rec, text_field: str, id_field: str) -> tuple[str | None, str | No
     return pid, text, None
 
 
-def _parse_jsonl_line(line: str):
+def _parse_jsonl_line(raw: bytes):
+    """-> (record, None, the line as text) or (None, reason, the line as text for the rejects file)."""
     try:
-        return json.loads(line), None
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})", raw.decode("utf-8", "backslashreplace")
+    try:
+        return json.loads(line), None, line
     except ValueError as exc:
-        return None, f"invalid JSON: {exc}"
+        return None, f"invalid JSON: {exc}", line
+
+
+def _jsonl_lines(files: list[str]):
+    """A Ray Data datasource: the non-blank lines of JSONL(.gz) files as raw bytes (column `text`, plus
+    `path`). Not read_text: it decodes a whole file strictly, so one invalid UTF-8 byte fails the job,
+    and it splits on str.splitlines(), i.e. also inside a JSON string holding an unescaped U+2028.
+    Here each line is decoded on its own (a bad one becomes a reject) and split on newlines only."""
+    import pyarrow as pa
+    from ray.data.datasource import FileBasedDatasource
+
+    class JsonlLines(FileBasedDatasource):
+        def _read_stream(self, f, path):
+            lines = [ln for ln in f.readall().split(b"\n") if ln.strip()]
+            yield pa.table({"text": pa.array([ln.rstrip(b"\r") for ln in lines], pa.binary())})
+
+    return JsonlLines(files, include_paths=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,8 +352,8 @@ class EmbedBatch:
         paths = batch.column("path").to_pylist()
         out = []
         if self.fmt == "jsonl":
-            for path, line in zip(paths, batch.column("text").to_pylist()):
-                rec, reason = _parse_jsonl_line(line)
+            for path, raw in zip(paths, batch.column("text").to_pylist()):
+                rec, reason, line = _parse_jsonl_line(raw)
                 if reason is None:
                     pid, text, reason = check_row(rec, self.text_field, self.id_field)
                 else:
@@ -611,10 +632,9 @@ def _run_round(cfg: Config, files: list[str], fmt: str, settings: dict, plan: di
         return io if "num_cpus" in inspect.signature(reader).parameters else {"ray_remote_args": io}
 
     if fmt == "jsonl":
-        # read as lines: every line becomes a row (even one that is not valid JSON), so bad rows are
-        # rejected one by one instead of failing the whole file in a JSON reader
-        ds = ray.data.read_text(files, include_paths=True, drop_empty_lines=True,
-                                 **io_kw(ray.data.read_text))
+        # read as lines: every line becomes a row (even one that is not valid JSON or UTF-8), so bad
+        # rows are rejected one by one instead of failing the whole file in a JSON reader
+        ds = ray.data.read_datasource(_jsonl_lines(files), **io_kw(ray.data.read_datasource))
     else:
         import pyarrow.parquet as pq
 

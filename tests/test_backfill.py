@@ -25,6 +25,7 @@ with gzip.open(DATA, "rt", encoding="utf-8") as _f:
 for _p in POSTS:  # real posts, cut short to keep the CPU time of these tests low
     _p["text"] = _p["text"][:300]
 
+POSTS[3]["text"] += " \u2028 (a line separator inside the text) \u2029 \x85 end"
 A, B, C = POSTS[:100], POSTS[100:160], POSTS[160:240]  # a.jsonl.gz, b.jsonl, c.parquet
 BAD_LINES = [  # (line, expected reason fragment, expected id)
     ("{not json", "invalid JSON", None),
@@ -33,6 +34,7 @@ BAD_LINES = [  # (line, expected reason fragment, expected id)
     (json.dumps({"text": "a post without an id"}), "missing id", None),
     (json.dumps({"id": "bad-3", "text": "\ud800"}), "not valid Unicode", "bad-3"),
     (json.dumps(["a", "list"]), "not a JSON object", None),
+    (b'{"id": "bad-4", "text": "caf\xe9 latin-1"}', "not valid UTF-8", None),
 ]
 
 
@@ -68,13 +70,15 @@ def embedder():
 
 def write_jsonl(path, posts, bad=(), gz=False):
     opener = gzip.open if gz else open
-    with opener(path, "wt", encoding="utf-8") as f:
+    with opener(path, "wb") as f:
         for i, p in enumerate(posts):
-            f.write(json.dumps({"id": p["id"], "text": p["text"], "title": p.get("title")}) + "\n")
+            # ensure_ascii=False: raw UTF-8, so an unescaped U+2028 inside a string must not split the line
+            f.write(json.dumps({"id": p["id"], "text": p["text"], "title": p.get("title")},
+                               ensure_ascii=False).encode() + b"\n")
             if i == 10:  # bad rows in the middle: the rows after them must still come out in order
                 for line, _, _ in bad:
-                    f.write(line + "\n")
-                f.write("\n")  # a blank line is not a post (skipped, not rejected)
+                    f.write((line if isinstance(line, bytes) else line.encode()) + b"\n")
+                f.write(b"\n")  # a blank line is not a post (skipped, not rejected)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +150,8 @@ def test_float32_both_formats_rejects_and_resume(ray_local, embedder, inputs, tm
     rejects = [json.loads(x) for x in (next(out.glob("a-*")) / "rejects.jsonl").read_text().splitlines()]
     assert len(rejects) == len(BAD_LINES)
     for r, (line, reason, pid) in zip(rejects, BAD_LINES):
-        assert reason in r["reason"] and r["id"] == pid and r["row"] == line and r["input"].endswith("a.jsonl.gz")
+        row = line.decode("utf-8", "backslashreplace") if isinstance(line, bytes) else line
+        assert reason in r["reason"] and r["id"] == pid and r["row"] == row and r["input"].endswith("a.jsonl.gz")
     crej = [json.loads(x) for x in (next(out.glob("c-*")) / "rejects.jsonl").read_text().splitlines()]
     assert [("missing id" in r["reason"], r["id"]) for r in crej] == [(True, None), (False, "c-null-text")]
     assert not list(out.glob("b-*/rejects.jsonl"))
