@@ -13,7 +13,6 @@ import gzip
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
@@ -41,17 +40,9 @@ def main() -> None:
     st = SentenceTransformer(a.model, device=a.device)
     x, y = ours.embed(texts), st.encode(texts, batch_size=32, convert_to_numpy=True)
     cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
-    rounds = []
-    for _ in range(a.rounds):
-        t = time.perf_counter()
-        st.encode(texts, batch_size=32)
-        t_st = time.perf_counter() - t
-        t = time.perf_counter()
-        ours.embed(texts)
-        t_ours = time.perf_counter() - t
-        rounds.append({"sentence_transformers_posts_s": len(texts) / t_st, "postembed_fast_posts_s": len(texts) / t_ours,
-                       "ratio": t_st / t_ours})
-        print(json.dumps(rounds[-1]), flush=True)
+    from bench.st_ratio import interleaved_rounds
+
+    rounds = interleaved_rounds(st, ours, texts, a.rounds)
     out = {"command": f"python -m bench.trained_model --model {a.model} --n {a.n} --rounds {a.rounds} --device {a.device}",
            "model_tag": ours.model_tag, "dim": ours.dim, "max_seq_length": ours.max_seq_length, "posts": len(texts),
            "machine": f"{platform.node()} {os.cpu_count()} cpus", "load_average": os.getloadavg(),

@@ -60,14 +60,9 @@ class BackfillError(ValueError):
 
 
 def missing_extra() -> str | None:
-    try:
-        import pyarrow  # noqa: F401
-        import ray  # noqa: F401
-        import ray.data  # noqa: F401
-    except ImportError as exc:
-        return (f"Ray Data is not installed ({exc.name} missing); install with: "
-                "pip install 'postembed_fast[backfill]'")
-    return None
+    from postembed_fast.cli_args import missing_extra as missing
+
+    return missing("backfill", "pyarrow", "ray", "ray.data")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,3 +47,16 @@ def add_model_args(p: argparse.ArgumentParser, *, batch_tokens: bool = True) -> 
     if batch_tokens:
         g.add_argument("--batch-tokens", type=positive_int, default=None, metavar="N",
                        help="tokens per forward batch (default: 4096 on CPU, 65536 on GPU)")
+
+
+def missing_extra(extra: str, *modules: str) -> str | None:
+    """None when every module imports, else one line naming the first missing one and the pip extra
+    that installs it (each optional part of the package says the same thing the same way)."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            return f"{exc.name or name} is not installed; install with: pip install 'postembed_fast[{extra}]'"
+    return None

@@ -183,11 +183,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 
 def missing_extra() -> str | None:
-    try:
-        import redis  # noqa: F401
-    except ImportError:
-        return "redis (redis-py) is not installed; install with: pip install 'postembed_fast[nearline]'"
-    return None
+    from postembed_fast.cli_args import missing_extra as missing
+
+    return missing("nearline", "redis")
 
 
 # ---------------------------------------------------------------------------------------------

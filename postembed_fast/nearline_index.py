@@ -554,14 +554,9 @@ def create_app(updater: IndexUpdater):
 # entry point
 # ---------------------------------------------------------------------------------------------
 def missing_extra() -> str | None:
-    try:
-        import redis  # noqa: F401
-        import starlette  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as exc:
-        return (f"{exc.name} is not installed; the index updater needs: pip install "
-                "'postembed_fast[nearline,serve]'")
-    return None
+    from postembed_fast.cli_args import missing_extra as missing
+
+    return missing("nearline,serve", "redis", "starlette", "uvicorn")
 
 
 def run_index(cfg: IndexConfig) -> int:

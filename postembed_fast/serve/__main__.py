@@ -21,14 +21,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 
 def missing_extra() -> str | None:
-    try:
-        import orjson  # noqa: F401
-        import prometheus_client  # noqa: F401
-        import starlette  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as exc:
-        return f"{exc.name} is not installed; install the server with: pip install 'postembed_fast[serve]'"
-    return None
+    from postembed_fast.cli_args import missing_extra as missing
+
+    return missing("serve", "orjson", "prometheus_client", "starlette", "uvicorn")
 
 
 def serve(cfg: ServeConfig) -> int:
