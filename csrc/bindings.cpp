@@ -7,21 +7,26 @@
 // (torch.cuda.current_stream().cuda_stream). It never links libtorch. Every
 // check failure raises ValueError (std::invalid_argument) before any kernel
 // touches memory; the CPU kernels run with the GIL released.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "cuda_api.h"
 #include "embedding_math.h"
 #include "kernels.h"
+#include "wordpiece.h"
 
 namespace py = pybind11;
 using namespace postembed;
@@ -306,6 +311,39 @@ void py_quant_cuda(uintptr_t x, int64_t B, int64_t D, int64_t ld, int dtype, int
 #endif
 }
 
+// ---- WordPiece on ASCII texts (csrc/wordpiece_cpu.cpp) ------------------------------------------
+// texts: a list of str. Pure-ASCII compact strings are read in place (CPython stores them as bytes);
+// every other text gets length -1 and is left to the caller. The strings are referenced while the
+// GIL is released, so a concurrent change to the list cannot free them.
+py::tuple py_wordpiece_encode(const AsciiWordPiece& wp, const py::list& texts, int num_threads) {
+  const int64_t n = static_cast<int64_t>(PyList_GET_SIZE(texts.ptr()));
+  std::vector<py::object> keep;
+  keep.reserve(n);
+  std::vector<const char*> ptrs(n, nullptr);
+  std::vector<int64_t> sizes(n, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    PyObject* o = PyList_GET_ITEM(texts.ptr(), i);
+    PE_CHECK(PyUnicode_Check(o), "AsciiWordPiece.encode: texts[", i, "] must be str");
+    keep.push_back(py::reinterpret_borrow<py::object>(o));
+    if (PyUnicode_IS_COMPACT_ASCII(o)) {
+      ptrs[i] = static_cast<const char*>(PyUnicode_DATA(o));
+      sizes[i] = static_cast<int64_t>(PyUnicode_GET_LENGTH(o));
+    }
+  }
+  py::array_t<int64_t> lens(n);
+  int64_t* lens_ptr = lens.mutable_data();
+  auto ids = std::make_unique<std::vector<int32_t>>();
+  {
+    py::gil_scoped_release nogil;
+    wp.encode(ptrs.data(), sizes.data(), n, lens_ptr, *ids, num_threads);
+  }
+  // The numpy array owns the vector's buffer (no copy).
+  std::vector<int32_t>* raw = ids.release();
+  py::capsule owner(raw, [](void* p) { delete static_cast<std::vector<int32_t>*>(p); });
+  py::array_t<int32_t> ids_arr({static_cast<py::ssize_t>(raw->size())}, {sizeof(int32_t)}, raw->data(), owner);
+  return py::make_tuple(lens, ids_arr);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -351,6 +389,35 @@ PYBIND11_MODULE(_C, m) {
         py::arg("kind"), py::arg("q"), py::arg("nq"), py::arg("ldq"), py::arg("db"), py::arg("N"), py::arg("lddb"),
         py::arg("cols"), py::arg("db_bias"), py::arg("allow"), py::arg("k"), py::arg("out_scores"),
         py::arg("out_idx"), py::arg("num_threads"));
+
+  py::class_<AsciiWordPiece>(m, "AsciiWordPiece",
+                             "BERT WordPiece for pure-ASCII texts (csrc/wordpiece_cpu.cpp); other texts are left to the caller.")
+      .def(py::init([](std::vector<std::string> vocab, int32_t unk_id, std::string continuing_prefix,
+                       int64_t max_input_chars_per_word, bool lowercase, std::vector<int32_t> prefix_ids,
+                       std::vector<int32_t> suffix_ids, int64_t max_length, bool truncate_left,
+                       std::vector<std::string> added_tokens) {
+             PE_CHECK(max_length >= 0, "AsciiWordPiece: max_length must be >= 0 (0: no truncation), got ", max_length);
+             PE_CHECK(max_input_chars_per_word > 0, "AsciiWordPiece: max_input_chars_per_word must be > 0");
+             WordPieceConfig c;
+             c.vocab = std::move(vocab);
+             c.unk_id = unk_id;
+             c.continuing_prefix = std::move(continuing_prefix);
+             c.max_input_chars_per_word = max_input_chars_per_word;
+             c.lowercase = lowercase;
+             c.prefix_ids = std::move(prefix_ids);
+             c.suffix_ids = std::move(suffix_ids);
+             c.max_length = max_length;
+             c.truncate_left = truncate_left;
+             c.added_tokens = std::move(added_tokens);
+             return AsciiWordPiece(std::move(c));
+           }),
+           py::arg("vocab"), py::arg("unk_id"), py::arg("continuing_prefix"), py::arg("max_input_chars_per_word"),
+           py::arg("lowercase"), py::arg("prefix_ids"), py::arg("suffix_ids"), py::arg("max_length"),
+           py::arg("truncate_left"), py::arg("added_tokens"))
+      .def("encode", &py_wordpiece_encode,
+           "texts (list of str) -> (lens int64 [N], ids int32 [T]): lens[i] = -1 for a text not handled here\n"
+           "(not ASCII, or containing an added token); ids = the handled texts' ids in order. GIL released.",
+           py::arg("texts"), py::arg("num_threads") = 0);
 
   py::dict dtypes, modes, precisions;
   dtypes["float32"] = int(kF32);

@@ -180,46 +180,80 @@ class FlatTokenizer:
 
     # ---- choosing and verifying the fast encoder -----------------------------------------------
     def _setup_fast(self, fast_encoder: FlatEncoder | None) -> str | None:
-        """Install the fast encoder if it is verified; else return why not."""
+        """Install the first verified fast encoder; else return why none is.
+
+        Candidates, best first: the ASCII WordPiece of csrc/ for pure-ASCII texts with nanotoken (or,
+        without it, Hugging Face) for the others; then nanotoken alone. Each is compared with Hugging
+        Face on the probe texts once per tokenizer configuration and process."""
         if self._hf.padding is not None:
             return "padding is enabled on the tokenizer (flat output is unpadded)"
         if fast_encoder is not None:
             name = f"custom ({getattr(fast_encoder, '__qualname__', type(fast_encoder).__name__)})"
-            key = None  # an injected encoder is verified every time
-            encoder = _checked_output(fast_encoder)
+            return self._try(name, _checked_output(fast_encoder), key=None)  # verified every time
+        reason = self._config_unsupported()
+        if reason is not None:
+            return reason
+        config = self._hf.to_str()
+        nanotoken_enc, nanotoken_name, nanotoken_why = self._nanotoken(config)
+        ascii_wp, ascii_why = _ascii_wordpiece(json.loads(config), self.max_length, self._hf.truncation)
+        candidates = []
+        if ascii_wp is not None:
+            general, general_name = (nanotoken_enc, nanotoken_name) if nanotoken_enc else (self._hf_flat, self._hf_name)
+            candidates.append((f"{ASCII_WORDPIECE} + {general_name}", _ascii_first(ascii_wp, general)))
         else:
-            reason = self._config_unsupported()
-            if reason is not None:
-                return reason
-            try:
-                import nanotoken
-                from importlib.metadata import version
-
-                nt_version = version("nanotoken")
-            except ImportError as exc:
-                return (f"nanotoken is not installed ({exc}); pip install '{NANOTOKEN_REQUIREMENT}' "
-                        "or the extra postembed_fast[fast-tokenizer]")
-            except Exception as exc:  # noqa: BLE001  (a broken install: metadata, shared library...)
-                return f"nanotoken failed to import ({type(exc).__name__}: {exc})"
-            name = f"nanotoken {nt_version}"
-            try:
-                nt = nanotoken.Tokenizer.from_json(self._hf.to_str())
-            except Exception as exc:  # noqa: BLE001  (UnsupportedTokenizerError and anything else)
-                return f"nanotoken cannot load this tokenizer ({type(exc).__name__}: {exc})"
-            encoder = _nanotoken_encoder(nt, self.max_length, self._hf.truncation)
-            key = (hashlib.sha256(self._hf.to_str().encode()).hexdigest(), self.max_length,
-                   None if self._hf.truncation is None else self._hf.truncation.get("direction"),
+            _record_fallback(f"{ASCII_WORDPIECE} not used: {ascii_why}")
+        if nanotoken_enc is not None:
+            candidates.append((nanotoken_name, nanotoken_enc))
+        reasons = []
+        config_hash = hashlib.sha256(config.encode()).hexdigest()
+        for name, encoder in candidates:
+            key = (config_hash, self.max_length, None if self._hf.truncation is None else self._hf.truncation.get("direction"),
                    self._lower, name, self._hf_name)
-        self._fast, self._fast_name = encoder, name
+            reason = self._try(name, encoder, key)
+            if reason is None:
+                if reasons:  # a better candidate failed: say so, the one installed is still verified
+                    _record_fallback(reasons[0])
+                    warnings.warn(f"using {name}: {reasons[0]}", FastTokenizerFallbackWarning, stacklevel=3)
+                return None
+            reasons.append(reason)
+        if nanotoken_enc is None:
+            reasons.append(nanotoken_why)
+        return "; ".join(reasons)
+
+    def _try(self, name: str, encoder: FlatEncoder, key) -> str | None:
+        """Verify `encoder` (or reuse this process's verdict for `key`); install it if identical."""
+        reason = None
+        cached = False
         if key is not None:
             with _VERIFIED_LOCK:
-                if key in _VERIFIED:
-                    return _VERIFIED[key]
-        reason = self._verify()
-        if key is not None:
-            with _VERIFIED_LOCK:
-                _VERIFIED[key] = reason
+                cached = key in _VERIFIED
+                reason = _VERIFIED.get(key)
+        if not cached:
+            reason = self._verify(name, encoder)
+            if key is not None:
+                with _VERIFIED_LOCK:
+                    _VERIFIED[key] = reason
+        if reason is None:
+            self._fast, self._fast_name = encoder, name
         return reason
+
+    def _nanotoken(self, config: str):
+        """(encoder, name, None) or (None, None, why nanotoken cannot serve this tokenizer)."""
+        try:
+            import nanotoken
+            from importlib.metadata import version
+
+            name = f"nanotoken {version('nanotoken')}"
+        except ImportError as exc:
+            return None, None, (f"nanotoken is not installed ({exc}); pip install '{NANOTOKEN_REQUIREMENT}' "
+                                "or the extra postembed_fast[fast-tokenizer]")
+        except Exception as exc:  # noqa: BLE001  (a broken install: metadata, shared library...)
+            return None, None, f"nanotoken failed to import ({type(exc).__name__}: {exc})"
+        try:
+            nt = nanotoken.Tokenizer.from_json(config)
+        except Exception as exc:  # noqa: BLE001  (UnsupportedTokenizerError and anything else)
+            return None, None, f"nanotoken cannot load this tokenizer ({type(exc).__name__}: {exc})"
+        return _nanotoken_encoder(nt, self.max_length, self._hf.truncation), name, None
 
     def _config_unsupported(self) -> str | None:
         cfg = json.loads(self._hf.to_str())
@@ -238,24 +272,118 @@ class FlatTokenizer:
                 return f"max_length={self.max_length} leaves no room for text after the special tokens"
         return None
 
-    def _verify(self) -> str | None:
-        """Compare the fast encoder with Hugging Face on the probe texts: None if identical."""
+    def _verify(self, name: str, encoder: FlatEncoder) -> str | None:
+        """Compare an encoder with Hugging Face on the probe texts: None if identical."""
         probes = probe_texts(self._hf, self.max_length)
         src = [t.lower() for t in probes] if self._lower else probes
         try:
-            ids, offsets = self._fast(src)
+            ids, offsets = encoder(src)
         except Exception as exc:  # noqa: BLE001
-            return f"{self._fast_name} failed on the probe texts ({type(exc).__name__}: {exc})"
+            return f"{name} failed on the probe texts ({type(exc).__name__}: {exc})"
         ref_ids, ref_offsets = self._hf_flat(src)
         if not (np.array_equal(offsets, ref_offsets) and np.array_equal(ids, ref_ids)):
             i = _first_difference(ids, offsets, ref_ids, ref_offsets)
-            return (f"{self._fast_name} gives different token ids from Hugging Face tokenizers on probe text "
+            return (f"{name} gives different token ids from Hugging Face tokenizers on probe text "
                     f"{i} ({probes[i][:60]!r}{'...' if len(probes[i]) > 60 else ''})")
         try:
-            self._fast(["valid", "lone surrogate \ud800"])
+            encoder(["valid", "lone surrogate \ud800"])
         except Exception:  # noqa: BLE001  (refused, as Hugging Face refuses it)
             return None
-        return f"{self._fast_name} accepts a lone surrogate that Hugging Face tokenizers refuses"
+        return f"{name} accepts a lone surrogate that Hugging Face tokenizers refuses"
+
+
+ASCII_WORDPIECE = "ascii-wordpiece"  # csrc/wordpiece_cpu.cpp: pure-ASCII texts only
+
+
+def _ascii_wordpiece(cfg: dict, max_length: int | None, truncation: dict | None):
+    """The compiled ASCII WordPiece for this tokenizer.json, or (None, why not). Components are
+    already known to be BertNormalizer / BertPreTokenizer / WordPiece / a fixed-specials
+    post-processor (_config_unsupported); this reads their settings."""
+    from postembed_fast.kernels import _ext
+
+    if _ext._C is None or not hasattr(_ext._C, "AsciiWordPiece"):
+        return None, _ext.UNAVAILABLE_REASON or "postembed_fast._C has no AsciiWordPiece (rebuild the package)"
+    norm, model, post = cfg["normalizer"], cfg["model"], cfg["post_processor"]
+    if not norm.get("clean_text", True):
+        return None, "BertNormalizer clean_text=false (control characters kept) is not implemented"
+    if (truncation or {}).get("stride", 0):
+        return None, "truncation with a stride is not implemented"
+    vocab = model.get("vocab") or {}
+    unk = vocab.get(model.get("unk_token"))
+    if unk is None:
+        return None, f"the unk_token {model.get('unk_token')!r} is not in the vocabulary"
+    if any(not isinstance(i, int) or not 0 <= i < 1 << 24 for i in vocab.values()):
+        return None, "vocabulary ids outside 0..2^24"
+    tokens = [""] * (max(vocab.values()) + 1)
+    for tok, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+        tokens[i] = tok if tokens[i] == "" else tokens[i]
+    special = _specials_around_text(post)
+    if special is None:
+        return None, f"post_processor {post.get('type')!r} does not put fixed special tokens around one text"
+    added = cfg.get("added_tokens") or []
+    if any(a.get("normalized") and a.get("content", "").isascii() for a in added):
+        # Hugging Face matches these on the normalized (cleaned, lowercased) text; this code only
+        # looks for added tokens in the raw text.
+        return None, "an ASCII added token is matched on normalized text (normalized=true)"
+    wp = _ext._C.AsciiWordPiece(
+        vocab=tokens, unk_id=int(unk), continuing_prefix=model.get("continuing_subword_prefix") or "",
+        max_input_chars_per_word=int(model.get("max_input_chars_per_word", 100)),
+        lowercase=bool(norm.get("lowercase", True)), prefix_ids=special[0], suffix_ids=special[1],
+        max_length=int(max_length or 0),
+        truncate_left=(truncation or {}).get("direction", "right") == "left",
+        added_tokens=[a["content"] for a in added if a.get("content", "").isascii()],
+    )
+    return wp, None
+
+
+def _specials_around_text(post: dict):
+    """([ids before the text], [ids after]) of a BertProcessing / single-sequence TemplateProcessing."""
+    kind = post.get("type")
+    if kind == "BertProcessing":
+        return [int(post["cls"][1])], [int(post["sep"][1])]
+    if kind != "TemplateProcessing":
+        return None
+    before, after, seen = [], [], False
+    for item in post.get("single", []):
+        if "Sequence" in item:
+            if seen or item["Sequence"].get("id") != "A":
+                return None
+            seen = True
+        elif "SpecialToken" in item:
+            ids = post.get("special_tokens", {}).get(item["SpecialToken"]["id"], {}).get("ids")
+            if not ids:
+                return None
+            (after if seen else before).extend(int(i) for i in ids)
+        else:
+            return None
+    return (before, after) if seen else None
+
+
+def _ascii_first(wp, general: FlatEncoder) -> FlatEncoder:
+    """Pure-ASCII texts through the compiled WordPiece, the rest (and any text containing an added
+    token) through `general`; the two outputs merged back in text order with two numpy passes."""
+
+    def encode(texts: list) -> tuple[np.ndarray, np.ndarray]:
+        lens, ids = wp.encode(texts)
+        rest = np.flatnonzero(lens < 0)
+        if rest.size:
+            rest_ids, rest_offsets = general([texts[i] for i in rest])
+            lens[rest] = np.diff(rest_offsets)
+        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        if not rest.size:
+            return ids, offsets
+        if rest.size == len(texts):
+            return rest_ids, offsets
+        from_rest = np.zeros(len(texts), dtype=bool)
+        from_rest[rest] = True
+        token_from_rest = np.repeat(from_rest, lens)
+        out = np.empty(int(offsets[-1]), dtype=np.int32)
+        out[token_from_rest] = rest_ids
+        out[~token_from_rest] = ids
+        return out, offsets
+
+    return encode
 
 
 def _nanotoken_encoder(nt, max_length: int | None, truncation: dict | None) -> FlatEncoder:
