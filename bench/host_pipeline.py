@@ -4,8 +4,9 @@ batch planning, packing, transfers, pooling, readback, order restore), in tokens
 Measured as the real embed() path with Embedder.encoder swapped for NullEncoder, a stand-in
 with the same forward() signature and output (shape, dtype, device) that does no work: this
 benchmark hook is the only place it is used. Next to it, in the same run: the tokenizers
-alone (Hugging Face `encode_batch`, as it is and with the id lists the old path built, and the
-package's flat tokenizer).
+alone (Hugging Face `encode_batch`, as it is and with the id lists the old path built; nanotoken's
+flat `encode_batch` on its own, when installed; and the package's flat tokenizer, which runs the
+compiled ASCII WordPiece with nanotoken for the non-ASCII texts).
 
 Every timed round uses posts that no tokenizer in this process has seen (a warm tokenizer cache
 once made a candidate look 3x faster than it is): the texts are cut into disjoint slices, one per
@@ -48,6 +49,17 @@ def _median_rate(fn, slices, tokens_of) -> dict:
     return dict(tokens_per_s=statistics.median(rates), rounds=[round(r) for r in rates], seconds=secs)
 
 
+def _nanotoken_alone(hf, max_length):
+    """nanotoken's flat encode_batch on this tokenizer (None if not installed): the candidate
+    measured side by side with the package's own tokenizer."""
+    try:
+        import nanotoken
+    except ImportError:
+        return None
+    nt = nanotoken.Tokenizer.from_json(hf.to_str())
+    return lambda texts: nt.encode_batch(texts, add_special_tokens=True, max_length=max_length, truncation_side="right")
+
+
 def measure(texts: list[str], device="cpu", rounds: int = 3, posts_per_round: int = 1500) -> dict:
     import torch
 
@@ -55,7 +67,9 @@ def measure(texts: list[str], device="cpu", rounds: int = 3, posts_per_round: in
 
     e = Embedder(device=device)
     hf = e.tokenizer.hf_tokenizer
-    systems = ("hf_encode_batch", "hf_encode_batch_lists", "flat_tokenizer", "embed_host_side")
+    nanotoken = _nanotoken_alone(hf, e.tokenizer.max_length)
+    systems = ("hf_encode_batch", "hf_encode_batch_lists") + (("nanotoken",) if nanotoken else ()) + (
+        "flat_tokenizer", "embed_host_side")
     need = len(systems) * rounds * posts_per_round + posts_per_round
     if len(texts) < need:
         raise SystemExit(f"need {need} distinct posts for {rounds} fresh rounds of {posts_per_round}, have {len(texts)}; "
@@ -83,6 +97,8 @@ def measure(texts: list[str], device="cpu", rounds: int = 3, posts_per_round: in
     out["hf_encode_batch"] = _median_rate(lambda b: hf.encode_batch(b), fresh["hf_encode_batch"], tokens_of)
     out["hf_encode_batch_lists"] = _median_rate(lambda b: [x.ids for x in hf.encode_batch(b)],
                                                 fresh["hf_encode_batch_lists"], tokens_of)
+    if nanotoken:
+        out["nanotoken"] = _median_rate(nanotoken, fresh["nanotoken"], tokens_of)
     out["flat_tokenizer"] = _median_rate(e.tokenizer.encode, fresh["flat_tokenizer"], tokens_of)
     out["embed_host_side"] = _median_rate(e.embed, fresh["embed_host_side"], tokens_of)
     return out
@@ -94,8 +110,11 @@ def report(r: dict) -> str:
              f"median; tokenizer backend: {r['tokenizer_backend']}):"]
     for k, label in (("hf_encode_batch", "tokenizers encode_batch"),
                      ("hf_encode_batch_lists", "tokenizers encode_batch + id lists (the old path's tokenizer)"),
+                     ("nanotoken", "nanotoken encode_batch alone (ids + offsets)"),
                      ("flat_tokenizer", "flat tokenizer (ids + offsets)"),
                      ("embed_host_side", "embed() with a no-op encoder")):
+        if k not in r:
+            continue
         v = r[k]["tokens_per_s"]
         lines.append(f"  {label:62s} {v / 1e6:6.2f} M tokens/s  ({v / base:4.1f}x)")
     return "\n".join(lines)

@@ -1,5 +1,6 @@
-"""Token-id identity of FlatTokenizer (fast backend and Hugging Face fallback) with Hugging Face
-tokenizers' encode_batch, on a whole corpus plus the hostile texts of tests/data/hostile_texts.py.
+"""Token-id identity of FlatTokenizer with Hugging Face tokenizers' encode_batch, for every backend it
+can run (the compiled ASCII WordPiece with nanotoken, the same with Hugging Face for non-ASCII texts,
+nanotoken alone, Hugging Face alone), on a whole corpus plus the hostile texts of tests/data/hostile_texts.py.
 
     python bench/tokenizer_identity.py ../shared/data/debian-posts.jsonl.gz [--model FOLDER]
         [--chunk 4096] [--no-code-points] [--lowercase] [--fields text,title]
@@ -72,9 +73,13 @@ def compare(name: str, tok, hf, texts: list[str], lower: bool, chunk: int, show:
                 bad += 1
                 if bad <= show:
                     print(f"  MISMATCH {name}[{start + i}] {part[i][:100]!r}\n    got {got}\n    ref {r}")
-    print(f"{tok.backend:>18} {name:<28} {len(texts):>9,} texts  {bad:>6} mismatches   "
+    print(f"{_label(tok):>34} {name:<26} {len(texts):>9,} texts  {bad:>6} mismatches   "
           f"({t_tok:6.2f} s vs Hugging Face {t_ref:6.2f} s)", flush=True)
     return bad
+
+
+def _label(tok) -> str:
+    return getattr(tok, "label", tok.backend)
 
 
 def check_refusals(tok, invalid) -> int:
@@ -91,8 +96,29 @@ def check_refusals(tok, invalid) -> int:
         else:
             print(f"  ACCEPTED {text[:40]!r} (Hugging Face refuses it)")
         bad += 1
-    print(f"{tok.backend:>18} {'lone surrogates refused':<28} {len(invalid):>9,} texts  {bad:>6} mismatches")
+    print(f"{_label(tok):>34} {'lone surrogates refused':<26} {len(invalid):>9,} texts  {bad:>6} mismatches")
     return bad
+
+
+def _backend(name: str, hf, lower: bool, max_length: int):
+    """A FlatTokenizer running one backend (verified on the probes by FlatTokenizer itself)."""
+    from postembed_fast import tokenization
+    from postembed_fast.tokenization import FlatTokenizer
+
+    if name in ("fast", "hf"):
+        return FlatTokenizer(hf, lowercase=lower, backend=name)
+    if name == "nanotoken":
+        import nanotoken
+
+        enc = tokenization._nanotoken_encoder(nanotoken.Tokenizer.from_json(hf.to_str()), max_length, hf.truncation)
+    else:
+        wp, why = tokenization._ascii_wordpiece(json.loads(hf.to_str()), max_length, hf.truncation)
+        if wp is None:
+            raise ValueError(why)
+        enc = tokenization._ascii_first(wp, FlatTokenizer(hf, backend="hf")._hf_flat)
+    tok = FlatTokenizer(hf, lowercase=lower, fast_encoder=enc, backend="fast")
+    tok.label = {"nanotoken": "nanotoken alone", "ascii+hf": f"ascii-wordpiece + {tok._hf_name}"}[name]
+    return tok
 
 
 def main(argv=None) -> int:
@@ -119,10 +145,10 @@ def main(argv=None) -> int:
     if not args.no_code_points:
         sets.append(("every code point", hostile.code_point_texts()))
     toks = []
-    for backend in ("fast", "hf"):
+    for backend in ("fast", "ascii+hf", "nanotoken", "hf"):
         try:
-            toks.append(FlatTokenizer(hf, lowercase=lower, backend=backend))
-        except ValueError as exc:
+            toks.append(_backend(backend, hf, lower, spec.max_seq_length))
+        except (ValueError, ImportError) as exc:
             print(f"backend={backend!r} unavailable: {exc}")
     total = 0
     for tok in toks:

@@ -1,19 +1,27 @@
 """Texts -> token ids as two flat arrays: `ids` (every text's ids, concatenated) and `offsets`
 ([N+1]; text i is ids[offsets[i]:offsets[i+1]]). No Python object per token or per text.
 
-FlatTokenizer runs nanotoken (optional extra `fast-tokenizer`: a Rust WordPiece tokenizer that
-writes flat arrays, releases the GIL and runs on every core) when it gives exactly the ids of the
-model's Hugging Face tokenizer, and Hugging Face tokenizers otherwise. Hugging Face tokenizers is the
-reference: before nanotoken serves a model, its ids are compared with Hugging Face's on a few hundred
-built-in probe texts (hostile Unicode, vocabulary pieces, truncation at max_seq_length); the result is
-remembered per tokenizer configuration for the life of the process. Any doubt falls back to Hugging
-Face tokenizers, with the reason in `fallback_reason` and a FastTokenizerFallbackWarning:
-  - nanotoken is not installed or fails to import;
+FlatTokenizer runs, best first, whichever fast encoder gives exactly the ids of the model's Hugging
+Face tokenizer:
+  1. "ascii-wordpiece + nanotoken": pure-ASCII texts through the compiled BERT WordPiece of
+     csrc/wordpiece_cpu.cpp (OpenMP over texts, GIL released, no cache), every other text through
+     nanotoken (optional extra `fast-tokenizer`: a Rust WordPiece that writes flat arrays) or, when
+     nanotoken is not installed, through Hugging Face tokenizers;
+  2. nanotoken alone;
+  3. Hugging Face tokenizers, the reference and the fallback.
+Before a fast encoder serves a model, its ids are compared with Hugging Face's on a few hundred
+built-in probe texts (hostile Unicode, every ASCII character, vocabulary pieces, truncation at
+max_seq_length); the result is remembered per tokenizer configuration for the life of the process.
+Any doubt falls back to the next candidate, with the reason in `fallback_reason` / info() and a
+FastTokenizerFallbackWarning:
+  - the compiled module or nanotoken is missing or fails to import;
   - the tokenizer has a component outside the verified set (WordPiece model, BertNormalizer,
     BertPreTokenizer, TemplateProcessing/BertProcessing), padding enabled, or an unusual truncation;
-  - nanotoken refuses the tokenizer.json (UnsupportedTokenizerError) or fails to build;
-  - a probe text gets different ids (or nanotoken accepts a lone surrogate that Hugging Face refuses);
-  - nanotoken fails at run time on a batch of valid texts (that batch and later ones use Hugging Face).
+  - a backend refuses the tokenizer.json (nanotoken's UnsupportedTokenizerError, or a setting the
+    ASCII WordPiece does not implement) or fails to build;
+  - a probe text gets different ids (or a lone surrogate is accepted where Hugging Face refuses it);
+  - the fast encoder fails at run time on a batch of valid texts (that batch and later ones use
+    Hugging Face).
 """
 from __future__ import annotations
 
@@ -59,8 +67,13 @@ def status() -> dict:
         fast, why = f"nanotoken {version('nanotoken')}", None
     except PackageNotFoundError:
         fast, why = None, f"nanotoken is not installed (pip install '{NANOTOKEN_REQUIREMENT}')"
+    from postembed_fast.kernels import _ext
+
+    ascii_why = None if _ext._C is not None and hasattr(_ext._C, "AsciiWordPiece") else (
+        _ext.UNAVAILABLE_REASON or "postembed_fast._C has no AsciiWordPiece (rebuild the package)")
     with _VERIFIED_LOCK:
-        return dict(fast=fast, fast_unavailable=why, fallbacks=list(_FALLBACKS))
+        return dict(fast=fast, fast_unavailable=why, ascii_wordpiece=ascii_why is None,
+                    ascii_wordpiece_unavailable=ascii_why, fallbacks=list(_FALLBACKS))
 
 
 class FastTokenizerFallbackWarning(RuntimeWarning):
@@ -204,6 +217,8 @@ class FlatTokenizer:
             _record_fallback(f"{ASCII_WORDPIECE} not used: {ascii_why}")
         if nanotoken_enc is not None:
             candidates.append((nanotoken_name, nanotoken_enc))
+        else:  # the ASCII path may still serve, with Hugging Face for the other texts: info() says so
+            _record_fallback(nanotoken_why)
         reasons = []
         config_hash = hashlib.sha256(config.encode()).hexdigest()
         for name, encoder in candidates:
@@ -452,6 +467,8 @@ _PROBE_LITERALS = [
     "https://example.com/a?q=1&x=2#f user@example.org", "\u201cq\u201d \u2018s\u2019 \u00abg\u00bb \u2014\u2026",
     "def f(x):\n    return x**2", "<b>&amp;</b>", "!!!???...", "$1 \u20ac2 \u00a33 \u00a54 \u20bf5",
     "The quick brown fox jumps over the lazy dog.", "Excited to share our new paper!",
+    "It is what it is: this is a test of the tokenizer, and it works; we are all in. I'm sure you'd agree.",
+    "Unbelievably, the un-tokenizable antidisestablishmentarianism's tokenizations were re-tokenized.",
     "This package provides the development files for the library.",
 ]
 
@@ -461,6 +478,10 @@ def probe_texts(tokenizer=None, max_length: int | None = None) -> list[str]:
     points across every plane, words around the 100-character WordPiece limit, random vocabulary
     pieces (when a tokenizer is given) and texts at, just over and far over max_length tokens."""
     out = list(_PROBE_LITERALS)
+    # Every ASCII character inside a word, between words and next to upper case (the compiled ASCII
+    # WordPiece's byte classes: dropped controls join the word, \t\n\r split it, punctuation isolates).
+    out += [f"ab{chr(c)}cd {chr(c)}X{chr(c)}" for c in range(128)]
+    out += ["[MASK", "MASK]", "[[MASK]]", "x[SEP]y", "[PAD][UNK]", "[cls]"]
     ranges = [(0x00, 0x250), (0x250, 0x370), (0x370, 0x530), (0x2000, 0x2070), (0x3000, 0x3100),
               (0xFE00, 0xFE10), (0xFE20, 0xFE30), (0xFF00, 0xFFF0)]
     for lo, hi in ranges:

@@ -1,9 +1,11 @@
 """FlatTokenizer: flat (ids, offsets) identical to Hugging Face tokenizers' encode_batch (special tokens
-added, truncated at max_seq_length), on the fast backend (nanotoken) and on the fallback, for the
-committed real posts and the hostile texts; refusals, fallbacks and their reasons."""
+added, truncated at max_seq_length) on every backend (the compiled ASCII WordPiece with nanotoken or
+with Hugging Face for the other texts, nanotoken alone, Hugging Face alone), for the committed real
+posts and the hostile texts; refusals, fallbacks and their reasons."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 import threading
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from postembed_fast import tokenization
 from postembed_fast.tokenization import FastTokenizerFallbackWarning, FlatTokenizer, probe_texts
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -74,11 +77,38 @@ def fallback(hf):
     return FlatTokenizer(hf, backend="hf")
 
 
-@pytest.fixture(scope="module", params=["fast", "hf"])
+def _ascii_wp(hf, max_length=256):
+    wp, why = tokenization._ascii_wordpiece(json.loads(hf.to_str()), max_length, hf.truncation)
+    assert wp is not None, why
+    return wp
+
+
+def _hf_flat(hf):
+    return FlatTokenizer(hf, backend="hf")._hf_flat
+
+
+# Each backend the package can run, built as FlatTokenizer would (and verified on the probes by it).
+BUILDERS = {
+    "fast": lambda hf: FlatTokenizer(hf, backend="fast"),  # ascii-wordpiece + nanotoken
+    "ascii+hf": lambda hf: FlatTokenizer(hf, fast_encoder=tokenization._ascii_first(_ascii_wp(hf), _hf_flat(hf))),
+    "nanotoken": lambda hf: FlatTokenizer(hf, fast_encoder=_nanotoken_alone(hf)),
+    "hf": lambda hf: FlatTokenizer(hf, backend="hf"),
+}
+
+
+def _nanotoken_alone(hf):
+    import nanotoken
+
+    return tokenization._nanotoken_encoder(nanotoken.Tokenizer.from_json(hf.to_str()), 256, hf.truncation)
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
 def flat(request, hf):
-    if request.param == "fast" and NANOTOKEN_MISSING is not None:
+    if request.param in ("fast", "nanotoken") and NANOTOKEN_MISSING is not None:
         pytest.skip(NANOTOKEN_MISSING)
-    return FlatTokenizer(hf, backend=request.param)
+    tok = BUILDERS[request.param](hf)
+    assert tok.fallback_reason is None or request.param == "hf"
+    return tok
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +137,8 @@ def test_default_model_setup(spec, hf):
 
 
 def test_fast_backend_setup(fast):
-    assert fast.backend == "nanotoken 0.1.0" and fast.fallback_reason is None and fast.max_length == 256
+    assert fast.backend == "ascii-wordpiece + nanotoken 0.1.0" and fast.fallback_reason is None
+    assert fast.max_length == 256
 
 
 def test_auto_picks_the_fast_backend_when_installed(hf):
@@ -118,7 +149,7 @@ def test_auto_picks_the_fast_backend_when_installed(hf):
                 FlatTokenizer(hf)
             return
         tok = FlatTokenizer(hf)
-    assert tok.backend.startswith("nanotoken ") and tok.fallback_reason is None
+    assert tok.backend.startswith("ascii-wordpiece + nanotoken ") and tok.fallback_reason is None
 
 
 def test_posts_identical(flat, posts_set):
@@ -316,8 +347,25 @@ def test_runtime_failure_falls_back_for_good(hf, hostile_set):
     assert tok.backend.startswith("tokenizers ") and "simulated crash" in tok.fallback_reason
 
 
-def test_nanotoken_absent_falls_back(hf, monkeypatch, posts_set):
+def test_nanotoken_absent_ascii_path_serves_with_hugging_face(hf, monkeypatch, posts_set, hostile_set):
+    """Without the extra, ASCII texts still take the compiled path and the others Hugging Face."""
     monkeypatch.setitem(sys.modules, "nanotoken", None)  # import nanotoken -> ImportError
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastTokenizerFallbackWarning)
+        tok = FlatTokenizer(hf)
+    assert tok.backend.startswith("ascii-wordpiece + tokenizers ") and tok.fallback_reason is None
+    import postembed_fast
+
+    assert any("nanotoken is not installed" in r for r in postembed_fast.info()["tokenizer"]["fallbacks"])
+    for texts, ref in (posts_set, hostile_set):
+        assert_identical(*tok.encode(texts[:500]), ref[:500], texts[:500])
+
+
+def test_no_fast_backend_at_all_falls_back(hf, monkeypatch, posts_set):
+    from postembed_fast.kernels import _ext
+
+    monkeypatch.setitem(sys.modules, "nanotoken", None)
+    monkeypatch.setattr(_ext, "_C", None)
     with pytest.warns(FastTokenizerFallbackWarning, match="nanotoken is not installed"):
         tok = FlatTokenizer(hf)
     assert tok.backend.startswith("tokenizers ") and "pip install" in tok.fallback_reason
@@ -369,3 +417,124 @@ def test_package_import_does_not_import_nanotoken():
     code = ("import sys, postembed_fast, postembed_fast.tokenization; "
             "assert 'nanotoken' not in sys.modules, 'nanotoken imported at package import'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent)
+
+
+# ---- the compiled ASCII WordPiece ---------------------------------------------------------------------
+def test_ascii_path_takes_ascii_texts_only(hf):
+    """lens = -1 exactly for the texts left to the general tokenizer: non-ASCII ones and those holding
+    an added token (Hugging Face splits those out of the raw text first)."""
+    wp = _ascii_wp(hf)
+    texts = ["plain ascii", "caf\u00e9", "", "a [MASK] b", "[mask] lower case is ordinary text", "x[SEP]",
+             "\x00\x01 ctrl", "emoji \U0001f600", "[CLS"]
+    lens, ids = wp.encode(texts)
+    assert lens.dtype == np.int64 and ids.dtype == np.int32
+    assert (lens < 0).tolist() == [False, True, False, True, False, True, False, True, False]
+    ref = hf_reference(hf, texts)
+    handled = [r for r, n in zip(ref, lens) if n >= 0]
+    assert lens[lens >= 0].tolist() == [len(r) for r in handled]
+    assert ids.tolist() == [t for r in handled for t in r]
+
+
+def test_ascii_mixed_batch_keeps_order(hf, posts_set, hostile_set):
+    """ASCII and non-ASCII texts interleaved: the merge puts every text's ids back in its place."""
+    posts, posts_ref = posts_set
+    hostile_texts, hostile_ref = hostile_set
+    texts, ref = [], []
+    for i in range(300):
+        texts += [posts[i], hostile_texts[i % len(hostile_texts)]]
+        ref += [posts_ref[i], hostile_ref[i % len(hostile_texts)]]
+    enc = tokenization._ascii_first(_ascii_wp(hf), _hf_flat(hf))
+    assert_identical(*enc(texts), ref, texts)
+    assert_identical(*enc(texts[1::2]), ref[1::2], texts[1::2])  # nothing for the ASCII path
+    assert_identical(*enc(texts[:1]), ref[:1], texts[:1])  # nothing for the general tokenizer
+
+
+def _variant(hf, edit, max_length=256, direction="right"):
+    """A Hugging Face tokenizer built from an edited tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    cfg = json.loads(hf.to_str())
+    edit(cfg)
+    tok = Tokenizer.from_str(json.dumps(cfg))
+    tok.enable_truncation(max_length, direction=direction)
+    return tok
+
+
+ASCII_TEXTS = ["Hello, WORLD! It's 3.14 o'clock.", "UPPER lower MiXeD", "don't\tstop\nthe\rline",
+               "a\x01b c\x0bd e\x0cf g\x7fh \x00", "supercalifragilistic " * 40, "x" * 99, "x" * 100,
+               "y" * 101, "state-of-the-art $100 (approx.) ~tilde~ `code` {json: [1, 2]}", "", "   ",
+               "unaffable unbelievably tokenization"]
+
+
+@pytest.mark.parametrize("name,edit,max_length,direction", [
+    ("cased", lambda c: c["normalizer"].update(lowercase=False), 256, "right"),
+    ("short words", lambda c: c["model"].update(max_input_chars_per_word=5), 256, "right"),
+    ("left truncation", lambda c: None, 16, "left"),
+    ("right truncation at 5", lambda c: None, 5, "right"),
+    ("BertProcessing", lambda c: c.update(post_processor={"type": "BertProcessing", "sep": ["[SEP]", 102],
+                                                          "cls": ["[CLS]", 101]}), 256, "right"),
+])
+def test_ascii_path_follows_the_config(hf, name, edit, max_length, direction):
+    variant = _variant(hf, edit, max_length, direction)
+    wp = _ascii_wp(variant, max_length)
+    lens, ids = wp.encode(ASCII_TEXTS)
+    assert (lens >= 0).all()
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    assert_identical(ids, offsets, hf_reference(variant, ASCII_TEXTS), ASCII_TEXTS)
+    # and FlatTokenizer verifies and picks the ASCII path for it
+    tok = FlatTokenizer(variant, backend="fast")
+    assert tok.backend.startswith("ascii-wordpiece + ")
+    assert_identical(*tok.encode(ASCII_TEXTS), hf_reference(variant, ASCII_TEXTS), ASCII_TEXTS)
+
+
+@pytest.mark.parametrize("edit,why", [
+    (lambda c: c["normalizer"].update(clean_text=False), "clean_text=false"),
+    (lambda c: c["added_tokens"].append({"id": 7, "content": "hello", "single_word": False, "lstrip": False,
+                                         "rstrip": False, "normalized": True, "special": False}), "normalized=true"),
+    (lambda c: c.update(post_processor={"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}},
+                                        {"Sequence": {"id": "A", "type_id": 0}}], "pair": [], "special_tokens": {}}),
+     "fixed special tokens"),
+])
+def test_ascii_path_declines_what_it_does_not_implement(hf, edit, why):
+    variant = _variant(hf, edit)
+    wp, reason = tokenization._ascii_wordpiece(json.loads(variant.to_str()), 256, variant.truncation)
+    assert wp is None and why in reason
+
+
+@needs_nanotoken
+def test_wrong_ascii_path_is_caught_and_nanotoken_serves(hf, monkeypatch, posts_set):
+    """A broken compiled path (here: one id off for every ASCII text) fails the probes; nanotoken
+    alone takes over, with the reason in the warning and in info()."""
+    real = tokenization._ascii_wordpiece
+
+    class OffByOne:
+        def __init__(self, wp):
+            self.wp = wp
+
+        def encode(self, texts):
+            lens, ids = self.wp.encode(texts)
+            return lens, np.where(ids == 2003, 2004, ids).astype(np.int32)  # "is" -> "it"
+
+    monkeypatch.setattr(tokenization, "_ascii_wordpiece", lambda *a: (OffByOne(real(*a)[0]), None))
+    monkeypatch.setattr(tokenization, "_VERIFIED", {})
+    with pytest.warns(FastTokenizerFallbackWarning, match="ascii-wordpiece .*different token ids"):
+        tok = FlatTokenizer(hf)
+    assert tok.backend.startswith("nanotoken ") and tok.fallback_reason is None
+    texts, ref = posts_set
+    assert_identical(*tok.encode(texts[:300]), ref[:300], texts[:300])
+
+
+def test_ascii_path_bad_arguments(hf):
+    from postembed_fast.kernels import _ext
+
+    wp = _ascii_wp(hf)
+    with pytest.raises(ValueError, match=r"texts\[1\] must be str"):
+        wp.encode(["ok", b"bytes"])
+    with pytest.raises(ValueError, match="no room for text"):
+        _ext._C.AsciiWordPiece(vocab=["[UNK]"], unk_id=0, continuing_prefix="##", max_input_chars_per_word=100,
+                               lowercase=True, prefix_ids=[0], suffix_ids=[0], max_length=2, truncate_left=False,
+                               added_tokens=[])
+    with pytest.raises(ValueError, match="unk_id"):
+        _ext._C.AsciiWordPiece(vocab=["a"], unk_id=5, continuing_prefix="##", max_input_chars_per_word=100,
+                               lowercase=True, prefix_ids=[], suffix_ids=[], max_length=0, truncate_left=False,
+                               added_tokens=[])
