@@ -271,6 +271,38 @@ void py_topk_cpu(int kind, uintptr_t q, int64_t nq, int64_t ldq, uintptr_t db, i
   topk_cpu(a);
 }
 
+// Sign-dot top-k (kernels/sign_dot_topk.py): int8 queries [nq, 8 * cols] against packed sign bits
+// [N, cols]; the scan of topk_cpu (kind kTopkSignDot).
+void py_sign_dot_topk_cpu(uintptr_t q, int64_t nq, int64_t ldq, uintptr_t db, int64_t N, int64_t lddb, int64_t cols,
+                          uintptr_t allow, int64_t k, uintptr_t out_scores, uintptr_t out_idx, int num_threads) {
+  const char* fn = "sign_dot_topk_cpu";
+  for (auto [name, p] : {std::pair{"q", q}, {"db", db}, {"out_scores", out_scores}, {"out_idx", out_idx}})
+    check_ptr(fn, name, p);
+  PE_CHECK(nq > 0 && N > 0 && cols > 0, fn, ": need nq > 0, N > 0 and cols > 0, got nq=", nq, ", N=", N, ", cols=",
+           cols);
+  // sum_d (q_d + 128) b_d <= 255 * 8 * cols must fit int32
+  PE_CHECK(cols <= (int64_t{1} << 19), fn, ": ", cols, " bytes per row (", 8 * cols, " dimensions) overflow int32");
+  PE_CHECK(ldq >= 8 * cols && lddb >= cols, fn, ": row pitches must be ldq >= 8 * cols=", 8 * cols,
+           " and lddb >= cols=", cols, ", got ldq=", ldq, ", lddb=", lddb);
+  PE_CHECK(k >= 1 && k <= N, fn, ": k must be in [1, N=", N, "], got ", k);
+  PE_CHECK(num_threads >= 1, fn, ": num_threads must be >= 1, got ", num_threads);
+  PE_CHECK(nq <= std::numeric_limits<int64_t>::max() / 64 / k, fn, ": nq * k is too large");
+  TopkArgs a;
+  a.kind = kTopkSignDot;
+  a.q = reinterpret_cast<const void*>(q);
+  a.nq = nq, a.ldq = ldq;
+  a.db = reinterpret_cast<const void*>(db);
+  a.N = N, a.lddb = lddb, a.cols = cols;
+  a.db_bias = nullptr;
+  a.allow = reinterpret_cast<const uint8_t*>(allow);
+  a.k = k;
+  a.out_scores = reinterpret_cast<void*>(out_scores);
+  a.out_idx = reinterpret_cast<int64_t*>(out_idx);
+  a.num_threads = num_threads;
+  py::gil_scoped_release nogil;
+  topk_cpu(a);
+}
+
 [[noreturn]] void no_cuda(const char* fn) {
   throw std::runtime_error(cat(fn, ": postembed_fast._C was built without CUDA kernels"));
 }
@@ -389,6 +421,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("kind"), py::arg("q"), py::arg("nq"), py::arg("ldq"), py::arg("db"), py::arg("N"), py::arg("lddb"),
         py::arg("cols"), py::arg("db_bias"), py::arg("allow"), py::arg("k"), py::arg("out_scores"),
         py::arg("out_idx"), py::arg("num_threads"));
+
+  m.def("sign_dot_topk_cpu", &py_sign_dot_topk_cpu,
+        "Exact top-k by sum_d q_d * (bit_d ? +1 : -1): q int8 [nq, 8 * cols] (row pitch ldq), db packed sign\n"
+        "bits [N, cols] bytes (pitch lddb, numpy.packbits order); allow uint8 [N] or 0; out_scores int32 [nq, k],\n"
+        "out_idx int64 [nq, k]: best first, ties by lower row, missing candidates -1 with INT32_MIN.",
+        py::arg("q"), py::arg("nq"), py::arg("ldq"), py::arg("db"), py::arg("N"), py::arg("lddb"), py::arg("cols"),
+        py::arg("allow"), py::arg("k"), py::arg("out_scores"), py::arg("out_idx"), py::arg("num_threads"));
 
   py::class_<AsciiWordPiece>(m, "AsciiWordPiece",
                              "BERT WordPiece for pure-ASCII texts (csrc/wordpiece_cpu.cpp); other texts are left to the caller.")

@@ -73,8 +73,10 @@ struct LayerNormArgs {
 // Exact top-k scan (csrc/topk_cpu.cpp). q: [nq, cols] rows ldq elements apart; db: [N, cols] rows
 // lddb elements apart (binary: bytes of packed bits; int8 / float32: dimensions); db_bias: int32 [N]
 // added to int8 scores (may be null); allow: uint8 [N] (0 = skip the row; may be null).
-// out_scores: [nq, k] int32 (binary, int8) or float32; out_idx: int64 [nq, k].
-enum TopkKind { kTopkBinary = 0, kTopkInt8 = 1, kTopkFloat32 = 2 };
+// out_scores: [nq, k] int32 (binary, int8, sign-dot) or float32; out_idx: int64 [nq, k].
+// Sign-dot (kind 3): db as binary (cols bytes of packed sign bits), q int8 [nq, 8 * cols] (ldq
+// elements apart); score sum_d q_d (bit_d ? +1 : -1).
+enum TopkKind { kTopkBinary = 0, kTopkInt8 = 1, kTopkFloat32 = 2, kTopkSignDot = 3 };
 struct TopkArgs {
   int kind;
   const void* q;

@@ -2,6 +2,7 @@
 //   binary:  8 * bytes - popcount(q XOR x)          (int32; packed sign bits, any byte count)
 //   int8:    q . x + bias[row]                      (int32; raw integer dot + per-row correction)
 //   float32: q . x                                  (float)
+//   sign-dot: sum_d q_d * (bit_d ? +1 : -1)         (int32; int8 query [8 * bytes], packed-bit rows)
 // best first, ties broken by the lower row index; rows with allow[row] == 0 are skipped inside
 // the scan; fewer than k candidates: the rest of the row is index -1 with the lowest score
 // (INT32_MIN / -inf).
@@ -10,6 +11,13 @@
 // rows (std::thread, see topk_typed), scores it tile by tile (kRowTile rows x kQ queries, the rows stay in L1 while every query
 // passes over them) and keeps one bounded heap per query (the worst kept candidate on top: most
 // rows are rejected by one compare against it). The per-thread heaps are then merged per query.
+//
+// Sign-dot (asymmetric binary search: a float query quantized to int8 against sign codes) by bit
+// planes: with u_d = q_d + 128 in [0, 255] and plane_p = the bits p of u packed like the codes,
+//   sum_d u_d b_d = sum_p 2^p popcount(plane_p & b),   sum_d q_d b_d = that - 128 popcount(b),
+//   score = 2 sum_d q_d b_d - sum_d q_d.
+// 8 AND+popcounts per code word and query (Hamming: 1) plus one popcount(b) per row shared by
+// the queries; integers all the way, so the score is exact.
 //
 // One source, two builds (as csrc/attention_cpu.cpp): the baseline ISA and, on x86-64,
 // AVX2 + POPCNT (+FMA), picked at run time by avx2_enabled(). The scoring loops are plain C++
@@ -120,6 +128,44 @@ PE_INLINE void score_binary(const uint64_t* const* q, int nq, const uint64_t* x,
   }
 }
 
+// Sign-dot: q[j] is the query's prepared block: 8 planes of W words, then sum_d q_d (as one word).
+template <int W>
+PE_INLINE void score_signdot_w(const uint64_t* const* q, int nq, const uint64_t* x, int64_t nr, int64_t Wd,
+                               int32_t* out) {
+  const int64_t words = W > 0 ? W : Wd;
+  for (int64_t r = 0; r < nr; ++r) {
+    const uint64_t* xr = x + r * words;
+    int32_t pb = 0;
+    for (int64_t w = 0; w < words; ++w) pb += __builtin_popcountll(xr[w]);
+    for (int j = 0; j < nq; ++j) {
+      const uint64_t* qj = q[j];
+      int32_t ub = 0;  // sum_d u_d b_d
+      for (int p = 0; p < 8; ++p) {
+        const uint64_t* plane = qj + p * words;
+        int32_t c = 0;
+        for (int64_t w = 0; w < words; ++w) c += __builtin_popcountll(plane[w] & xr[w]);
+        ub += c << p;
+      }
+      const int32_t sumq = static_cast<int32_t>(static_cast<int64_t>(qj[8 * words]));
+      out[j * kRowTile + r] = 2 * (ub - 128 * pb) - sumq;
+    }
+  }
+}
+
+PE_INLINE void score_signdot(const uint64_t* const* q, int nq, const uint64_t* x, int64_t nr, int64_t W,
+                             int32_t* out) {
+  switch (W) {
+    case 1: score_signdot_w<1>(q, nq, x, nr, W, out); break;
+    case 2: score_signdot_w<2>(q, nq, x, nr, W, out); break;
+    case 4: score_signdot_w<4>(q, nq, x, nr, W, out); break;
+    case 6: score_signdot_w<6>(q, nq, x, nr, W, out); break;
+    case 8: score_signdot_w<8>(q, nq, x, nr, W, out); break;
+    case 12: score_signdot_w<12>(q, nq, x, nr, W, out); break;
+    case 16: score_signdot_w<16>(q, nq, x, nr, W, out); break;
+    default: score_signdot_w<0>(q, nq, x, nr, W, out); break;
+  }
+}
+
 // int8: q.x in int32 (products of int8 fit int16, their sums int32 for D < 2^17).
 PE_INLINE void score_int8(const int8_t* const* q, int nq, const int8_t* x, int64_t ldx, int64_t nr, int64_t D,
                           const int32_t* bias, int32_t* out) {
@@ -227,6 +273,68 @@ __attribute__((target("avx2"))) void score_binary_avx2(const uint64_t* const* q,
 }
 #endif
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// AVX2 sign-dot: q[j] is the query's prepared block: u_d = q_d + 128 as bytes (8 W words, zero past
+// the last dimension), then sum_d q_d. Each database row's 32-bit chunks are expanded once to 32
+// bytes (0xFF where the bit is set: broadcast, vpshufb, AND with the bit of each position, compare)
+// and multiplied with every query by vpmaddubsw (u unsigned x {0, -1} signed: pair sums in
+// [-510, 0], no saturation), summed in int16 over at most 64 chunks (>= -32640), then to int32.
+template <int NQ>
+__attribute__((target("avx2,popcnt"))) void score_signdot_avx2_n(const uint64_t* const* q, int nq,
+                                                                  const uint64_t* x, int64_t nr, int64_t W,
+                                                                  int32_t* out) {
+  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3,
+                                          3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x0102040810204080ULL));  // MSB first
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  const int64_t chunks = 2 * W;  // 32 dimensions each
+  for (int64_t r = 0; r < nr; ++r) {
+    const uint64_t* xr = x + r * W;
+    const uint8_t* xb = reinterpret_cast<const uint8_t*>(xr);
+    int32_t pb = 0;
+    for (int64_t w = 0; w < W; ++w) pb += static_cast<int32_t>(_mm_popcnt_u64(xr[w]));
+    int32_t ub[NQ] = {};
+    for (int64_t c0 = 0; c0 < chunks; c0 += 64) {
+      const int64_t c1 = std::min<int64_t>(chunks, c0 + 64);
+      __m256i acc[NQ];
+      for (int j = 0; j < NQ; ++j) acc[j] = _mm256_setzero_si256();
+      for (int64_t c = c0; c < c1; ++c) {
+        uint32_t word;
+        std::memcpy(&word, xb + 4 * c, 4);
+        const __m256i rep = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(word)), spread);
+        const __m256i b = _mm256_cmpeq_epi8(_mm256_and_si256(rep, bit), bit);  // -1 where set
+        for (int j = 0; j < NQ; ++j) {
+          const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+              reinterpret_cast<const uint8_t*>(q[j]) + 32 * c));
+          acc[j] = _mm256_add_epi16(acc[j], _mm256_maddubs_epi16(u, b));
+        }
+      }
+      for (int j = 0; j < NQ; ++j) {
+        const __m256i s32 = _mm256_madd_epi16(acc[j], ones16);
+        __m128i v = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256(s32, 1));
+        v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4E));
+        v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0xB1));
+        ub[j] -= _mm_cvtsi128_si32(v);
+      }
+    }
+    for (int j = 0; j < nq; ++j) {
+      const int32_t sumq = static_cast<int32_t>(static_cast<int64_t>(q[j][8 * W]));
+      out[j * kRowTile + r] = 2 * (ub[j] - 128 * pb) - sumq;
+    }
+  }
+}
+void score_signdot_avx2(const uint64_t* const* q, int nq, const uint64_t* x, int64_t nr, int64_t W, int32_t* out) {
+  if (nq == 1)
+    score_signdot_avx2_n<1>(q, nq, x, nr, W, out);
+  else if (nq == 2)
+    score_signdot_avx2_n<2>(q, nq, x, nr, W, out);
+  else if (nq <= 4)
+    score_signdot_avx2_n<4>(q, nq, x, nr, W, out);
+  else
+    score_signdot_avx2_n<kQ>(q, nq, x, nr, W, out);
+}
+#endif
+
 // float32: 8-wide partial sums, then the tail.
 PE_INLINE void score_float(const float* const* q, int nq, const float* x, int64_t ldx, int64_t nr, int64_t D,
                            float* out) {
@@ -276,12 +384,14 @@ PE_INLINE void scan_range(const TopkArgs& a, const void* qprep, int64_t qpitch, 
                           Heap<S>* heaps, S* tile, uint64_t* xpad) {
   // Few queries: the tile transposition would cost as much as scoring it; rows are scored in place
   // by popcnt instead.
-  const bool transposed = AVX2 && a.nq >= 4;
+  const bool transposed = AVX2 && a.nq >= 4 && a.kind == kTopkBinary;
+  const bool words = a.kind == kTopkBinary || a.kind == kTopkSignDot;  // rows read as uint64 words
+  // (sign-dot: qpitch is the prepared query block, 8 planes of W words + 1; the rows have W words)
+  const int64_t W = (a.cols + 7) / 8;
   for (int64_t t0 = r0; t0 < r1; t0 += kRowTile) {
     const int64_t nr = std::min(kRowTile, r1 - t0);
     const uint64_t* xw = nullptr;
     if (a.kind == kTopkBinary && transposed) {  // transposed, zero-padded tile for score_binary_avx2
-      const int64_t W = qpitch;
       const uint8_t* src = static_cast<const uint8_t*>(a.db) + t0 * a.lddb;
       uint64_t row[64];
       for (int64_t r = 0; r < kRowTile; ++r) {
@@ -297,8 +407,7 @@ PE_INLINE void scan_range(const TopkArgs& a, const void* qprep, int64_t qpitch, 
           for (int64_t w = 0; w < nw; ++w) xpad[(w0 + w) * kRowTile + r] = row[w];
         }
       }
-    } else if (a.kind == kTopkBinary) {
-      const int64_t W = qpitch;
+    } else if (words) {
       const uint8_t* src = static_cast<const uint8_t*>(a.db) + t0 * a.lddb;
       if (a.cols % 8 == 0 && a.lddb == a.cols) {
         xw = reinterpret_cast<const uint64_t*>(src);  // read in place (alignment: memcpy-free only on x86)
@@ -322,6 +431,15 @@ PE_INLINE void scan_range(const TopkArgs& a, const void* qprep, int64_t qpitch, 
         const uint64_t* qp[kQ];
         for (int j = 0; j < kQ; ++j) qp[j] = static_cast<const uint64_t*>(qprep) + (q0 + std::min(j, nq - 1)) * qpitch;
         score_binary(qp, nq, xw, nr, qpitch, static_cast<int32_t>(8 * a.cols), reinterpret_cast<int32_t*>(tile));
+      } else if (a.kind == kTopkSignDot) {
+        const uint64_t* qp[kQ];
+        for (int j = 0; j < kQ; ++j) qp[j] = static_cast<const uint64_t*>(qprep) + (q0 + std::min(j, nq - 1)) * qpitch;
+#if defined(__x86_64__) && defined(__GNUC__)
+        if (AVX2)
+          score_signdot_avx2(qp, nq, xw, nr, W, reinterpret_cast<int32_t*>(tile));
+        else
+#endif
+          score_signdot(qp, nq, xw, nr, W, reinterpret_cast<int32_t*>(tile));
       } else if (a.kind == kTopkInt8 && AVX2) {
 #if defined(__x86_64__) && defined(__GNUC__)
         const int16_t* qp[kQ];
@@ -399,6 +517,47 @@ void topk_typed(const TopkArgs& a) {
       std::memcpy(qwords.data() + i * qpitch, static_cast<const uint8_t*>(a.q) + i * a.ldq, a.cols);
     qprep = qwords.data();
   }
+  if (a.kind == kTopkSignDot && use_avx2) {
+    // Per query (score_signdot_avx2): u_d = q_d + 128 as 8 W words of bytes (0 past the last
+    // dimension: those bits are 0 in the zero-padded rows), then sum_d q_d.
+    const int64_t W = (a.cols + 7) / 8;
+    qpitch = 8 * W + 1;
+    qwords.assign(static_cast<size_t>(a.nq * qpitch), 0);
+    for (int64_t i = 0; i < a.nq; ++i) {
+      const int8_t* qi = static_cast<const int8_t*>(a.q) + i * a.ldq;
+      uint64_t* dst = qwords.data() + i * qpitch;
+      uint8_t* u = reinterpret_cast<uint8_t*>(dst);
+      int64_t sumq = 0;
+      for (int64_t d = 0; d < 8 * a.cols; ++d) {
+        u[d] = static_cast<uint8_t>(static_cast<int>(qi[d]) + 128);
+        sumq += qi[d];
+      }
+      dst[8 * W] = static_cast<uint64_t>(sumq);
+    }
+    qprep = qwords.data();
+  } else if (a.kind == kTopkSignDot) {
+    // Per query: plane p (p = 0..7) = bit p of u_d = q_d + 128, packed like the codes (dimension
+    // 8 i + t -> byte i, bit 7 - t: numpy.packbits), zero-padded to W words; then sum_d q_d.
+    const int64_t W = (a.cols + 7) / 8;
+    qpitch = 8 * W + 1;
+    qwords.assign(static_cast<size_t>(a.nq * qpitch), 0);
+    std::vector<uint8_t> bytes(static_cast<size_t>(8 * W * 8));
+    for (int64_t i = 0; i < a.nq; ++i) {
+      const int8_t* qi = static_cast<const int8_t*>(a.q) + i * a.ldq;
+      std::fill(bytes.begin(), bytes.end(), 0);
+      int64_t sumq = 0;
+      for (int64_t d = 0; d < 8 * a.cols; ++d) {
+        const unsigned u = static_cast<unsigned>(static_cast<int>(qi[d]) + 128);
+        sumq += qi[d];
+        for (int p = 0; p < 8; ++p)
+          if (u >> p & 1u) bytes[static_cast<size_t>(p * 8 * W + d / 8)] |= static_cast<uint8_t>(0x80u >> (d % 8));
+      }
+      uint64_t* dst = qwords.data() + i * qpitch;
+      std::memcpy(dst, bytes.data(), static_cast<size_t>(8 * W * 8));
+      dst[8 * W] = static_cast<uint64_t>(sumq);
+    }
+    qprep = qwords.data();
+  }
   std::vector<int16_t> q16;  // AVX2 int8: queries widened to int16, zero-padded to a multiple of 16
   if (a.kind == kTopkInt8 && use_avx2) {
     qpitch = (a.cols + 15) / 16 * 16;
@@ -407,7 +566,7 @@ void topk_typed(const TopkArgs& a) {
       for (int64_t d = 0; d < a.cols; ++d) q16[i * qpitch + d] = static_cast<const int8_t*>(a.q)[i * a.ldq + d];
     qprep = q16.data();
   }
-  const int64_t work = a.nq * a.N * std::max<int64_t>(a.cols, 1);
+  const int64_t work = a.nq * a.N * std::max<int64_t>(a.cols, 1) * (a.kind == kTopkSignDot ? 8 : 1);
   int nthreads = 1;
   if (work >= (int64_t{1} << 20))
     nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, (a.N + kRowTile - 1) / kRowTile)));
@@ -427,7 +586,9 @@ void topk_typed(const TopkArgs& a) {
     const int64_t r0 = std::min(a.N, tiles * t / nthreads * kRowTile);
     const int64_t r1 = std::min(a.N, tiles * (t + 1) / nthreads * kRowTile);
     std::vector<S> tile(static_cast<size_t>(kQ * kRowTile));
-    std::vector<uint64_t> xpad(a.kind == kTopkBinary ? static_cast<size_t>(kRowTile * qpitch) : 0);
+    const int64_t xwords = (a.cols + 7) / 8;  // per-row words of the binary / sign-dot tile
+    std::vector<uint64_t> xpad(a.kind == kTopkBinary || a.kind == kTopkSignDot ? static_cast<size_t>(kRowTile * xwords)
+                                                                               : 0);
     if (r1 > r0) fn(a, qprep, qpitch, r0, r1, heaps.data() + t * a.nq, tile.data(), xpad.data());
   };
   {

@@ -8,6 +8,7 @@ from .attention import varlen_attention
 from .float_topk import float_topk
 from .hamming_topk import hamming_topk
 from .int8_topk import int8_topk
+from .sign_dot_topk import sign_dot_topk
 from .dispatch import BACKENDS, implemented, unavailable_reason
 from .gelu import bias_gelu
 from .layernorm import add_layernorm
@@ -23,6 +24,7 @@ __all__ = [
     "hamming_topk",
     "int8_topk",
     "float_topk",
+    "sign_dot_topk",
     "BACKENDS",
     "implemented",
     "unavailable_reason",

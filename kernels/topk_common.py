@@ -1,4 +1,4 @@
-"""Shared parts of the exact top-k scans (hamming_topk.py, int8_topk.py, float_topk.py).
+"""Shared parts of the exact top-k scans (hamming_topk.py, int8_topk.py, float_topk.py, sign_dot_topk.py).
 
 Contract of every backend: (scores [nq, k], idx int64 [nq, k]) on the queries' device, best
 first, ties broken by the lower database row, rows with allow[row] False never considered
@@ -22,23 +22,33 @@ def lowest(dtype: torch.dtype):
 
 def check_topk_args(op: str, q, db, k, allow, dtypes: tuple, cols_name: str):
     """Validate the launcher arguments; returns k as int."""
-    for name, t in (("queries", q), ("database", db)):
+    check_matrices(op, q, dtypes, db, dtypes, cols_name)
+    if q.dtype != db.dtype:
+        raise TypeError(f"{op}: queries are {q.dtype} but the database is {db.dtype}")
+    if q.shape[1] != db.shape[1]:
+        raise ValueError(f"{op}: queries have {q.shape[1]} {cols_name} but the database rows have {db.shape[1]}")
+    return check_k_allow(op, db, k, allow)
+
+
+def check_matrices(op: str, q, q_dtypes: tuple, db, db_dtypes: tuple, cols_name: str) -> None:
+    """Queries and database: 2-D tensors of an accepted dtype on one device, a non-empty database."""
+    for name, t, dtypes in (("queries", q, q_dtypes), ("database", db, db_dtypes)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in dtypes:
             raise TypeError(f"{op}: {name} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
         if t.dim() != 2:
             raise ValueError(f"{op}: {name} must be 2-D, got shape {tuple(t.shape)}")
-    if q.dtype != db.dtype:
-        raise TypeError(f"{op}: queries are {q.dtype} but the database is {db.dtype}")
-    if q.shape[1] != db.shape[1]:
-        raise ValueError(f"{op}: queries have {q.shape[1]} {cols_name} but the database rows have {db.shape[1]}")
     if q.device != db.device:
         raise ValueError(f"{op}: queries are on {q.device} but the database is on {db.device}")
     if db.shape[0] == 0:
         raise ValueError(f"{op}: the database is empty")
     if db.shape[1] == 0:
         raise ValueError(f"{op}: rows have no {cols_name}")
+
+
+def check_k_allow(op: str, db, k, allow):
+    """Validate k (int in [1, N]) and allow (bool [N] on db's device); returns k as int."""
     if isinstance(k, bool) or not isinstance(k, int):
         try:
             import numpy as np
@@ -84,14 +94,16 @@ def merge(scores: torch.Tensor, idx: torch.Tensor, k: int):
     return out_s, out_i
 
 
-def blocked_reference(q, db, k, allow, score_block, out_dtype):
+def blocked_reference(q, db, k, allow, score_block, out_dtype, row_elems=None):
     """The torch reference scan: score_block(q, db_rows) -> [nq, rows] scores (exact), blocks of the
-    database reduced to a per-query top-k and merged, so memory stays bounded."""
+    database reduced to a per-query top-k and merged, so memory stays bounded. row_elems: elements
+    score_block materializes per database row (default db.shape[1]; sign_dot unpacks 8 per byte)."""
     nq, N = q.shape[0], db.shape[0]
     if nq == 0:
         return (torch.empty(0, k, dtype=out_dtype, device=q.device), torch.empty(0, k, dtype=torch.int64,
                                                                                  device=q.device))
-    block = max(1, REF_BLOCK_ELEMS // max(1, nq * db.shape[1]))
+    per_row = db.shape[1] if row_elems is None else row_elems
+    block = max(1, REF_BLOCK_ELEMS // max(1, nq * db.shape[1], per_row))
     best_s = torch.empty(nq, 0, dtype=out_dtype, device=q.device)
     best_i = torch.empty(nq, 0, dtype=torch.int64, device=q.device)
     for r0 in range(0, N, block):

@@ -1,8 +1,10 @@
-"""The Triton tile kernel shared by hamming_topk / int8_topk / float_topk (imported only with Triton).
+"""The Triton tile kernel shared by hamming_topk / int8_topk / float_topk / sign_dot_topk (imported
+only with Triton).
 
 One program scores a [BQ queries, BN database rows] tile (KIND 0: XOR + popcount of int32 words;
 1: int8 tl.dot with int32 accumulation + a per-row int32 bias; 2: float32 tl.dot in IEEE
-precision), drops disallowed / out-of-range rows, and reduces the tile to its per-query top-K
+precision; 3: int8 queries against packed sign bits, unpacked on load to +1/-1 int8 and tl.dot
+with int32 accumulation: exact), drops disallowed / out-of-range rows, and reduces the tile to its per-query top-K
 (K rounds of max + lowest index among the maxima) written to partial [nq, blocks, K] buffers.
 The launcher goes over the database in chunks of bounded size and merges the partials
 (topk_common.merge), so the [nq, N] score matrix never exists.
@@ -15,7 +17,7 @@ import triton.language as tl
 
 from .topk_common import INT_LOWEST, merge
 
-_KIND = {"binary": 0, "int8": 1, "float32": 2}
+_KIND = {"binary": 0, "int8": 1, "float32": 2, "sign_dot": 3}
 CHUNK_ELEMS = 1 << 22  # nq * rows per launch: bounds the partial buffers
 # In-kernel marker of "no candidate" for float scores: finite (no -inf constant in the generated code);
 # the launcher's merge turns every idx -1 entry into -inf.
@@ -63,6 +65,18 @@ def _topk_tile_kernel(q_ptr, x_ptr, bias_ptr, allow_ptr, ps_ptr, pi_ptr, nq, N, 
         s = acc
         if HAS_BIAS:
             s += tl.load(bias_ptr + rn, mask=nmask, other=0)[None, :]
+    elif KIND == 3:
+        # C = query dimensions = 8 * bytes per row; x is uint8 [N, C // 8] of raw bits, MSB first
+        acc = tl.zeros((BQ, BN), dtype=tl.int32)
+        for c0 in range(0, C, BC):
+            cc = c0 + tl.arange(0, BC)
+            qv = tl.load(q_ptr + rq[:, None].to(tl.int64) * C + cc[None, :], mask=qmask[:, None] & (cc[None, :] < C),
+                         other=0)
+            xbyte = tl.load(x_ptr + rn[None, :].to(tl.int64) * (C // 8) + cc[:, None] // 8,
+                            mask=nmask[None, :] & (cc[:, None] < C), other=0).to(tl.int32)
+            sign = (((xbyte >> (7 - cc[:, None] % 8)) & 1) * 2 - 1).to(tl.int8)  # [BC, BN] of +1 / -1
+            acc += tl.dot(qv, sign, out_dtype=tl.int32)  # masked-off dims: q = 0, so they add nothing
+        s = acc
     else:
         acc = tl.zeros((BQ, BN), dtype=tl.float32)
         for c0 in range(0, C, BC):
@@ -89,7 +103,8 @@ def _topk_tile_kernel(q_ptr, x_ptr, bias_ptr, allow_ptr, ps_ptr, pi_ptr, nq, N, 
 
 
 def launch_topk(kind, q, x, k, allow, out_dtype, *, bias=None, score_offset=0, out=None, poison=None):
-    """q [nq, C], x [N, C] (binary: int32 words; int8: int8; float32: float32) -> merged top-k."""
+    """q [nq, C], x [N, C] (binary: int32 words; int8: int8; float32: float32; sign_dot: x uint8 [N, C / 8]
+    raw bits) -> merged top-k."""
     nq, C = q.shape
     N = x.shape[0]
     dev = x.device

@@ -50,13 +50,13 @@ def info() -> dict:
 
 
 def __getattr__(name):  # EmbeddingIndex is a system part: imported on first use, never by the engine
-    if name == "EmbeddingIndex":
-        from postembed_fast.index import EmbeddingIndex
+    if name in ("EmbeddingIndex", "itq_rotation"):
+        from postembed_fast import index
 
-        return EmbeddingIndex
+        return getattr(index, name)
     raise AttributeError(f"module 'postembed_fast' has no attribute {name!r}")
 
 
-__all__ = ["fast_embed", "Embedder", "EmbeddingIndex", "info", "quantize_embeddings", "PRECISIONS",
+__all__ = ["fast_embed", "Embedder", "EmbeddingIndex", "itq_rotation", "info", "quantize_embeddings", "PRECISIONS",
            "DeviceUnavailableError",
            "__version__"]

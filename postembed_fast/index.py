@@ -9,11 +9,20 @@ launchers of postembed_fast.kernels); the engine never imports this module.
 
 Rows are kept in insertion order; that order breaks score ties (earlier first). An upsert replaces
 the vector of an existing id in place (the id keeps its position). Scores:
-  binary:  8 * bytes - Hamming distance (int32)
+  binary:  8 * bytes - Hamming distance (int32) of the sign bits (of R x, with a rotation R)
   int8:    sum_d (q_d - z_d)(x_d - z_d), z_d the int8 code of 0.0 in dimension d (int32, exact)
   float16 / float32: dot product (float32)
   rescore=r: the top k*r by the index precision re-ranked by exact float32 dot products with the
   stored float16 vectors (keep_float16=True); the returned scores are then those dot products.
+  A binary index takes those k*r candidates by the asymmetric score sum_d q8_d * s_d instead
+  (q8: the float query, rotated, quantized to int8 per query; s_d = +1 / -1 for a set / clear
+  bit), which finds far more of the exact top k than Hamming does (see search()).
+
+Rotation (binary only): EmbeddingIndex(dim, precision="binary", rotation=R) binarizes x @ R (R an
+orthogonal [dim, dim] matrix, e.g. itq_rotation(vectors), ITQ) instead of x, which balances the
+variance over the sign bits. Dot products are rotation-invariant, so the float16 vectors are kept
+unrotated and rescoring is unchanged. Binary codes cannot be added or searched with a rotation
+(codes from an Embedder are signs of unrotated vectors).
 A row with fewer than k allowed / present candidates ends with id -1 and the lowest score
 (INT32_MIN for integer scores, -inf for float ones).
 
@@ -23,7 +32,9 @@ ValueError when an Embedder does not match; add() and search() take model_tag= a
 vectors tagged with another model. Vectors passed without model_tag are trusted.
 
 save(path) writes a folder: header.json (format, dim, precision, model tag, counters) and
-arrays.safetensors (codes, ids, ranges, float16 vectors): no pickle anywhere.
+arrays.safetensors (codes, ids, ranges, rotation, float16 vectors): no pickle anywhere. An index
+with a rotation is saved as format /2, which loaders that predate rotations refuse instead of
+searching it without the rotation.
 """
 from __future__ import annotations
 
@@ -35,9 +46,10 @@ import numpy as np
 import torch
 
 from postembed_fast import quantize_embeddings
-from postembed_fast.kernels import float_topk, hamming_topk, int8_topk
+from postembed_fast.kernels import float_topk, hamming_topk, int8_topk, sign_dot_topk
 
 FORMAT = "postembed_fast.EmbeddingIndex/1"
+FORMAT_ROTATED = "postembed_fast.EmbeddingIndex/2"  # /1 + a rotation (arrays "rotation")
 INDEX_PRECISIONS = ("binary", "int8", "float16", "float32")
 _INT_LOWEST = -(2**31)
 
@@ -48,6 +60,10 @@ def _columns(precision: str, dim: int) -> int:
 
 def _code_dtype(precision: str) -> torch.dtype:
     return {"binary": torch.int8, "int8": torch.int8, "float16": torch.float16, "float32": torch.float32}[precision]
+
+
+# R.T @ R may differ from the identity by this much (float32 rounding of an orthogonal matrix: ~1e-6)
+ROTATION_TOLERANCE = 1e-4
 
 
 def _as_array(name: str, x) -> np.ndarray:
@@ -61,10 +77,61 @@ def _as_array(name: str, x) -> np.ndarray:
     return x
 
 
+def _check_rotation(rotation, dim: int) -> np.ndarray:
+    """A [dim, dim] orthogonal float matrix as float32, or ValueError / TypeError naming the problem."""
+    r = _as_array("rotation", rotation)
+    if not (np.issubdtype(r.dtype, np.floating) or np.issubdtype(r.dtype, np.integer)) or r.dtype == np.bool_:
+        raise TypeError(f"rotation must be a float matrix, got {r.dtype}")
+    if r.shape != (dim, dim):
+        raise ValueError(f"rotation must have shape ({dim}, {dim}) (dim x dim), got {r.shape}")
+    r64 = r.astype(np.float64)
+    if not np.isfinite(r64).all():
+        raise ValueError("rotation has NaN or infinite values")
+    err = float(np.abs(r64.T @ r64 - np.eye(dim)).max())
+    if err > ROTATION_TOLERANCE:
+        raise ValueError(f"rotation must be orthogonal (R.T @ R = I): max |R.T @ R - I| = {err:.3g} > "
+                         f"{ROTATION_TOLERANCE}")
+    return np.ascontiguousarray(r, dtype=np.float32)
+
+
+def itq_rotation(vectors, *, iterations=50, seed=0) -> np.ndarray:
+    """An ITQ rotation (Gong & Lazebnik, Iterative Quantization) for sign-binarizing `vectors`:
+    float32 [dim, dim] orthogonal R minimizing ||sign(V R) - V R||_F, found by alternating
+    B = sign(V R) and the orthogonal Procrustes step R = U Wt (U S Wt = svd(V.T B)) from a random
+    orthogonal start (`seed`). Pass it as EmbeddingIndex(..., precision="binary", rotation=R).
+
+    vectors: float [n, dim] (n >= dim: fewer leave the rotation undetermined), typically the
+    database's own vectors or a sample of them; they are not centred (the index binarizes at 0).
+    Computed in float64."""
+    v = _as_array("vectors", vectors)
+    if v.ndim != 2:
+        raise ValueError(f"vectors must be 2-D [n, dim], got shape {v.shape}")
+    if not np.issubdtype(v.dtype, np.floating):
+        raise TypeError(f"vectors must be float, got {v.dtype}")
+    n, dim = v.shape
+    if dim < 1:
+        raise ValueError("vectors have no dimensions")
+    if n < dim:
+        raise ValueError(f"itq_rotation needs at least dim={dim} vectors to determine a rotation, got {n}")
+    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 0:
+        raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
+    v = v.astype(np.float64)
+    if not np.isfinite(v).all():
+        raise ValueError("vectors have NaN or infinite values")
+    q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((dim, dim)))
+    rot = q * np.where(np.diag(r) < 0, -1.0, 1.0)  # sign fix: a uniformly random orthogonal start
+    for _ in range(int(iterations)):
+        b = np.where(v @ rot > 0, 1.0, -1.0)  # the index's bit: x > 0
+        u, _, wt = np.linalg.svd(b.T @ v)
+        rot = (u @ wt).T
+    return np.ascontiguousarray(rot, dtype=np.float32)
+
+
 class EmbeddingIndex:
     """Exact top-k search over embeddings stored as binary / int8 / float16 / float32 codes."""
 
-    def __init__(self, dim, *, precision="binary", device=None, ranges=None, keep_float16=False, model_tag=None):
+    def __init__(self, dim, *, precision="binary", device=None, ranges=None, keep_float16=False, model_tag=None,
+                 rotation=None):
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         if precision not in INDEX_PRECISIONS:
@@ -73,6 +140,13 @@ class EmbeddingIndex:
             raise ValueError(f"int8 index: dim {dim} > 16384 would overflow int32 scores")
         self.dim = int(dim)
         self.precision = precision
+        if rotation is not None and precision != "binary":
+            raise ValueError(f"rotation is for precision='binary' only, got {precision!r} (int8 ranges are per "
+                             "dimension of the unrotated space; float search is rotation-invariant)")
+        # float64 copy: x @ R in float64 makes a sign flip from rounding (which would depend on the
+        # batch shape the BLAS sees) practically impossible
+        self.rotation = None if rotation is None else _check_rotation(rotation, self.dim)
+        self._rot64 = None if rotation is None else self.rotation.astype(np.float64)
         self.keep_float16 = bool(keep_float16)
         self.model_tag = None if model_tag is None else str(model_tag)
         self.device = torch.device(device if device is not None else "cpu")
@@ -102,8 +176,9 @@ class EmbeddingIndex:
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
-    def for_embedder(cls, embedder, *, precision="binary", device=None, keep_float16=False, dim=None):
-        """An index for `embedder`'s vectors: its dimension, model_tag and (int8) quantization_ranges."""
+    def for_embedder(cls, embedder, *, precision="binary", device=None, keep_float16=False, dim=None, rotation=None):
+        """An index for `embedder`'s vectors: its dimension, model_tag and (int8) quantization_ranges;
+        rotation: see EmbeddingIndex (binary only)."""
         ranges = embedder.quantization_ranges
         if dim is None:
             dim = embedder.dim if hasattr(embedder, "dim") else None
@@ -114,7 +189,7 @@ class EmbeddingIndex:
         if precision == "int8" and ranges is None:
             raise ValueError("this Embedder has no quantization_ranges: run embedder.calibrate(texts) first")
         return cls(dim, precision=precision, device=device, ranges=ranges if precision == "int8" else None,
-                   keep_float16=keep_float16, model_tag=embedder.model_tag)
+                   keep_float16=keep_float16, model_tag=embedder.model_tag, rotation=rotation)
 
     def check_embedder(self, embedder) -> None:
         """ValueError unless `embedder` made this index's vectors (same model_tag, same int8 ranges)."""
@@ -137,7 +212,8 @@ class EmbeddingIndex:
 
     def __repr__(self) -> str:
         return (f"EmbeddingIndex(dim={self.dim}, precision={self.precision!r}, n={self._n}, device={self.device}, "
-                f"keep_float16={self.keep_float16}, model_tag={self.model_tag!r})")
+                f"keep_float16={self.keep_float16}, model_tag={self.model_tag!r}"
+                f"{', rotated' if self.rotation is not None else ''})")
 
     @property
     def ids(self) -> np.ndarray:
@@ -168,8 +244,9 @@ class EmbeddingIndex:
         return np.where(sid[pos] == ids, srow[pos], -1)
 
     # ---- input conversion ----------------------------------------------------------------
-    def _encode(self, name: str, x, *, need_float: bool = False):
-        """vectors or codes -> (codes tensor on device [n, cols], float32 numpy [n, dim] or None)."""
+    def _encode(self, name: str, x, *, need_float: bool = False, quantize: bool = True):
+        """vectors or codes -> (codes tensor on device [n, cols], float32 numpy [n, dim] or None).
+        quantize=False: float vectors come back as (None, float32) (the caller does not need codes)."""
         x = _as_array(name, x)
         if x.ndim == 1:
             x = x[None, :]
@@ -183,13 +260,20 @@ class EmbeddingIndex:
             if not np.isfinite(xf).all():
                 bad = int(np.argwhere(~np.isfinite(xf).all(1))[0, 0])
                 raise ValueError(f"{name} row {bad} has NaN or infinite values")
+            if not quantize:
+                return None, xf
             if self.precision in ("float32", "float16"):
                 codes = xf if self.precision == "float32" else xf.astype(np.float16)
+            elif self.rotation is not None:
+                codes = quantize_embeddings(self._rotate(xf, query=name == "queries").astype(np.float32), "binary")
             else:
                 codes = quantize_embeddings(xf, self.precision, self.ranges if self.precision == "int8" else None)
             return torch.from_numpy(np.ascontiguousarray(codes)).to(self.device), xf
         if need_float:
             raise ValueError(f"{name}: rescoring needs float vectors, got {x.dtype} codes")
+        if self.rotation is not None:
+            raise ValueError(f"{name}: this binary index has a rotation, so it takes float vectors only (binary "
+                             f"codes, e.g. from an Embedder, are signs of the unrotated vectors); got {x.dtype}")
         if self.precision in ("float32", "float16"):
             raise TypeError(f"{name} must be float vectors for a {self.precision} index, got {x.dtype}")
         if x.dtype != np.int8:
@@ -199,6 +283,24 @@ class EmbeddingIndex:
         if x.shape[1] != cols:
             raise ValueError(f"{name}: {self.precision} codes of dim {self.dim} have {cols} columns, got {x.shape[1]}")
         return torch.from_numpy(np.ascontiguousarray(x)).to(self.device), None
+
+    def _rotate(self, xf: np.ndarray, *, query: bool = False) -> np.ndarray:
+        """x @ R in float64. Queries go through np.einsum's own loop, not BLAS: a
+        threaded OpenBLAS call leaves its threads spinning, and on the 2-core machine the scan
+        right after it then ran 12-50 ms slower per 256 queries (the rotation itself: ~7 ms)."""
+        x64 = xf.astype(np.float64)
+        return np.einsum("nd,de->ne", x64, self._rot64) if query else x64 @ self._rot64
+
+    def _query_int8(self, qf: np.ndarray) -> torch.Tensor:
+        """Float queries -> the asymmetric first stage's int8 queries [nq, 8 * bytes]: rotated (with a
+        rotation), scaled per query by 127 / max|q| and rounded half to even, in float64; zero-padded
+        to the packed width (a zero adds nothing to the score)."""
+        q = qf.astype(np.float64) if self._rot64 is None else self._rotate(qf, query=True)
+        peak = np.abs(q).max(axis=1, keepdims=True) if q.size else np.ones((len(q), 1))
+        scale = np.divide(127.0, peak, out=np.zeros_like(peak), where=peak > 0)  # a zero query: all 0
+        q8 = np.zeros((len(q), 8 * _columns("binary", self.dim)), np.int8)
+        q8[:, : self.dim] = np.rint(q * scale).clip(-127, 127).astype(np.int8)
+        return torch.from_numpy(q8).to(self.device)
 
     # ---- mutation ------------------------------------------------------------------------
     def _reserve(self, n: int):
@@ -332,9 +434,15 @@ class EmbeddingIndex:
         """(scores [nq, k], ids int64 [nq, k]) numpy, best first, ties by insertion order.
 
         queries: float embeddings (quantized like the database) or codes in the index precision.
-        rescore=r: top k*r by the index precision re-ranked by float32 dot products with the stored
-        float16 vectors (needs keep_float16=True and float queries). allow: a boolean mask over rows
-        (insertion order) or an array of allowed ids, applied inside the scan."""
+        rescore=r: top k*r candidates re-ranked by float32 dot products with the stored float16
+        vectors (needs keep_float16=True and float queries); the scores are those dot products.
+        The candidates: int8 / float16 / float32 by the index's own score; binary by the asymmetric
+        score sum_d q8_d * s_d, an exact integer with ties by insertion order, where s_d = +1 if the
+        row's bit d is set, else -1, and q8 = the query (times the rotation, if any) quantized to
+        int8 per query: rint(q * 127 / max_d |q_d|) in float64, rint rounding half to even (kernel:
+        kernels/sign_dot_topk.py). Without rescore a binary index scores 8 * bytes - Hamming.
+        allow: a boolean mask over rows (insertion order) or an array of allowed ids, applied inside
+        the scan."""
         self._check_tag(model_tag)
         if self._n == 0:
             raise ValueError("the index is empty")
@@ -348,14 +456,20 @@ class EmbeddingIndex:
                 raise ValueError(f"rescore must be a positive int (candidates = k * rescore), got {rescore!r}")
             if not self.keep_float16:
                 raise ValueError("rescore needs the float16 vectors: build the index with keep_float16=True")
-        q, qf = self._encode("queries", queries, need_float=rescore is not None)
+        asymmetric = rescore is not None and self.precision == "binary"  # its own int8 queries: no codes
+        q, qf = self._encode("queries", queries, need_float=rescore is not None, quantize=not asymmetric)
         allow_t = self._allow_mask(allow)
-        nq = q.shape[0]
+        nq = qf.shape[0] if q is None else q.shape[0]
         if rescore is None:
             s, rows = self._scan(q, k, allow_t)
         else:
             kk = min(self._n, k * int(rescore))
-            _, cand = self._scan(q, kk, allow_t) if nq else (None, torch.empty(0, kk, dtype=torch.int64))
+            if not nq:
+                cand = torch.empty(0, kk, dtype=torch.int64)
+            elif asymmetric:
+                _, cand = sign_dot_topk(self._query_int8(qf), self._codes[: self._n], kk, allow_t)
+            else:
+                _, cand = self._scan(q, kk, allow_t)
             s, rows = self._rescore(torch.from_numpy(qf).to(self.device), cand.to(self.device), k)
         s, rows = s.cpu().numpy(), rows.cpu().numpy()
         ids = np.where(rows >= 0, self._ids[: self._n][rows.clip(0)] if self._n else -1, -1).astype(np.int64)
@@ -402,8 +516,11 @@ class EmbeddingIndex:
             tensors["float16"] = self._f16[: self._n].cpu().contiguous()
         if self.ranges is not None:
             tensors["ranges"] = torch.from_numpy(self.ranges.copy())
+        if self.rotation is not None:
+            tensors["rotation"] = torch.from_numpy(self.rotation.copy())
         save_file(tensors, str(p / "arrays.safetensors"))
-        header = {"format": FORMAT, "dim": self.dim, "precision": self.precision, "count": self._n,
+        header = {"format": FORMAT if self.rotation is None else FORMAT_ROTATED, "dim": self.dim,
+                  "precision": self.precision, "count": self._n,
                   "next_id": self._next_id, "keep_float16": self.keep_float16, "model_tag": self.model_tag,
                   "has_ranges": self.ranges is not None}
         tmp = p / "header.json.tmp"
@@ -419,12 +536,18 @@ class EmbeddingIndex:
             header = json.loads((p / "header.json").read_text())
         except FileNotFoundError:
             raise ValueError(f"{p}: not a saved EmbeddingIndex (no header.json)") from None
-        if header.get("format") != FORMAT:
-            raise ValueError(f"{p}: unknown index format {header.get('format')!r} (expected {FORMAT!r})")
+        if header.get("format") not in (FORMAT, FORMAT_ROTATED):
+            raise ValueError(f"{p}: unknown index format {header.get('format')!r} (expected {FORMAT!r} or "
+                             f"{FORMAT_ROTATED!r})")
         t = load_file(str(p / "arrays.safetensors"))
         ranges = t["ranges"].numpy() if header["has_ranges"] else None
+        rotation = None
+        if header["format"] == FORMAT_ROTATED:
+            if "rotation" not in t:
+                raise ValueError(f"{p}: format {FORMAT_ROTATED!r} but no rotation array")
+            rotation = t["rotation"].numpy()
         index = cls(header["dim"], precision=header["precision"], device=device, ranges=ranges,
-                    keep_float16=header["keep_float16"], model_tag=header["model_tag"])
+                    keep_float16=header["keep_float16"], model_tag=header["model_tag"], rotation=rotation)
         n = int(header["count"])
         codes, ids = t["codes"], t["ids"].numpy()
         cols = _columns(index.precision, index.dim)

@@ -3,6 +3,8 @@ every backend (torch reference, C++ in both ISA builds, Triton under the interpr
 sentinel-poisoned buffers), awkward sizes, ties, allow masks, bad input."""
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -173,3 +175,125 @@ def test_bad_input(fn, dt):
         fn(x[:1], x, 1, allow=torch.ones(4, dtype=torch.bool))
     with pytest.raises(TypeError, match="k must be"):
         fn(x[:1], x, 1.5)
+
+
+# ---- sign_dot_topk (kernels/sign_dot_topk.py): int8 query . (+1/-1 per packed bit) ------------------
+
+def np_sign_scores(q, codes):
+    """The documented score from first principles: unpack the true sign bits (binary int8 codes are
+    ubinary - 128), s = +1 / -1, integer dot."""
+    u = codes.view(np.uint8) if codes.dtype == np.uint8 else (codes.astype(np.int16) + 128).astype(np.uint8)
+    s = np.unpackbits(u, axis=1).astype(np.int64) * 2 - 1
+    return q.astype(np.int64) @ s.T
+
+
+def make_sign_data(nq, n, dim, seed, dtype):
+    rng = np.random.default_rng(seed)
+    q = rng.integers(-127, 128, (nq, dim)).astype(np.int8)
+    codes = rng.integers(0, 256, (n, dim // 8)).astype(np.uint8)
+    if n > 3:
+        codes[n // 2:: 3] = codes[1]  # exact duplicates of row 1: ties broken by row
+    if nq > 2:
+        q[1] = 0  # every row scores 0: the top k is rows 0..k-1 (of the allowed ones)
+        q[2, :] = 127  # the largest scores: mostly set bits
+    codes = codes if dtype == np.uint8 else (codes.astype(np.int16) - 128).astype(np.int8)
+    return q, codes
+
+
+def check_sign(backend, q, codes, k, allow=None, poison=False):
+    sd = importlib.import_module("postembed_fast.kernels.sign_dot_topk")  # the module (the package exports the function)
+
+    want_s, want_i = np_topk(np_sign_scores(q, codes), k, allow)
+    qt, xt = torch.from_numpy(q), torch.from_numpy(codes)
+    at = None if allow is None else torch.from_numpy(allow)
+    if poison:  # the kernel writes every element of caller buffers full of garbage
+        out = (torch.full((len(q), k), 7, dtype=torch.int32), torch.full((len(q), k), -77, dtype=torch.int64))
+        sd.sign_dot_topk(qt, xt, 1)  # argument checks as the launcher does them
+        if backend == "cpp":
+            s, i = sd.sign_dot_topk_cpp(*sd.raw_bit_query(qt, xt), k, at, out=out)
+        else:  # Triton: its internal partial buffers poisoned too
+            s, i = sd.sign_dot_topk_triton(*sd.raw_bit_query(qt, xt), k, at, out=out, poison=-99)
+        assert s.data_ptr() == out[0].data_ptr() and i.data_ptr() == out[1].data_ptr()
+    else:
+        s, i = sd.sign_dot_topk(qt, xt, k, at, backend=backend)
+    s, i = s.numpy(), i.numpy()
+    assert s.dtype == np.int32 and i.dtype == np.int64 and i.shape == (len(q), k)
+    np.testing.assert_array_equal(i, want_i)
+    np.testing.assert_array_equal(s.astype(np.int64), want_s)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000, 4097])
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8], ids=["binary", "ubinary"])
+def test_sign_dot_cpp_exact(n, dtype, cpu_isa):
+    for dim in (48, 64, 384, 1024):
+        q, codes = make_sign_data(9, n, dim, seed=n + dim, dtype=dtype)
+        for k in sorted({1, min(10, n), n}):
+            check_sign("cpp", q, codes, k)
+        check_sign("cpp", q[:1], codes, min(10, n))
+        allow = np.random.default_rng(n).random(n) < 0.3
+        check_sign("cpp", q, codes, min(10, n), allow=allow)  # may leave fewer than k: padded with -1
+        check_sign("cpp", q, codes, min(10, n), allow=allow, poison=True)
+        check_sign("cpp", q, codes, n, poison=True)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000])
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8], ids=["binary", "ubinary"])
+def test_sign_dot_torch_reference_exact(n, dtype):
+    q, codes = make_sign_data(5, n, 64, seed=4, dtype=dtype)
+    for k in sorted({1, n}):
+        check_sign("torch", q, codes, k)
+    check_sign("torch", q, codes, min(5, n), allow=np.arange(n) % 4 == 1)
+
+
+def test_sign_dot_reference_is_blocked(monkeypatch):
+    """The torch reference unpacks and scores the database in blocks (bounded memory), merging partial top-k."""
+    from postembed_fast.kernels import topk_common
+
+    monkeypatch.setattr(topk_common, "REF_BLOCK_ELEMS", 8 * 48 * 5)  # 5 rows of 48 bytes unpacked at a time
+    q, codes = make_sign_data(7, 300, 384, seed=6, dtype=np.int8)
+    check_sign("torch", q, codes, 10)
+    check_sign("torch", q, codes, 300)
+
+
+@pytest.mark.parametrize("n,dim,k", [(1, 48, 1), (7, 64, 7), (300, 64, 10), (100, 48, 100), (70, 384, 3)])
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8], ids=["binary", "ubinary"])
+def test_sign_dot_triton_exact(n, dim, k, dtype):
+    if dispatch.unavailable_reason("triton", "cpu") is not None:
+        pytest.skip(dispatch.unavailable_reason("triton", "cpu"))
+    q, codes = make_sign_data(18, n, dim, seed=n * 7 + dim, dtype=dtype)
+    check_sign("triton", q, codes, k, poison=True)
+    check_sign("triton", q, codes, min(k, 4), allow=np.random.default_rng(2).random(n) < 0.5, poison=True)
+    check_sign("triton", q[:3], codes, k)  # through the launcher and the dispatcher
+
+
+def test_sign_dot_gpu_dispatch():
+    """CUDA tensors get the Triton kernel where Triton imports, else the torch reference (never the CPU-only C++)."""
+    sd = importlib.import_module("postembed_fast.kernels.sign_dot_topk")  # the module (the package exports the function)
+
+    want = sd.sign_dot_topk_torch if dispatch.TRITON_IMPORT_ERROR else sd.sign_dot_topk_triton
+    assert dispatch.choose("sign_dot_topk", torch.device("cuda"), None) is want
+    with pytest.raises(RuntimeError, match="not implemented"):
+        dispatch.choose("sign_dot_topk", torch.device("cuda"), "cpp")
+
+
+def test_sign_dot_bad_input():
+    from postembed_fast.kernels import sign_dot_topk
+
+    q = torch.zeros(2, 16, dtype=torch.int8)
+    x = torch.zeros(5, 2, dtype=torch.int8)
+    with pytest.raises(ValueError, match="k must be"):
+        sign_dot_topk(q, x, 6)
+    with pytest.raises(ValueError, match="sign bits"):
+        sign_dot_topk(torch.zeros(2, 15, dtype=torch.int8), x, 1)
+    with pytest.raises(ValueError, match="-127, 127"):
+        sign_dot_topk(torch.full((1, 16), -128, dtype=torch.int8), x, 1)
+    with pytest.raises(TypeError, match="queries"):
+        sign_dot_topk(q.float(), x, 1)
+    with pytest.raises(TypeError, match="database"):
+        sign_dot_topk(q, x.to(torch.int16), 1)
+    with pytest.raises(ValueError, match="empty"):
+        sign_dot_topk(q, x[:0], 1)
+    with pytest.raises(ValueError, match="allow"):
+        sign_dot_topk(q, x, 1, allow=torch.ones(4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="k must be"):
+        sign_dot_topk(q, x, 1.5)

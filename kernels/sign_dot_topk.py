@@ -1,0 +1,109 @@
+"""sign_dot_topk: exact top-k of packed sign codes by an int8 query, sum_d q_d * s_d.
+
+The asymmetric first stage of binary search (EmbeddingIndex.search(..., rescore=r)): the database
+keeps one sign bit per dimension, the query keeps its magnitudes (quantized to int8), so
+s_d = +1 where bit d is set, -1 where it is not. The score is an exact integer (int32): no
+quantization of the query's side is lost to a second binarization, which is what makes it a much
+better candidate generator than 8 * bytes - Hamming (measured in bench/search.py).
+
+q: int8 [nq, 8 * B] in [-127, 127] (symmetric int8; -128 is refused); db: [N, B] codes of
+precision "ubinary" (uint8: numpy.packbits of x > 0, dimension 8 i + t is bit 7 - t of byte i) or
+"binary" (int8: ubinary - 128, i.e. the top bit of every byte inverted). For binary codes the
+launcher negates the query at the dimensions of those top bits (q_d s_d = -q_d s'_d for the
+inverted sign s'), so every backend scans raw bits; that negation is why -128 is refused. A
+dimension count that is not a multiple of 8: pad the queries with zeros (a zero adds nothing).
+Contract (ties by row, allow inside the scan, -1 rows with INT32_MIN): topk_common.py. C++ scan:
+csrc/topk_cpu.cpp (kind sign-dot: bit planes + popcount in the baseline build, bits expanded to
+bytes + vpmaddubsw in the AVX2 one). Triton kernel: topk_triton.py (KIND 3, bits unpacked to +1/-1 int8 on load, int8 tl.dot), so far run only under
+the interpreter (no GPU measured).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _ext
+from .dispatch import TRITON_IMPORT_ERROR, choose, register
+from .topk_common import blocked_reference, check_k_allow, check_matrices
+
+# bit 7 - t of a byte is dimension t of its 8 (numpy.packbits, MSB first)
+_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
+# |score| <= 128 * D and partial sums of integers stay exact in float32 below 2^24
+_MAX_DIM = 1 << 17
+
+
+def unpack_signs(codes: torch.Tensor) -> torch.Tensor:
+    """Packed raw bits [n, B] (uint8) -> float32 [n, 8 B] of +1 (bit set) / -1."""
+    bits = (codes.unsqueeze(-1) >> _SHIFTS.to(codes.device)) & 1
+    return bits.reshape(codes.shape[0], -1).float() * 2 - 1
+
+
+@register("sign_dot_topk", "torch")
+def sign_dot_topk_torch(q, db, k, allow):
+    """Reference: blocks of the database unpacked to +-1 floats, one matmul (exact: integers below
+    2^24), stable merges. Takes raw bits (uint8 codes; the launcher folds binary's offset into q)."""
+    qf = q.float()
+    return blocked_reference(q, db, k, allow, lambda qb, xb: qf @ unpack_signs(xb).T, torch.int32,
+                             row_elems=8 * db.shape[1])
+
+
+def _check(q, db, k, allow):
+    op = "sign_dot_topk"
+    check_matrices(op, q, (torch.int8,), db, (torch.int8, torch.uint8), "bytes")
+    if q.shape[1] != 8 * db.shape[1]:
+        raise ValueError(f"{op}: queries have {q.shape[1]} dimensions but the database rows have {db.shape[1]} "
+                         f"bytes = {8 * db.shape[1]} sign bits (pad the queries with zeros to a multiple of 8)")
+    if q.shape[1] > _MAX_DIM:
+        raise ValueError(f"{op}: {q.shape[1]} dimensions is too many (at most {_MAX_DIM})")
+    k = check_k_allow(op, db, k, allow)
+    if q.numel() and bool((q == -128).any()):
+        raise ValueError(f"{op}: queries must be symmetric int8 in [-127, 127], got -128")
+    return k
+
+
+def raw_bit_query(q: torch.Tensor, db: torch.Tensor):
+    """(q, db) for a scan of raw bits: binary (int8) codes are ubinary with the top bit of every byte
+    inverted, s'_d = -s_d there, so q_d s_d = (-q_d) s'_d: negate those query dimensions instead of
+    touching the database (q in [-127, 127], so the negation fits int8)."""
+    if db.dtype == torch.uint8:
+        return q, db
+    q = q.clone()
+    q[:, ::8] = -q[:, ::8]
+    return q, db.view(torch.uint8)
+
+
+def sign_dot_topk(q_int8, db_codes, k, allow=None, backend=None):
+    """q_int8 int8 [nq, 8 B], db_codes [N, B] (int8 binary or uint8 ubinary) -> (scores int32 [nq, k],
+    row indices int64 [nq, k]) by sum_d q_d * (bit d set ? +1 : -1); allow: optional bool [N]."""
+    k = _check(q_int8, db_codes, k, allow)
+    fn = choose("sign_dot_topk", db_codes.device, backend)
+    return fn(*raw_bit_query(q_int8, db_codes), k, allow)
+
+
+def sign_dot_topk_cpp(q, db, k, allow, out=None):
+    """csrc/topk_cpu.cpp's scan (kind sign-dot) of raw bits (see raw_bit_query). out: optional
+    (scores int32, idx int64) [nq, k] buffers that get every element written (the tests poison them)."""
+    nq, N, B = q.shape[0], db.shape[0], db.shape[1]
+    if out is None:
+        out = (torch.empty(nq, k, dtype=torch.int32), torch.empty(nq, k, dtype=torch.int64))
+    if nq == 0:
+        return out
+    q = q if (q.stride(1) == 1 and (nq == 1 or q.stride(0) >= q.shape[1])) else q.contiguous()
+    db = db if (db.stride(1) == 1 and (N == 1 or db.stride(0) >= B)) else db.contiguous()
+    allow_u8 = None if allow is None else allow.contiguous().view(torch.uint8)
+    _ext._C.sign_dot_topk_cpu(q.data_ptr(), nq, q.stride(0) if nq > 1 else q.shape[1], db.data_ptr(), N,
+                              db.stride(0) if N > 1 else B, B, 0 if allow_u8 is None else allow_u8.data_ptr(), k,
+                              out[0].data_ptr(), out[1].data_ptr(), torch.get_num_threads())
+    return out
+
+
+if _ext._C is not None and hasattr(_ext._C, "sign_dot_topk_cpu"):  # an older build lacks it: torch then
+    register("sign_dot_topk", "cpp", devices=("cpu",))(sign_dot_topk_cpp)
+
+
+if TRITON_IMPORT_ERROR is None:
+    from .topk_triton import launch_topk
+
+    @register("sign_dot_topk", "triton", devices=("cpu", "cuda"))
+    def sign_dot_topk_triton(q, db, k, allow, out=None, poison=None):
+        """Raw bits (see raw_bit_query); out / poison as hamming_topk_triton (tests)."""
+        return launch_topk("sign_dot", q, db.view(torch.uint8), k, allow, torch.int32, out=out, poison=poison)
