@@ -1,9 +1,9 @@
 """Exact top-k search: EmbeddingIndex against FAISS, usearch, torch and numpy on the same data.
 
-    python -m bench.search [--posts 5000] [--n 100000] [--sigma 0.02] [--threads 2]
+    python -m bench.search [--posts 5000] [--n 100000] [--sigma 0.02] [--threads 2] [--model FOLDER]
                            [--json bench/results/cpu-2core-search.json]
 
-Data: real embeddings (Embedder(device="cpu"), default model) of tests/data/posts.jsonl.gz: the
+Data: real embeddings (Embedder(device="cpu"), default model or --model, e.g. the trained 50-d one) of tests/data/posts.jsonl.gz: the
 titles are the queries, the texts the database. Quality (title -> own text recall@10) is measured
 on those `--posts` real pairs. Speed: a database of `--n` vectors made from the real text
 embeddings plus Gaussian noise (sigma per dimension, `--sigma`) and renormalized, queried by the
@@ -50,11 +50,12 @@ def load_pairs(n):
     return titles, texts
 
 
-def embed_pairs(n, cache):
+def embed_pairs(n, cache, model=None):
     from postembed_fast import Embedder
 
-    e = Embedder(device="cpu")
-    path = Path(cache) if cache else None
+    e = Embedder(model, device="cpu")
+    # one cache file per model: the file also records the tag and is ignored if it does not match
+    path = Path(cache.replace("{tag}", e.model_tag[:16])) if cache else None
     if path and path.exists():
         z = np.load(path, allow_pickle=False)
         if str(z["tag"]) == e.model_tag and len(z["q"]) == n:
@@ -100,7 +101,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds over all systems; the best is kept")
     ap.add_argument("--singles", type=int, default=50, help="queries timed one by one for batch 1")
     ap.add_argument("--rescore", type=int, default=4)
-    ap.add_argument("--cache", default="/tmp/postembed_search_embeddings.npz")
+    ap.add_argument("--cache", default="/tmp/postembed_search_embeddings-{tag}.npz",
+                    help="embeddings cache ({tag}: the model's tag)")
+    ap.add_argument("--model", default=None, help="model folder (default: all-MiniLM-L6-v2), e.g. models/post-embed-50")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "cpu-2core-search.json"))
     args = ap.parse_args(argv)
@@ -113,7 +116,7 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     load_at_start = os.getloadavg()
-    emb, q_real, d_real = embed_pairs(args.posts, args.cache)
+    emb, q_real, d_real = embed_pairs(args.posts, args.cache, args.model)
     dim = q_real.shape[1]
     ranges = emb.quantization_ranges
 
@@ -212,7 +215,7 @@ def main(argv=None):
         import faiss
 
         faiss.omp_set_num_threads(args.threads)
-        fb = faiss.IndexBinaryFlat(dim)
+        fb = faiss.IndexBinaryFlat(8 * bcodes_db.shape[1])  # bits, a multiple of 8 (padding bits are 0 in every code)
         fb.add(bcodes_db.view(np.uint8))
         fb_search = lambda qs: fb.search(quantize_embeddings(qs, "binary").view(np.uint8), K)  # noqa: E731
         record("faiss IndexBinaryFlat", "binary", lambda qs: fb_search(qs), bcodes_db.shape[1])
@@ -288,7 +291,7 @@ def main(argv=None):
     print("targets:", tgt, checks)
 
     out = {"command": "python -m bench.search " + " ".join(sys.argv[1:] if argv is None else argv), "machine": platform.processor() or platform.machine(),
-           "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+           "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__, "model_tag": emb.model_tag,
            "cpu_avx2_build": bool(_ext._C is not None and _ext._C.cpu_avx2()),
            "data": {"posts": int(len(q_real)), "n": args.n, "sigma_per_dim": args.sigma, "dim": dim,
                     "queries": "title embeddings of the posts", "k": K},
