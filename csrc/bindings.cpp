@@ -244,15 +244,22 @@ void py_topk_cpu(int kind, uintptr_t q, int64_t nq, int64_t ldq, uintptr_t db, i
                  uintptr_t db_bias, uintptr_t allow, int64_t k, uintptr_t out_scores, uintptr_t out_idx,
                  int num_threads) {
   const char* fn = "topk_cpu";
-  PE_CHECK(kind == kTopkBinary || kind == kTopkInt8 || kind == kTopkFloat32, fn, ": invalid kind ", kind,
-           " (0=binary, 1=int8, 2=float32)");
+  PE_CHECK(kind == kTopkBinary || kind == kTopkInt8 || kind == kTopkFloat32 || kind == kTopkSignDot, fn,
+           ": invalid kind ", kind, " (0=binary, 1=int8, 2=float32, 3=sign-dot)");
   for (auto [name, p] : {std::pair{"q", q}, {"db", db}, {"out_scores", out_scores}, {"out_idx", out_idx}})
     check_ptr(fn, name, p);
   PE_CHECK(nq > 0 && N > 0 && cols > 0, fn, ": need nq > 0, N > 0 and cols > 0, got nq=", nq, ", N=", N, ", cols=",
            cols);
-  PE_CHECK(ldq >= cols && lddb >= cols, fn, ": row pitches must be >= cols=", cols, ", got ldq=", ldq, ", lddb=", lddb);
+  // sign-dot: int8 queries of 8 * cols dimensions against cols bytes of sign bits per row
+  const int64_t q_cols = kind == kTopkSignDot ? 8 * cols : cols;
+  PE_CHECK(ldq >= q_cols && lddb >= cols, fn, ": row pitches must be ldq >= ", q_cols, " and lddb >= cols=", cols,
+           ", got ldq=", ldq, ", lddb=", lddb);
   PE_CHECK(k >= 1 && k <= N, fn, ": k must be in [1, N=", N, "], got ", k);
   PE_CHECK(kind != kTopkInt8 || cols <= 16384, fn, ": int8 dim ", cols, " > 16384 overflows int32 scores");
+  // sign-dot: sum_d (q_d + 128) b_d <= 255 * 8 * cols must fit int32
+  PE_CHECK(kind != kTopkSignDot || cols <= (int64_t{1} << 19), fn, ": ", cols, " bytes per row (", 8 * cols,
+           " dimensions) overflow int32");
+  PE_CHECK(kind != kTopkSignDot || db_bias == 0, fn, ": sign-dot takes no db_bias");
   PE_CHECK(num_threads >= 1, fn, ": num_threads must be >= 1, got ", num_threads);
   PE_CHECK(nq <= std::numeric_limits<int64_t>::max() / 64 / k, fn, ": nq * k is too large");
   TopkArgs a;
@@ -262,38 +269,6 @@ void py_topk_cpu(int kind, uintptr_t q, int64_t nq, int64_t ldq, uintptr_t db, i
   a.db = reinterpret_cast<const void*>(db);
   a.N = N, a.lddb = lddb, a.cols = cols;
   a.db_bias = reinterpret_cast<const int32_t*>(db_bias);
-  a.allow = reinterpret_cast<const uint8_t*>(allow);
-  a.k = k;
-  a.out_scores = reinterpret_cast<void*>(out_scores);
-  a.out_idx = reinterpret_cast<int64_t*>(out_idx);
-  a.num_threads = num_threads;
-  py::gil_scoped_release nogil;
-  topk_cpu(a);
-}
-
-// Sign-dot top-k (kernels/sign_dot_topk.py): int8 queries [nq, 8 * cols] against packed sign bits
-// [N, cols]; the scan of topk_cpu (kind kTopkSignDot).
-void py_sign_dot_topk_cpu(uintptr_t q, int64_t nq, int64_t ldq, uintptr_t db, int64_t N, int64_t lddb, int64_t cols,
-                          uintptr_t allow, int64_t k, uintptr_t out_scores, uintptr_t out_idx, int num_threads) {
-  const char* fn = "sign_dot_topk_cpu";
-  for (auto [name, p] : {std::pair{"q", q}, {"db", db}, {"out_scores", out_scores}, {"out_idx", out_idx}})
-    check_ptr(fn, name, p);
-  PE_CHECK(nq > 0 && N > 0 && cols > 0, fn, ": need nq > 0, N > 0 and cols > 0, got nq=", nq, ", N=", N, ", cols=",
-           cols);
-  // sum_d (q_d + 128) b_d <= 255 * 8 * cols must fit int32
-  PE_CHECK(cols <= (int64_t{1} << 19), fn, ": ", cols, " bytes per row (", 8 * cols, " dimensions) overflow int32");
-  PE_CHECK(ldq >= 8 * cols && lddb >= cols, fn, ": row pitches must be ldq >= 8 * cols=", 8 * cols,
-           " and lddb >= cols=", cols, ", got ldq=", ldq, ", lddb=", lddb);
-  PE_CHECK(k >= 1 && k <= N, fn, ": k must be in [1, N=", N, "], got ", k);
-  PE_CHECK(num_threads >= 1, fn, ": num_threads must be >= 1, got ", num_threads);
-  PE_CHECK(nq <= std::numeric_limits<int64_t>::max() / 64 / k, fn, ": nq * k is too large");
-  TopkArgs a;
-  a.kind = kTopkSignDot;
-  a.q = reinterpret_cast<const void*>(q);
-  a.nq = nq, a.ldq = ldq;
-  a.db = reinterpret_cast<const void*>(db);
-  a.N = N, a.lddb = lddb, a.cols = cols;
-  a.db_bias = nullptr;
   a.allow = reinterpret_cast<const uint8_t*>(allow);
   a.k = k;
   a.out_scores = reinterpret_cast<void*>(out_scores);
@@ -413,21 +388,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out"), py::arg("ldo"), py::arg("rows"), py::arg("H"), py::arg("eps"), py::arg("num_threads"));
 
   m.def("topk_cpu", &py_topk_cpu,
-        "Exact top-k scan: kind 0=binary (8*cols - Hamming), 1=int8 (q.x + db_bias[row]), 2=float32 (q.x);\n"
-        "q [nq, cols] / db [N, cols] with row pitches ldq / lddb (elements); db_bias int32 [N] or 0; allow\n"
+        "Exact top-k scan: kind 0=binary (8*cols - Hamming), 1=int8 (q.x + db_bias[row]), 2=float32 (q.x),\n"
+        "3=sign-dot (sum_d q_d * (bit d set ? +1 : -1); q int8 [nq, 8 * cols], db packed bits [N, cols] in\n"
+        "numpy.packbits order); q [nq, cols] / db [N, cols] with row pitches ldq / lddb (elements); db_bias int32 [N] or 0; allow\n"
         "uint8 [N] or 0; out_scores [nq, k] int32 (float32 for kind 2), out_idx int64 [nq, k]: best first,\n"
         "ties by lower row, missing candidates -1 with the lowest score. Uses the AVX2+POPCNT build when\n"
         "cpu_avx2() is True.",
         py::arg("kind"), py::arg("q"), py::arg("nq"), py::arg("ldq"), py::arg("db"), py::arg("N"), py::arg("lddb"),
         py::arg("cols"), py::arg("db_bias"), py::arg("allow"), py::arg("k"), py::arg("out_scores"),
         py::arg("out_idx"), py::arg("num_threads"));
-
-  m.def("sign_dot_topk_cpu", &py_sign_dot_topk_cpu,
-        "Exact top-k by sum_d q_d * (bit_d ? +1 : -1): q int8 [nq, 8 * cols] (row pitch ldq), db packed sign\n"
-        "bits [N, cols] bytes (pitch lddb, numpy.packbits order); allow uint8 [N] or 0; out_scores int32 [nq, k],\n"
-        "out_idx int64 [nq, k]: best first, ties by lower row, missing candidates -1 with INT32_MIN.",
-        py::arg("q"), py::arg("nq"), py::arg("ldq"), py::arg("db"), py::arg("N"), py::arg("lddb"), py::arg("cols"),
-        py::arg("allow"), py::arg("k"), py::arg("out_scores"), py::arg("out_idx"), py::arg("num_threads"));
 
   py::class_<AsciiWordPiece>(m, "AsciiWordPiece",
                              "BERT WordPiece for pure-ASCII texts (csrc/wordpiece_cpu.cpp); other texts are left to the caller.")

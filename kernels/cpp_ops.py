@@ -176,24 +176,27 @@ def add_layernorm_cpp(x, residual, weight, bias, eps, out=None):
     return out
 
 
-_TOPK_KINDS = {"binary": (0, torch.int32), "int8": (1, torch.int32), "float32": (2, torch.float32)}
+# kind code of csrc/kernels.h TopkKind, score dtype
+_TOPK_KINDS = {"binary": (0, torch.int32), "int8": (1, torch.int32), "float32": (2, torch.float32),
+               "sign_dot": (3, torch.int32)}
 
 
 def _topk_cpp(kind, q, db, k, allow, db_bias=None, out=None):
-    """The exact top-k scans of csrc/topk_cpu.cpp (arguments checked by the launchers: 2-D, same
-    columns, k in [1, N], allow bool [N]). Rows must be contiguous in their last dimension."""
+    """The exact top-k scans of csrc/topk_cpu.cpp (arguments checked by the launchers: 2-D, matching
+    widths, k in [1, N], allow bool [N]). Rows must be contiguous in their last dimension. q has
+    db's width, except for sign_dot: int8 [nq, 8 * bytes] against packed bits [N, bytes]."""
     code, sdtype = _TOPK_KINDS[kind]
-    nq, cols = q.shape
-    N = db.shape[0]
+    nq, qcols = q.shape
+    N, cols = db.shape
     if out is None:
         out = (torch.empty(nq, k, dtype=sdtype), torch.empty(nq, k, dtype=torch.int64))
     if nq == 0:
         return out
-    q = q if (q.stride(1) == 1 and (nq == 1 or q.stride(0) >= cols)) else q.contiguous()
+    q = q if (q.stride(1) == 1 and (nq == 1 or q.stride(0) >= qcols)) else q.contiguous()
     db = db if (db.stride(1) == 1 and (N == 1 or db.stride(0) >= cols)) else db.contiguous()
     allow_u8 = None if allow is None else allow.contiguous().view(torch.uint8)
     bias = None if db_bias is None else db_bias.contiguous()
-    _C.topk_cpu(code, q.data_ptr(), nq, q.stride(0) if nq > 1 else cols, db.data_ptr(), N,
+    _C.topk_cpu(code, q.data_ptr(), nq, q.stride(0) if nq > 1 else qcols, db.data_ptr(), N,
                 db.stride(0) if N > 1 else cols, cols, 0 if bias is None else bias.data_ptr(),
                 0 if allow_u8 is None else allow_u8.data_ptr(), k, out[0].data_ptr(), out[1].data_ptr(),
                 torch.get_num_threads())

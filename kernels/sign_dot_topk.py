@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _ext
+from . import _ext, cpp_ops
 from .dispatch import TRITON_IMPORT_ERROR, choose, register
 from .topk_common import blocked_reference, check_k_allow, check_matrices
 
@@ -82,21 +82,10 @@ def sign_dot_topk(q_int8, db_codes, k, allow=None, backend=None):
 def sign_dot_topk_cpp(q, db, k, allow, out=None):
     """csrc/topk_cpu.cpp's scan (kind sign-dot) of raw bits (see raw_bit_query). out: optional
     (scores int32, idx int64) [nq, k] buffers that get every element written (the tests poison them)."""
-    nq, N, B = q.shape[0], db.shape[0], db.shape[1]
-    if out is None:
-        out = (torch.empty(nq, k, dtype=torch.int32), torch.empty(nq, k, dtype=torch.int64))
-    if nq == 0:
-        return out
-    q = q if (q.stride(1) == 1 and (nq == 1 or q.stride(0) >= q.shape[1])) else q.contiguous()
-    db = db if (db.stride(1) == 1 and (N == 1 or db.stride(0) >= B)) else db.contiguous()
-    allow_u8 = None if allow is None else allow.contiguous().view(torch.uint8)
-    _ext._C.sign_dot_topk_cpu(q.data_ptr(), nq, q.stride(0) if nq > 1 else q.shape[1], db.data_ptr(), N,
-                              db.stride(0) if N > 1 else B, B, 0 if allow_u8 is None else allow_u8.data_ptr(), k,
-                              out[0].data_ptr(), out[1].data_ptr(), torch.get_num_threads())
-    return out
+    return cpp_ops._topk_cpp("sign_dot", q, db, k, allow, out=out)
 
 
-if _ext._C is not None and hasattr(_ext._C, "sign_dot_topk_cpu"):  # an older build lacks it: torch then
+if _ext._C is not None:
     register("sign_dot_topk", "cpp", devices=("cpu",))(sign_dot_topk_cpp)
 
 
