@@ -1,7 +1,8 @@
 """Exact top-k search: EmbeddingIndex against FAISS, usearch, torch and numpy on the same data.
 
     python -m bench.search [--posts 5000] [--n 100000] [--sigma 0.02] [--threads 2] [--model FOLDER]
-                           [--json bench/results/cpu-2core-search.json]
+                           [--json bench/results/cpu-2core-search.json] [--plot PNG]
+    python -m bench.search --plot-only bench/results/cpu-2core-search.json --plot bench/results/cpu-2core-search.png
 
 Data: real embeddings (Embedder(device="cpu"), default model or --model, e.g. the trained 50-d one) of tests/data/posts.jsonl.gz: the
 titles are the queries, the texts the database. Quality (title -> own text recall@10) is measured
@@ -106,7 +107,15 @@ def main(argv=None):
     ap.add_argument("--model", default=None, help="model folder (default: all-MiniLM-L6-v2), e.g. models/post-embed-50")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "cpu-2core-search.json"))
+    ap.add_argument("--plot", default=None, metavar="PNG", help="also plot queries/s against recall@10")
+    ap.add_argument("--plot-only", default=None, metavar="JSON",
+                    help="no measurement: plot the results of an earlier run's JSON into --plot")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        if not args.plot:
+            ap.error("--plot-only needs --plot PNG")
+        plot(json.loads(Path(args.plot_only).read_text()), args.plot)
+        return None
 
     import torch
 
@@ -304,7 +313,42 @@ def main(argv=None):
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
         print("wrote", args.json)
+    if args.plot:
+        plot(out, args.plot)
     return out
+
+
+def plot(out: dict, png: str) -> None:
+    """Queries/s (log) against recall@10 vs exact float32 of the speed database, batch 256 and batch 1,
+    one point per system, marker size by bytes per vector."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = out["results"]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6), sharey=False)
+    for ax, key, title in ((axes[0], "qps_batch256", "batch 256"), (axes[1], "qps_batch1", "batch 1")):
+        for r in rows:
+            ours = r["system"].startswith("postembed_fast")
+            x, y = r["recall@10_vs_float32"], r[key]
+            ax.scatter(x, y, s=20 + r["bytes_per_vector"] / 8, marker="o" if ours else "s",
+                       color="tab:red" if ours else "tab:gray", alpha=0.8)
+            label = r["precision"] if ours else f"{r['system']} {r['precision']}"
+            ax.annotate(label.replace("(float16)", "").strip(), (x, y), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+        ax.set_yscale("log")
+        ax.set_xlabel("recall@10 vs exact float32 (noisy database)")
+        ax.set_ylabel("queries/s")
+        ax.set_title(f"{title}, k = {out['data']['k']}, N = {out['data']['n']:,}, dim {out['data']['dim']}, "
+                     f"{out['threads']} threads")
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle("Exact top-k: postembed_fast EmbeddingIndex (red) vs FAISS, usearch, torch, numpy (grey); "
+                 "marker area ~ bytes/vector")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    print("wrote", png)
 
 
 if __name__ == "__main__":
