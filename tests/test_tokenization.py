@@ -538,3 +538,22 @@ def test_ascii_path_bad_arguments(hf):
         _ext._C.AsciiWordPiece(vocab=["a"], unk_id=5, continuing_prefix="##", max_input_chars_per_word=100,
                                lowercase=True, prefix_ids=[], suffix_ids=[], max_length=0, truncate_left=False,
                                added_tokens=[])
+
+
+def test_ascii_path_random_strings(hf):
+    """Seeded random ASCII strings built from the byte classes the compiled path distinguishes (word
+    characters in both cases, punctuation, \t\n\r and space, dropped controls, added-token fragments,
+    long runs): every one identical to Hugging Face, and most taken by the ASCII path itself."""
+    import random
+
+    rng = random.Random(20261126)
+    pieces = (list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+              + list("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~") + [" ", "  ", "\t", "\n", "\r\n"]
+              + [chr(c) for c in (0, 1, 8, 11, 12, 14, 27, 31, 127)]
+              + ["the", "ing", "##", "un", "[MASK]", "[SEP", "CLS]", "[UNK]", "x" * 99, "y" * 101, "token"])
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 60))) for _ in range(3000)]
+    wp = _ascii_wp(hf)
+    lens, _ = wp.encode(texts)
+    assert (lens >= 0).mean() > 0.5  # the texts without an added token
+    enc = tokenization._ascii_first(wp, _hf_flat(hf))
+    assert_identical(*enc(texts), hf_reference(hf, texts), texts)
