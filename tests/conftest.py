@@ -350,6 +350,24 @@ def start_redis():
         s.stop()
 
 
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory, start_redis):
+    """A redis-server of the test module's own (RedisServer: .url, .port...)."""
+    return start_redis(tmp_path_factory.mktemp("redis"))
+
+
+_STREAM_NAMES = iter(range(10**6))
+
+
+@pytest.fixture
+def stream_names():
+    """Fresh near-line names for one test: the stream, group, key prefix, output and dead-letter
+    streams (the fields of nearline.Config), so tests sharing a Redis server never see each other's."""
+    n = next(_STREAM_NAMES)
+    return {"stream": f"posts{n}", "group": "embedders", "prefix": f"emb{n}:", "out_stream": f"posts{n}.embedded",
+            "dead_stream": f"posts{n}.dead"}
+
+
 # ---- a private network namespace: servers that bind every interface see loopback only ---------------
 @contextlib.contextmanager
 def private_loopback_network():

@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'post
 pa = pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402
 
-from postembed_fast import Embedder, backfill  # noqa: E402
+from postembed_fast import backfill  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "posts.jsonl.gz")
 with gzip.open(DATA, "rt", encoding="utf-8") as _f:
@@ -61,11 +61,6 @@ def test_ray_listens_on_loopback_only(ray_local, listening_sockets):
     addrs = listening_addresses()
     assert addrs, "Ray's servers should be listening"
     assert all(is_loopback(a) for a in addrs), addrs
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    return Embedder(device="cpu")
 
 
 def write_jsonl(path, posts, bad=(), gz=False):

@@ -22,7 +22,6 @@ REDIS_SERVER = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None,
                                 reason="redis-server is not installed (apt-get install redis-server)")
 
-from postembed_fast import Embedder  # noqa: E402
 from postembed_fast.kernels.precision import TABLE  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "posts.jsonl.gz")
@@ -32,31 +31,11 @@ for _p in POSTS:  # real posts, cut short to keep the CPU time of these tests lo
     _p["text"] = _p["text"][:300]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, start_redis):
-    return start_redis(tmp_path_factory.mktemp("redis"))
-
-
-@pytest.fixture(scope="module")
-def embedder():  # always CPU here (the shared conftest fixture may pick a GPU)
-    return Embedder(device="cpu")
-
-
-_counter = iter(range(10**6))
-
-
-@pytest.fixture
-def names():
-    n = next(_counter)
-    return {"stream": f"posts{n}", "group": "embedders", "prefix": f"emb{n}:", "out_stream": f"posts{n}.embedded",
-            "dead_stream": f"posts{n}.dead"}
-
-
-def make_worker(server, embedder, names, **kw):
+def make_worker(redis_server, embedder, stream_names, **kw):
     from postembed_fast.nearline import Config, Worker
 
-    cfg = Config(redis_url=server.url, device="cpu", consumer=kw.pop("consumer", "t1"), batch_wait_ms=10,
-                 idle_block_ms=50, **names, **kw)
+    cfg = Config(redis_url=redis_server.url, device="cpu", consumer=kw.pop("consumer", "t1"), batch_wait_ms=10,
+                 idle_block_ms=50, **stream_names, **kw)
     return Worker(cfg, embedder=embedder)
 
 
@@ -101,53 +80,54 @@ def wait_for(cond, timeout=60.0, what="condition", proc=None, poll=0.05):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def spawn_worker(server, names, consumer, *extra, log_path=None):
+def spawn_worker(redis_server, stream_names, consumer, *extra, log_path=None):
     env = dict(os.environ, POSTEMBED_LOG_LEVEL="INFO")
-    cmd = [sys.executable, "-m", "postembed_fast.nearline", "embed", "--redis", server.url, "--device", "cpu",
-           "--consumer", consumer, "--stream", names["stream"], "--group", names["group"], "--prefix", names["prefix"],
-           "--out-stream", names["out_stream"], "--dead-stream", names["dead_stream"], *extra]
+    cmd = [sys.executable, "-m", "postembed_fast.nearline", "embed", "--redis", redis_server.url, "--device", "cpu",
+           "--consumer", consumer, "--stream", stream_names["stream"], "--group", stream_names["group"], "--prefix",
+           stream_names["prefix"], "--out-stream", stream_names["out_stream"], "--dead-stream",
+           stream_names["dead_stream"], *extra]
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL
     # not the repo root as cwd: the tests use the installed package
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.path.dirname(__file__))
 
 
-def group_consumers(r, names):
+def group_consumers(r, stream_names):
     try:
-        return {c["name"].decode() for c in r.xinfo_consumers(names["stream"], names["group"])}
+        return {c["name"].decode() for c in r.xinfo_consumers(stream_names["stream"], stream_names["group"])}
     except redis.ResponseError:
         return set()
 
 
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("precision", ["float16", "int8", "binary"])
-def test_happy_path(server, embedder, names, precision):
-    r = server.client()
+def test_happy_path(redis_server, embedder, stream_names, precision):
+    r = redis_server.client()
     posts = POSTS[:24]
-    produce(r, names["stream"], posts)
-    w = make_worker(server, embedder, names, precision=precision, batch_max=10)
+    produce(r, stream_names["stream"], posts)
+    w = make_worker(redis_server, embedder, stream_names, precision=precision, batch_max=10)
     assert w.run_until_idle() == 24
     want = expected(embedder, [p["text"] for p in posts], precision)
-    assert_rows_match(stored_rows(r, names["prefix"], 24, precision), want, precision)
-    h = r.hgetall(f"{names['prefix']}p3")
+    assert_rows_match(stored_rows(r, stream_names["prefix"], 24, precision), want, precision)
+    h = r.hgetall(f"{stream_names['prefix']}p3")
     assert h[b"model"].decode() == embedder.model_tag and int(h[b"dim"]) == embedder.dim
     assert h[b"precision"].decode() == precision and int(h[b"embedded_ms"]) >= int(h[b"created_ms"])
     assert len(h[b"vector"]) == TABLE[precision].row_bytes(embedder.dim)
-    ranges = r.hgetall(f"{names['prefix']}__ranges__:{embedder.model_tag}")
+    ranges = r.hgetall(f"{stream_names['prefix']}__ranges__:{embedder.model_tag}")
     np.testing.assert_array_equal(np.frombuffer(ranges[b"ranges"], "<f4").reshape(2, -1),
                                   embedder.quantization_ranges)
-    out = r.xrange(names["out_stream"])
+    out = r.xrange(stream_names["out_stream"])
     assert [f[b"id"].decode() for _, f in out] == [f"p{i}" for i in range(24)]
     assert out[3][1][b"vector"] == h[b"vector"]
-    assert r.xpending(names["stream"], names["group"])["pending"] == 0
+    assert r.xpending(stream_names["stream"], stream_names["group"])["pending"] == 0
 
 
-def test_poison_and_delete(server, embedder, names):
-    r = server.client()
-    s = names["stream"]
+def test_poison_and_delete(redis_server, embedder, stream_names):
+    r = redis_server.client()
+    s = stream_names["stream"]
     produce(r, s, POSTS[:3])  # p0 p1 p2
-    w = make_worker(server, embedder, names, precision="int8", max_text_chars=2000)
+    w = make_worker(redis_server, embedder, stream_names, precision="int8", max_text_chars=2000)
     w.run_until_idle()
-    assert r.exists(f"{names['prefix']}p1")
+    assert r.exists(f"{stream_names['prefix']}p1")
     r.xadd(s, {"id": "p1", "op": "delete"})
     r.xadd(s, {"id": "nt", "created_ms": 1})  # no text
     r.xadd(s, {"id": "bad", "text": b"caf\xc3\x28 \xff"})  # not UTF-8
@@ -158,8 +138,8 @@ def test_poison_and_delete(server, embedder, names):
     r.xadd(s, {"id": "same", "text": "same text"})  # same id, same text: stored once, not poison
     r.xadd(s, {"text": "no id"})
     w.run_until_idle()
-    assert not r.exists(f"{names['prefix']}p1") and r.exists(f"{names['prefix']}p0")
-    dead = [(f.get(b"id", b"").decode(), f[b"reason"].decode()) for _, f in r.xrange(names["dead_stream"])]
+    assert not r.exists(f"{stream_names['prefix']}p1") and r.exists(f"{stream_names['prefix']}p0")
+    dead = [(f.get(b"id", b"").decode(), f[b"reason"].decode()) for _, f in r.xrange(stream_names["dead_stream"])]
     reasons = {i: rs for i, rs in dead}
     assert reasons["nt"] == "no text"
     assert "not valid UTF-8" in reasons["bad"]
@@ -167,19 +147,19 @@ def test_poison_and_delete(server, embedder, names):
     assert "repeated with different text" in reasons["dup"] and len([d for d in dead if d[0] == "dup"]) == 2
     assert reasons[""] == "no id"
     assert len(dead) == 6
-    assert r.exists(f"{names['prefix']}same") and not r.exists(f"{names['prefix']}dup")
-    ops = [(f[b"id"].decode(), f[b"op"].decode()) for _, f in r.xrange(names["out_stream"])]
+    assert r.exists(f"{stream_names['prefix']}same") and not r.exists(f"{stream_names['prefix']}dup")
+    ops = [(f[b"id"].decode(), f[b"op"].decode()) for _, f in r.xrange(stream_names["out_stream"])]
     assert ("p1", "delete") in ops and ops.count(("same", "upsert")) == 1
-    assert r.xpending(s, names["group"])["pending"] == 0  # everything acked, nothing retried forever
+    assert r.xpending(s, stream_names["group"])["pending"] == 0  # everything acked, nothing retried forever
 
 
-def test_redelivered_too_often_is_dead_lettered_and_metrics(server, embedder, names, free_port):
+def test_redelivered_too_often_is_dead_lettered_and_metrics(redis_server, embedder, stream_names, free_port):
     from urllib.request import urlopen
 
     from postembed_fast.nearline import Metrics
 
-    r = server.client()
-    s, g = names["stream"], names["group"]
+    r = redis_server.client()
+    s, g = stream_names["stream"], stream_names["group"]
     r.xgroup_create(s, g, id="0", mkstream=True)
     eid = r.xadd(s, {"id": "crash", "text": "a post that kills its worker", "created_ms": 1})
     r.xadd(s, {"id": "fine", "text": "a post", "created_ms": int(time.time() * 1000)})
@@ -187,23 +167,23 @@ def test_redelivered_too_often_is_dead_lettered_and_metrics(server, embedder, na
     for _ in range(5):  # five workers died on it
         r.xclaim(s, g, "ghost", 0, [eid])
     port = free_port()
-    w = make_worker(server, embedder, names, precision="int8", claim_min_idle_ms=1)
+    w = make_worker(redis_server, embedder, stream_names, precision="int8", claim_min_idle_ms=1)
     w.metrics = Metrics(port)
     w.run_until_idle()
-    dead = r.xrange(names["dead_stream"])
+    dead = r.xrange(stream_names["dead_stream"])
     assert len(dead) == 1 and dead[0][1][b"id"] == b"crash" and b"delivered 7 times" in dead[0][1][b"reason"]
-    assert r.exists(f"{names['prefix']}fine") and r.xpending(s, g)["pending"] == 0
+    assert r.exists(f"{stream_names['prefix']}fine") and r.xpending(s, g)["pending"] == 0
     text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert 'postembed_nearline_entries_total{outcome="stored"} 1.0' in text
     assert 'postembed_nearline_entries_total{outcome="dead"} 1.0' in text
     assert "postembed_nearline_latency_seconds_count 1.0" in text
 
 
-def test_trim_keeps_unacknowledged(server, embedder, names):
+def test_trim_keeps_unacknowledged(redis_server, embedder, stream_names):
     from postembed_fast.nearline import trim_stream
 
-    r = server.client()
-    s, g = names["stream"], names["group"]
+    r = redis_server.client()
+    s, g = stream_names["stream"], stream_names["group"]
     ids = [r.xadd(s, {"id": f"p{i}", "text": "t"}) for i in range(50)]
     r.xgroup_create(s, g, id="0")
     read = r.xreadgroup(g, "dead", {s: ">"}, count=20)[0][1]  # 20 delivered, 30 not yet
@@ -219,111 +199,117 @@ def test_trim_keeps_unacknowledged(server, embedder, names):
     assert trim_stream(r, s, maxlen=0, approximate=False) == 5
     assert r.xlen(s) == 1
     # the worker's own trimming (approximate by default) never removes pending entries either
-    w = make_worker(server, embedder, names, precision="binary", trim_maxlen=1, trim_interval_s=0, trim_exact=True)
+    w = make_worker(redis_server, embedder, stream_names, precision="binary", trim_maxlen=1, trim_interval_s=0,
+                    trim_exact=True)
     w._trim()
     assert r.xlen(s) == 1
 
 
-def test_killed_worker_then_restart(server, embedder, names, tmp_path):
-    r = server.client()
+def test_killed_worker_then_restart(redis_server, embedder, stream_names, tmp_path):
+    r = redis_server.client()
     n = 80
-    produce(r, names["stream"], POSTS[:n])
-    a = spawn_worker(server, names, "wa", "--batch-max", "4", "--precision", "int8", log_path=tmp_path / "a.log")
-    wait_for(lambda: r.xlen(names["out_stream"]) >= 8, what="some posts stored", proc=a, poll=0.005)
+    produce(r, stream_names["stream"], POSTS[:n])
+    a = spawn_worker(redis_server, stream_names, "wa", "--batch-max", "4", "--precision", "int8",
+                     log_path=tmp_path / "a.log")
+    wait_for(lambda: r.xlen(stream_names["out_stream"]) >= 8, what="some posts stored", proc=a, poll=0.005)
     a.kill()  # SIGKILL mid-run
     a.wait()
-    done = r.xlen(names["out_stream"])
+    done = r.xlen(stream_names["out_stream"])
     assert done < n, "the worker finished before it was killed"
     # another consumer takes over the dead one's pending entries (XAUTOCLAIM) and the rest
-    b = spawn_worker(server, names, "wb", "--batch-max", "32", "--precision", "int8", "--claim-min-idle-ms", "200",
+    b = spawn_worker(redis_server, stream_names, "wb", "--batch-max", "32", "--precision", "int8",
+                     "--claim-min-idle-ms", "200",
                      "--claim-interval-s", "0.5", log_path=tmp_path / "b.log")
     try:
-        wait_for(lambda: all(r.exists(f"{names['prefix']}p{i}") for i in range(n)) and
-                 r.xpending(names["stream"], names["group"])["pending"] == 0, what="all posts stored", proc=b)
+        wait_for(lambda: all(r.exists(f"{stream_names['prefix']}p{i}") for i in range(n)) and
+                 r.xpending(stream_names["stream"], stream_names["group"])["pending"] == 0, what="all posts stored",
+                 proc=b)
     finally:
         b.send_signal(signal.SIGTERM)
         assert b.wait(30) == 0
     want = expected(embedder, [p["text"] for p in POSTS[:n]], "int8")
-    assert_rows_match(stored_rows(r, names["prefix"], n, "int8"), want, "int8")
-    assert r.xpending(names["stream"], names["group"])["pending"] == 0
+    assert_rows_match(stored_rows(r, stream_names["prefix"], n, "int8"), want, "int8")
+    assert r.xpending(stream_names["stream"], stream_names["group"])["pending"] == 0
 
 
-def test_two_workers_share_a_group(server, names, tmp_path):
-    r = server.client()
+def test_two_workers_share_a_group(redis_server, stream_names, tmp_path):
+    r = redis_server.client()
     args = ("--batch-max", "4", "--batch-wait-ms", "5", "--precision", "binary")
-    ws = [spawn_worker(server, names, c, *args, log_path=tmp_path / f"{c}.log") for c in ("w1", "w2")]
+    ws = [spawn_worker(redis_server, stream_names, c, *args, log_path=tmp_path / f"{c}.log") for c in ("w1", "w2")]
     try:
-        r.xgroup_create(names["stream"], names["group"], id="0", mkstream=True)
+        r.xgroup_create(stream_names["stream"], stream_names["group"], id="0", mkstream=True)
     except redis.ResponseError:
         pass
-    wait_for(lambda: group_consumers(r, names) == {"w1", "w2"}, what="both workers reading")
+    wait_for(lambda: group_consumers(r, stream_names) == {"w1", "w2"}, what="both workers reading")
     n = 40
     for i in range(n):
-        produce(r, names["stream"], [POSTS[i]], start=i)
+        produce(r, stream_names["stream"], [POSTS[i]], start=i)
         time.sleep(0.01)
-    wait_for(lambda: r.xlen(names["out_stream"]) >= n and
-             r.xpending(names["stream"], names["group"])["pending"] == 0, what="all posts stored")
+    wait_for(lambda: r.xlen(stream_names["out_stream"]) >= n and
+             r.xpending(stream_names["stream"], stream_names["group"])["pending"] == 0, what="all posts stored")
     for w in ws:
         w.send_signal(signal.SIGTERM)
     assert [w.wait(30) for w in ws] == [0, 0]
-    out = [(f[b"id"].decode(), f[b"consumer"].decode()) for _, f in r.xrange(names["out_stream"])]
+    out = [(f[b"id"].decode(), f[b"consumer"].decode()) for _, f in r.xrange(stream_names["out_stream"])]
     ids = [i for i, _ in out]
     assert sorted(ids) == sorted(f"p{i}" for i in range(n)), "a post embedded twice or missing"
     assert {c for _, c in out} == {"w1", "w2"}
 
 
-def test_redis_restart_and_sigterm(tmp_path, names, start_redis):
+def test_redis_restart_and_sigterm(tmp_path, stream_names, start_redis):
     srv = start_redis(tmp_path, persistent=True)
     try:
         r = srv.client()
         n = 60
-        produce(r, names["stream"], POSTS[:30])
-        w = spawn_worker(srv, names, "wr", "--batch-max", "8", "--precision", "float16", log_path=tmp_path / "w.log")
-        wait_for(lambda: r.xlen(names["out_stream"]) >= 30, what="first half stored", proc=w)
+        produce(r, stream_names["stream"], POSTS[:30])
+        w = spawn_worker(srv, stream_names, "wr", "--batch-max", "8", "--precision", "float16",
+                         log_path=tmp_path / "w.log")
+        wait_for(lambda: r.xlen(stream_names["out_stream"]) >= 30, what="first half stored", proc=w)
         srv.stop()
         time.sleep(1.0)  # the worker is retrying with backoff meanwhile
         assert w.poll() is None
         srv.start()
         r = srv.client()
-        produce(r, names["stream"], POSTS[30:n], start=30)
-        wait_for(lambda: all(r.exists(f"{names['prefix']}p{i}") for i in range(n)), what="all stored after restart",
+        produce(r, stream_names["stream"], POSTS[30:n], start=30)
+        wait_for(lambda: all(r.exists(f"{stream_names['prefix']}p{i}") for i in range(n)),
+                 what="all stored after restart",
                  proc=w)
         log = (tmp_path / "w.log").read_text()
         assert "redis unavailable" in log and "redis is back" in log
         # SIGTERM while a batch is in flight: it is finished and acked, exit 0
-        produce(r, names["stream"], POSTS[n:n + 40], start=n)
-        wait_for(lambda: r.xlen(names["out_stream"]) > n, what="a new batch", proc=w)
+        produce(r, stream_names["stream"], POSTS[n:n + 40], start=n)
+        wait_for(lambda: r.xlen(stream_names["out_stream"]) > n, what="a new batch", proc=w)
         w.send_signal(signal.SIGTERM)
         assert w.wait(30) == 0
-        assert r.xpending(names["stream"], names["group"])["pending"] == 0
-        stored = {f[b"id"].decode() for _, f in r.xrange(names["out_stream"])}
+        assert r.xpending(stream_names["stream"], stream_names["group"])["pending"] == 0
+        stored = {f[b"id"].decode() for _, f in r.xrange(stream_names["out_stream"])}
         assert {f"p{i}" for i in range(n)} <= stored
         # whatever was read was stored and acked; the rest is still in the stream for the next worker
-        info = {g["name"].decode(): g for g in r.xinfo_groups(names["stream"])}[names["group"]]
+        info = {g["name"].decode(): g for g in r.xinfo_groups(stream_names["stream"])}[stream_names["group"]]
         assert info["lag"] == n + 40 - len(stored)
     finally:
         srv.stop()
 
 
-def test_older_entry_never_overwrites_a_newer_one(server, embedder, names):
+def test_older_entry_never_overwrites_a_newer_one(redis_server, embedder, stream_names):
     """Two versions of a post handled out of order (an edit racing its previous version on another
     worker, or a redelivery after a model switch): the older one is acked but changes nothing."""
-    r = server.client()
-    s, prefix, key = names["stream"], names["prefix"], f"{names['prefix']}p"
+    r = redis_server.client()
+    s, prefix, key = stream_names["stream"], stream_names["prefix"], f"{stream_names['prefix']}p"
     v1, v2, v4 = (POSTS[i]["text"] for i in (0, 1, 2))
     e1 = r.xadd(s, {"id": "p", "text": v1, "created_ms": 1})
     e2 = r.xadd(s, {"id": "p", "text": v2, "created_ms": 2})
     e3 = r.xadd(s, {"id": "p", "op": "delete"})
     e4 = r.xadd(s, {"id": "p", "text": v4, "created_ms": 4})
     entry = {i.decode(): f for i, f in r.xrange(s)}
-    w = make_worker(server, embedder, names, precision="int8")
+    w = make_worker(redis_server, embedder, stream_names, precision="int8")
     w._ensure_group()
 
     def handle(eid):
         w.process([(eid.decode(), entry[eid.decode()])])
 
     def out_ops():
-        return [(f[b"op"].decode(), f[b"source_id"]) for _, f in r.xrange(names["out_stream"])]
+        return [(f[b"op"].decode(), f[b"source_id"]) for _, f in r.xrange(stream_names["out_stream"])]
 
     handle(e2)  # the newer version is stored first ...
     handle(e1)  # ... then the older one arrives: refused
@@ -343,4 +329,4 @@ def test_older_entry_never_overwrites_a_newer_one(server, embedder, names):
     assert r.hget(key, "source_id") == e4 and w.stale == 3
     assert [op for op, _ in out_ops()] == ["upsert", "upsert", "delete", "upsert"]
     assert r.ttl(f"{prefix}__deleted__:p") > 0  # tombstones expire (--tombstone-ttl)
-    assert r.xpending(s, names["group"])["pending"] == 0
+    assert r.xpending(s, stream_names["group"])["pending"] == 0

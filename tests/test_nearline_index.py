@@ -29,7 +29,6 @@ REDIS_SERVER = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None,
                                 reason="redis-server is not installed (apt-get install redis-server)")
 
-from postembed_fast import Embedder  # noqa: E402
 from postembed_fast.nearline_index import IndexConfig, IndexUpdater, create_app, decode_vector, post_key  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "posts.jsonl.gz")
@@ -39,43 +38,23 @@ for _p in POSTS:  # real posts, cut short to keep the CPU time low; searched by 
     _p["text"] = _p["text"][:300]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, start_redis):
-    return start_redis(tmp_path_factory.mktemp("redis"))
-
-
-@pytest.fixture(scope="module")
-def embedder():  # always CPU here (the shared conftest fixture may pick a GPU)
-    return Embedder(device="cpu")
-
-
-_counter = iter(range(10**6))
-
-
-@pytest.fixture
-def names():
-    n = next(_counter)
-    return {"stream": f"ix{n}", "group": "embedders", "prefix": f"ixemb{n}:", "out_stream": f"ix{n}.embedded",
-            "dead_stream": f"ix{n}.dead"}
-
-
 def produce(r, stream, idx):
     for i in idx:
         r.xadd(stream, {"id": f"p{i}", "text": POSTS[i]["text"], "created_ms": int(time.time() * 1000)})
 
 
-def embed_all(server, embedder, names, precision="int8"):
+def embed_all(redis_server, embedder, stream_names, precision="int8"):
     """Run the real embed worker (in-process) until the input stream is drained."""
     from postembed_fast.nearline import Config, Worker
 
-    cfg = Config(redis_url=server.url, device="cpu", consumer="t1", batch_wait_ms=10, idle_block_ms=50,
-                 precision=precision, **names)
+    cfg = Config(redis_url=redis_server.url, device="cpu", consumer="t1", batch_wait_ms=10, idle_block_ms=50,
+                 precision=precision, **stream_names)
     return Worker(cfg, embedder=embedder).run_until_idle()
 
 
-def make_updater(server, embedder, names, snap, **kw):
-    cfg = IndexConfig(redis_url=server.url, stream=names["out_stream"], prefix=names["prefix"], snapshot_dir=str(snap),
-                      device="cpu", block_ms=50, **kw)
+def make_updater(redis_server, embedder, stream_names, snap, **kw):
+    cfg = IndexConfig(redis_url=redis_server.url, stream=stream_names["out_stream"], prefix=stream_names["prefix"],
+                      snapshot_dir=str(snap), device="cpu", block_ms=50, **kw)
     return IndexUpdater(cfg, embedder=embedder)
 
 
@@ -147,12 +126,12 @@ def test_decode_vector_matches_the_precision_table(embedder):
         decode_vector(i8[0].tobytes()[:-1], "int8", dim)
 
 
-def test_new_post_searchable_delete_and_resume(server, embedder, names, tmp_path, free_port):
-    r = server.client()
+def test_new_post_searchable_delete_and_resume(redis_server, embedder, stream_names, tmp_path, free_port):
+    r = redis_server.client()
     snap = tmp_path / "snap"
-    produce(r, names["stream"], range(40))
-    assert embed_all(server, embedder, names) == 40
-    u = make_updater(server, embedder, names, snap)
+    produce(r, stream_names["stream"], range(40))
+    assert embed_all(redis_server, embedder, stream_names) == 40
+    u = make_updater(redis_server, embedder, stream_names, snap)
     catch_up(u)
     assert u.index.precision == "int8" and len(u.index) == 40 and u.applied == 40
     with Http(u, free_port()) as h:
@@ -180,14 +159,14 @@ def test_new_post_searchable_delete_and_resume(server, embedder, names, tmp_path
 
     # after the snapshot: a new post, an edit of p7 (re-embedded, replaces itself), a delete of p3,
     # and a delete of a post never indexed (a no-op)
-    produce(r, names["stream"], [40])
-    r.xadd(names["stream"], {"id": "p7", "text": POSTS[41]["text"]})
-    r.xadd(names["stream"], {"id": "p3", "op": "delete"})
-    r.xadd(names["stream"], {"id": "never-seen", "op": "delete"})
-    embed_all(server, embedder, names)
-    assert r.xlen(names["out_stream"]) == 44
+    produce(r, stream_names["stream"], [40])
+    r.xadd(stream_names["stream"], {"id": "p7", "text": POSTS[41]["text"]})
+    r.xadd(stream_names["stream"], {"id": "p3", "op": "delete"})
+    r.xadd(stream_names["stream"], {"id": "never-seen", "op": "delete"})
+    embed_all(redis_server, embedder, stream_names)
+    assert r.xlen(stream_names["out_stream"]) == 44
 
-    u2 = make_updater(server, embedder, names, snap)  # a restart: resumes after the snapshot's stream id
+    u2 = make_updater(redis_server, embedder, stream_names, snap)  # a restart: resumes after the snapshot's stream id
     assert u2.last_id == snap_id and len(u2.index) == 40 and u2.applied == 0
     catch_up(u2)
     assert u2.applied == 4, "entries before the snapshot were read again"
@@ -201,7 +180,7 @@ def test_new_post_searchable_delete_and_resume(server, embedder, names, tmp_path
         status, info = h.get("/info")
         assert info["count"] == 40 and info["skipped"] == 0 and info["last_id"] == u2.last_id
     # a redelivered entry (the same post again) replaces itself: no duplicate row
-    last = r.xrange(names["out_stream"], "-", "+")[-4]
+    last = r.xrange(stream_names["out_stream"], "-", "+")[-4]
     u2.apply([last])
     assert len(u2.index) == 40 and len(u2.post_ids) == 40
 
@@ -212,41 +191,41 @@ def test_new_post_searchable_delete_and_resume(server, embedder, names, tmp_path
     state = json.loads(state_path.read_text())
     state_path.write_text(json.dumps(dict(state, model_tag="some-other-model")))
     with pytest.raises(ValueError, match="holds vectors of model 'some-other-model'"):
-        make_updater(server, embedder, names, snap)
+        make_updater(redis_server, embedder, stream_names, snap)
 
 
-def test_mismatched_entries_are_skipped_not_indexed(server, embedder, names, tmp_path):
-    r = server.client()
-    produce(r, names["stream"], range(3))
-    embed_all(server, embedder, names, precision="binary")
-    out = names["out_stream"]
+def test_mismatched_entries_are_skipped_not_indexed(redis_server, embedder, stream_names, tmp_path):
+    r = redis_server.client()
+    produce(r, stream_names["stream"], range(3))
+    embed_all(redis_server, embedder, stream_names, precision="binary")
+    out = stream_names["out_stream"]
     good = r.xrange(out)[0][1]
     r.xadd(out, dict(good, id=b"other-model", model=b"some-other-model"))
     r.xadd(out, dict(good, id=b"short", vector=good[b"vector"][:-1]))
     r.xadd(out, dict(good, id=b"int8-into-binary", precision=b"int8", vector=b"\x00" * embedder.dim))
-    u = make_updater(server, embedder, names, tmp_path / "snap")
+    u = make_updater(redis_server, embedder, stream_names, tmp_path / "snap")
     catch_up(u)
     assert u.index.precision == "binary" and sorted(u.post_ids.values()) == ["p0", "p1", "p2"]
     assert u.skipped == 3 and "cannot go into a binary index" in u.last_skip_reason
     # an explicit --precision: entries that cannot feed it are refused, not mixed in (only the one
     # int8 entry of the right length goes in)
-    u8 = make_updater(server, embedder, names, tmp_path / "snap8", precision="int8")
+    u8 = make_updater(redis_server, embedder, stream_names, tmp_path / "snap8", precision="int8")
     catch_up(u8)
     assert list(u8.post_ids.values()) == ["int8-into-binary"] and u8.skipped == 5
 
 
-def test_trimmed_stream_is_reported(server, embedder, names, tmp_path, caplog):
-    r = server.client()
-    out = names["out_stream"]
+def test_trimmed_stream_is_reported(redis_server, embedder, stream_names, tmp_path, caplog):
+    r = redis_server.client()
+    out = stream_names["out_stream"]
     for i in range(5):
         r.xadd(out, {"id": f"x{i}", "op": "delete"})
     r.xtrim(out, maxlen=2, approximate=False)  # entries this (fresh) index never saw are gone
-    u = make_updater(server, embedder, names, tmp_path / "snap")
+    u = make_updater(redis_server, embedder, stream_names, tmp_path / "snap")
     with caplog.at_level("ERROR", logger="postembed_fast.nearline.index"):
         catch_up(u)
     assert "had 3 entries removed" in caplog.text and "posts may be missing" in caplog.text
     caplog.clear()
-    u2 = make_updater(server, embedder, names, tmp_path / "snap2")
+    u2 = make_updater(redis_server, embedder, stream_names, tmp_path / "snap2")
     u2.last_id = r.xrange(out)[0][0].decode()  # a position inside what is left: nothing lost
     with caplog.at_level("ERROR", logger="postembed_fast.nearline.index"):
         catch_up(u2)
@@ -290,27 +269,29 @@ def _wait(cond, timeout, what, procs=()):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_end_to_end_xadd_to_search_and_restart(server, names, tmp_path, free_port):
-    r = server.client()
+def test_end_to_end_xadd_to_search_and_restart(redis_server, stream_names, tmp_path, free_port):
+    r = redis_server.client()
     snap, port = tmp_path / "snap", free_port()
-    worker = _spawn(["embed", "--redis", server.url, "--device", "cpu", "--consumer", "e2e", "--stream",
-                     names["stream"], "--prefix", names["prefix"], "--out-stream", names["out_stream"],
-                     "--dead-stream", names["dead_stream"], "--precision", "int8", "--batch-wait-ms", "5"],
+    worker = _spawn(["embed", "--redis", redis_server.url, "--device", "cpu", "--consumer", "e2e", "--stream",
+                     stream_names["stream"], "--prefix", stream_names["prefix"], "--out-stream",
+                     stream_names["out_stream"], "--dead-stream", stream_names["dead_stream"], "--precision", "int8",
+                     "--batch-wait-ms", "5"],
                     tmp_path / "worker.log")
-    index_args = ["index", "--redis", server.url, "--device", "cpu", "--stream", names["out_stream"], "--prefix",
-                  names["prefix"], "--snapshot", str(snap), "--snapshot-every", "1", "--port", str(port)]
+    index_args = ["index", "--redis", redis_server.url, "--device", "cpu", "--stream", stream_names["out_stream"],
+                  "--prefix", stream_names["prefix"], "--snapshot", str(snap), "--snapshot-every", "1",
+                  "--port", str(port)]
     index = _spawn(index_args, tmp_path / "index.log")
     procs = (worker, index)
     try:
         _wait(lambda: http_get(port, "/health")[0] == 200, 60, "the index updater", procs)
-        produce(r, names["stream"], range(12))
+        produce(r, stream_names["stream"], range(12))
         t0 = time.monotonic()
-        produce(r, names["stream"], [12])  # a post created now ...
+        produce(r, stream_names["stream"], [12])  # a post created now ...
         _wait(lambda: ranked(http_get(port, "/search", q=POSTS[12]["title"], k=10)[1])[:1] == ["p12"], 60,
               "the new post to be found by its title", procs)
         took = time.monotonic() - t0
         assert took < 30, f"searchable after {took:.1f} s"  # ... is searchable seconds later
-        r.xadd(names["stream"], {"id": "p12", "op": "delete"})
+        r.xadd(stream_names["stream"], {"id": "p12", "op": "delete"})
         _wait(lambda: "p12" not in ranked(http_get(port, "/search", q=POSTS[12]["title"], k=12)[1]), 30,
               "the deleted post to leave the index", procs)
         _, info = http_get(port, "/info")
