@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     import ray
     import torch
 
-    from postembed_fast import Embedder, backfill
+    from postembed_fast import Embedder
+    from postembed_fast.backfill import job, layout
 
     cores = os.cpu_count() or 1
     load_before = os.getloadavg()
@@ -142,12 +143,12 @@ def main(argv=None) -> int:
             base_s = time.perf_counter() - t0
             base_rss = rss_bytes() - rss0
             out = tmp / f"out-{s}"
-            cfg = backfill.Config(output=str(out), inputs=[str(d)], precision=a.precision, progress=False,
+            cfg = job.Config(output=str(out), inputs=[str(d)], precision=a.precision, progress=False,
                                   batch_size=a.batch_size, files_per_round=a.files_per_segment)
             t0 = time.perf_counter()
-            summary = backfill.run_backfill(cfg, log=lambda m: print(m, file=sys.stderr))
+            summary = job.run_backfill(cfg, log=lambda m: print(m, file=sys.stderr))
             ray_s = time.perf_counter() - t0
-            ids, got = backfill.read_output(out)
+            ids, got = layout.read_output(out)
             index = {p["id"]: i for i, p in enumerate(part)}
             assert len(ids) == len(part) and summary["rejects"] == 0, (len(ids), summary)
             match = compare(got, want[[index[i] for i in ids]], a.precision)
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "corpus": a.corpus, "posts": len(posts), "precision": a.precision, "batch_size": a.batch_size,
         "baseline": "one Embedder.embed(texts) call per segment in this process, model loaded and warmed up before",
-        "ray": "backfill.run_backfill on a local Ray (loopback, num_cpus=cores, 1 CPU actor x cores threads); "
+        "ray": "job.run_backfill on a local Ray (loopback, num_cpus=cores, 1 CPU actor x cores threads); "
                "actor start and model load included, ray.init excluded",
         "segments": rows,
         "baseline_posts_per_s": len(posts) / base, "ray_posts_per_s": len(posts) / rays,

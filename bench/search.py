@@ -120,7 +120,7 @@ def main(argv=None):
     import torch
 
     from postembed_fast import quantize_embeddings
-    from postembed_fast.index import EmbeddingIndex, itq_rotation
+    from postembed_fast.search import EmbeddingIndex, itq_rotation
     from postembed_fast.kernels import _ext
 
     torch.set_num_threads(args.threads)

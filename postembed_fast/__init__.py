@@ -51,9 +51,9 @@ def info() -> dict:
 
 def __getattr__(name):  # EmbeddingIndex is a system part: imported on first use, never by the engine
     if name in ("EmbeddingIndex", "itq_rotation"):
-        from postembed_fast import index
+        from postembed_fast import search
 
-        return getattr(index, name)
+        return getattr(search, name)
     raise AttributeError(f"module 'postembed_fast' has no attribute {name!r}")
 
 

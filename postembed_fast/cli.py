@@ -125,7 +125,7 @@ def _add_serve(sub) -> None:
 
 
 def _add_nearline(sub) -> None:
-    from postembed_fast.nearline import add_embed_arguments  # flags only: redis is imported by the worker
+    from postembed_fast.nearline.worker import add_embed_arguments  # flags only: redis is imported by the worker
 
     p = sub.add_parser(
         "nearline", help="near-line embedding from a Redis stream (needs the nearline extra)",
@@ -137,7 +137,7 @@ def _add_nearline(sub) -> None:
     e = nsub.add_parser("embed", help="embed new posts of a Redis stream into Redis (SIGTERM: finish the batch, exit 0)")
     add_embed_arguments(e)
     e.set_defaults(func=cmd_nearline_embed, parser=e)
-    from postembed_fast.nearline_index import add_index_arguments  # flags only
+    from postembed_fast.nearline.index_updater import add_index_arguments  # flags only
 
     i = nsub.add_parser("index", help="keep a searchable index of the output stream, GET /search (snapshots to "
                                       "disk and resumes from them; SIGTERM: final snapshot, exit 0)")
@@ -146,7 +146,7 @@ def _add_nearline(sub) -> None:
 
 
 def cmd_nearline_embed(args) -> int:
-    from postembed_fast.nearline import missing_extra, run_from_args
+    from postembed_fast.nearline.worker import missing_extra, run_from_args
 
     problem = missing_extra()
     if problem:
@@ -155,7 +155,7 @@ def cmd_nearline_embed(args) -> int:
 
 
 def cmd_nearline_index(args) -> int:
-    from postembed_fast.nearline_index import missing_extra, run_from_args
+    from postembed_fast.nearline.index_updater import missing_extra, run_from_args
 
     problem = missing_extra()
     if problem:
@@ -164,7 +164,7 @@ def cmd_nearline_index(args) -> int:
 
 
 def _add_backfill(sub) -> None:
-    from postembed_fast.backfill import add_arguments  # flags only: ray is imported by the job
+    from postembed_fast.backfill.job import add_arguments  # flags only: ray is imported by the job
 
     p = sub.add_parser(
         "backfill", help="embed a corpus of JSONL/Parquet files on Ray Data into Parquet (needs the backfill extra)",
@@ -177,7 +177,7 @@ def _add_backfill(sub) -> None:
 
 
 def cmd_backfill(args) -> int:
-    from postembed_fast.backfill import run_from_args
+    from postembed_fast.backfill.job import run_from_args
 
     return run_from_args(args, prog=f"{PROG} backfill")
 

@@ -1,4 +1,4 @@
-"""The Ray Data backfill (postembed_fast/backfill.py) on a local Ray bound to loopback, with a few hundred
+"""The Ray Data backfill (postembed_fast/backfill/) on a local Ray bound to loopback, with a few hundred
 real posts cut short: output equals Embedder.embed in-process, resume skips finished files and redoes
 changed ones, bad rows go to rejects.jsonl, JSONL and Parquet inputs, and --load-into writes the
 near-line Redis layout (against a real redis-server on a free loopback port)."""
@@ -17,7 +17,8 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'post
 pa = pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402
 
-from postembed_fast import backfill  # noqa: E402
+from postembed_fast.backfill import job, layout  # noqa: E402
+from postembed_fast.backfill.inputs import expand_inputs  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "posts.jsonl.gz")
 with gzip.open(DATA, "rt", encoding="utf-8") as _f:
@@ -95,7 +96,7 @@ def expected(embedder, posts, precision):
 
 
 def by_input(out_dir):
-    ids, emb, keys = backfill.read_output(out_dir, with_input=True)
+    ids, emb, keys = layout.read_output(out_dir, with_input=True)
     got: dict[str, tuple[list, list]] = {}
     for i, (pid, key) in enumerate(zip(ids, keys)):
         name = key.rsplit("-", 1)[0]
@@ -120,9 +121,9 @@ def assert_matches(got, want, precision):
 
 def test_float32_both_formats_rejects_and_resume(ray_local, embedder, inputs, tmp_path):
     out = tmp_path / "out"
-    cfg = backfill.Config(output=str(out), inputs=[str(inputs / "*.jsonl*"), str(inputs / "c.parquet")],
+    cfg = job.Config(output=str(out), inputs=[str(inputs / "*.jsonl*"), str(inputs / "c.parquet")],
                           progress=False, batch_size=64)
-    s = backfill.run_backfill(cfg, log=lambda m: None)
+    s = job.run_backfill(cfg, log=lambda m: None)
     assert (s["files"], s["skipped"], s["rows"]) == (3, 0, len(A) + len(B) + len(C))
     assert s["rejects"] == len(BAD_LINES) + 2
 
@@ -153,7 +154,7 @@ def test_float32_both_formats_rejects_and_resume(ray_local, embedder, inputs, tm
 
     # resume: nothing to do, nothing rewritten
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
-    s2 = backfill.run_backfill(cfg, log=lambda m: None)
+    s2 = job.run_backfill(cfg, log=lambda m: None)
     assert (s2["files"], s2["skipped"], s2["rows"]) == (0, 3, 0)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == stamps
 
@@ -161,7 +162,7 @@ def test_float32_both_formats_rejects_and_resume(ray_local, embedder, inputs, tm
     b_dir = next(out.glob("b-*"))
     (b_dir / "_SUCCESS.json").unlink()
     (b_dir / "part-999999.parquet").write_bytes(b"half-written garbage")
-    s3 = backfill.run_backfill(cfg, log=lambda m: None)
+    s3 = job.run_backfill(cfg, log=lambda m: None)
     assert (s3["files"], s3["skipped"], s3["rows"], s3["rejects"]) == (1, 2, len(B), 0)
     assert not (b_dir / "part-999999.parquet").exists()
     ids, emb = by_input(out)["b"]
@@ -174,7 +175,7 @@ def test_float32_both_formats_rejects_and_resume(ray_local, embedder, inputs, tm
 @pytest.fixture(scope="module")
 def int8_output(ray_local, inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("int8") / "out"
-    rc = backfill.main(["--input", str(inputs / "a.jsonl.gz"), "--output", str(out), "--precision", "int8",
+    rc = job.main(["--input", str(inputs / "a.jsonl.gz"), "--output", str(out), "--precision", "int8",
                         "--no-progress", "--batch-size", "32"])
     assert rc == 0
     return out
@@ -186,7 +187,7 @@ def test_precisions(precision, ray_local, embedder, inputs, int8_output, tmp_pat
         out = int8_output  # made through main(): the command line path
     else:
         out = tmp_path / "out"
-        backfill.run_backfill(backfill.Config(output=str(out), inputs=[str(inputs / "a.jsonl.gz")],
+        job.run_backfill(job.Config(output=str(out), inputs=[str(inputs / "a.jsonl.gz")],
                                               precision=precision, progress=False), log=lambda m: None)
     ids, emb = by_input(out)["a"]
     assert ids == [p["id"] for p in A]
@@ -206,45 +207,45 @@ def test_precisions(precision, ray_local, embedder, inputs, int8_output, tmp_pat
 
 
 def test_refuses_other_precision_in_same_output(ray_local, inputs, int8_output):
-    with pytest.raises(backfill.BackfillError, match="precision='int8'.*new --output"):
-        backfill.run_backfill(backfill.Config(output=str(int8_output), inputs=[str(inputs / "a.jsonl.gz")],
+    with pytest.raises(layout.BackfillError, match="precision='int8'.*new --output"):
+        job.run_backfill(job.Config(output=str(int8_output), inputs=[str(inputs / "a.jsonl.gz")],
                                               precision="binary", progress=False), log=lambda m: None)
 
 
 def test_bad_setup_is_a_clear_error(tmp_path, capsys):
-    assert backfill.main(["--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o")]) == 2
+    assert job.main(["--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o")]) == 2
     assert "nope.jsonl: no such input file" in capsys.readouterr().err
     (tmp_path / "x.csv").write_text("id,text\n")
-    with pytest.raises(backfill.BackfillError, match="unknown input format"):
-        backfill.expand_inputs([str(tmp_path / "x.csv")])
-    assert backfill.main(["--output", str(tmp_path / "o")]) == 2
+    with pytest.raises(layout.BackfillError, match="unknown input format"):
+        expand_inputs([str(tmp_path / "x.csv")])
+    assert job.main(["--output", str(tmp_path / "o")]) == 2
     # never an actor waiting forever for a GPU that is not there
     cpu_only = {"CPU": 2.0}
     nodes = [{"Alive": True, "Resources": {"CPU": 2.0}}]
-    with pytest.raises(backfill.BackfillError, match="no GPU"):
-        backfill.plan_workers(backfill.Config(output="o", gpus_per_worker=1), cpu_only, nodes)
-    with pytest.raises(backfill.BackfillError, match="no GPU"):
-        backfill.plan_workers(backfill.Config(output="o", device="cuda"), cpu_only, nodes)
-    with pytest.raises(backfill.BackfillError, match="no CPU"):  # Ray Data's own tasks need one
-        backfill.plan_workers(backfill.Config(output="o", workers=2, cpus_per_worker=1), cpu_only, nodes)
-    two = backfill.plan_workers(backfill.Config(output="o", workers=2), cpu_only, nodes)
+    with pytest.raises(layout.BackfillError, match="no GPU"):
+        job.plan_workers(job.Config(output="o", gpus_per_worker=1), cpu_only, nodes)
+    with pytest.raises(layout.BackfillError, match="no GPU"):
+        job.plan_workers(job.Config(output="o", device="cuda"), cpu_only, nodes)
+    with pytest.raises(layout.BackfillError, match="no CPU"):  # Ray Data's own tasks need one
+        job.plan_workers(job.Config(output="o", workers=2, cpus_per_worker=1), cpu_only, nodes)
+    two = job.plan_workers(job.Config(output="o", workers=2), cpu_only, nodes)
     assert (two["workers"], two["threads"], two["cpus"]) == (2, 1, 0.5)
-    plan = backfill.plan_workers(backfill.Config(output="o"), cpu_only, nodes)
+    plan = job.plan_workers(job.Config(output="o"), cpu_only, nodes)
     assert (plan["device"], plan["workers"], plan["threads"], plan["gpus"]) == ("cpu", 1, 2, 0.0)
-    gpu = backfill.plan_workers(backfill.Config(output="o"), {"CPU": 32.0, "GPU": 4.0}, nodes)
+    gpu = job.plan_workers(job.Config(output="o"), {"CPU": 32.0, "GPU": 4.0}, nodes)
     assert (gpu["device"], gpu["workers"], gpu["gpus"]) == ("cuda", 4, 1.0)
 
 
 def test_parquet_missing_column(ray_local, tmp_path):
     pq.write_table(pa.table({"id": ["1"], "body": ["x"]}), tmp_path / "p.parquet")
-    with pytest.raises(backfill.BackfillError, match="no column 'text'.*--text-field"):
-        backfill.run_backfill(backfill.Config(output=str(tmp_path / "o"), inputs=[str(tmp_path / "p.parquet")],
+    with pytest.raises(layout.BackfillError, match="no column 'text'.*--text-field"):
+        job.run_backfill(job.Config(output=str(tmp_path / "o"), inputs=[str(tmp_path / "p.parquet")],
                                               progress=False), log=lambda m: None)
 
 
 def test_without_ray_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
-    msg = backfill.missing_extra()
+    msg = job.missing_extra()
     assert msg and "pip install 'postembed_fast[backfill]'" in msg
 
 
@@ -256,11 +257,11 @@ def redis_url(tmp_path, start_redis):
 
 
 def test_load_into_redis(int8_output, embedder, redis_url):
-    from postembed_fast import nearline
+    from postembed_fast.nearline import store
 
     url, r = redis_url
     r.hset("emb:" + A[0]["id"], mapping={"lang": "xx", "vector": b"old"})  # fields of an older version go
-    rc = backfill.main(["--output", str(int8_output), "--load-into", url, "--prefix", "emb:"])
+    rc = job.main(["--output", str(int8_output), "--load-into", url, "--prefix", "emb:"])
     assert rc == 0
     want = expected(embedder, A, "int8")
     for p, row in zip(A, want):
@@ -271,6 +272,6 @@ def test_load_into_redis(int8_output, embedder, redis_url):
         assert int(h[b"created_ms"]) > 0 and int(h[b"embedded_ms"]) > 0
         assert b"lang" not in h
     assert r.dbsize() == len(A) + 1  # the posts and the ranges, nothing for rejected rows
-    rng = r.hgetall(f"emb:{nearline._RANGES_INFIX}{embedder.model_tag}")
+    rng = r.hgetall(store.ranges_key("emb:", embedder.model_tag))
     np.testing.assert_array_equal(np.frombuffer(rng[b"ranges"], dtype="<f4").reshape(2, 384),
                                   embedder.quantization_ranges)

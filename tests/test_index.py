@@ -1,4 +1,4 @@
-"""EmbeddingIndex (postembed_fast/index.py) against a numpy reference: every precision, awkward sizes,
+"""EmbeddingIndex (postembed_fast/search/index.py) against a numpy reference: every precision, awkward sizes,
 ties by insertion order, allow masks / id lists, remove + add, upsert, rescoring, save/load, bad input."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from postembed_fast.index import EmbeddingIndex, itq_rotation
+from postembed_fast.search import EmbeddingIndex, itq_rotation
 
 INT_LOWEST = -(2**31)
 _POP = np.array([bin(i).count("1") for i in range(256)], np.int64)

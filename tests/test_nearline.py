@@ -32,7 +32,7 @@ for _p in POSTS:  # real posts, cut short to keep the CPU time of these tests lo
 
 
 def make_worker(redis_server, embedder, stream_names, **kw):
-    from postembed_fast.nearline import Config, Worker
+    from postembed_fast.nearline.worker import Config, Worker
 
     cfg = Config(redis_url=redis_server.url, device="cpu", consumer=kw.pop("consumer", "t1"), batch_wait_ms=10,
                  idle_block_ms=50, **stream_names, **kw)
@@ -156,7 +156,7 @@ def test_poison_and_delete(redis_server, embedder, stream_names):
 def test_redelivered_too_often_is_dead_lettered_and_metrics(redis_server, embedder, stream_names, free_port):
     from urllib.request import urlopen
 
-    from postembed_fast.nearline import Metrics
+    from postembed_fast.nearline.worker import Metrics
 
     r = redis_server.client()
     s, g = stream_names["stream"], stream_names["group"]
@@ -180,7 +180,7 @@ def test_redelivered_too_often_is_dead_lettered_and_metrics(redis_server, embedd
 
 
 def test_trim_keeps_unacknowledged(redis_server, embedder, stream_names):
-    from postembed_fast.nearline import trim_stream
+    from postembed_fast.nearline.worker import trim_stream
 
     r = redis_server.client()
     s, g = stream_names["stream"], stream_names["group"]

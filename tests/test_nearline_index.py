@@ -1,4 +1,4 @@
-"""The near-line index updater (postembed_fast.nearline_index) against a real redis-server on a free loopback
+"""The near-line index updater (postembed_fast.nearline.index_updater) against a real redis-server on a free loopback
 port, fed by the real embed worker, searched over real HTTP on loopback.
 
 In-process (one shared CPU Embedder) where the test is about what the index holds; as
@@ -29,7 +29,8 @@ REDIS_SERVER = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None,
                                 reason="redis-server is not installed (apt-get install redis-server)")
 
-from postembed_fast.nearline_index import IndexConfig, IndexUpdater, create_app, decode_vector, post_key  # noqa: E402
+from postembed_fast.nearline.index_updater import IndexConfig, IndexUpdater, create_app  # noqa: E402
+from postembed_fast.nearline.store import decode_vector, post_key  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "posts.jsonl.gz")
 with gzip.open(DATA, "rt", encoding="utf-8") as _f:
@@ -45,7 +46,7 @@ def produce(r, stream, idx):
 
 def embed_all(redis_server, embedder, stream_names, precision="int8"):
     """Run the real embed worker (in-process) until the input stream is drained."""
-    from postembed_fast.nearline import Config, Worker
+    from postembed_fast.nearline.worker import Config, Worker
 
     cfg = Config(redis_url=redis_server.url, device="cpu", consumer="t1", batch_wait_ms=10, idle_block_ms=50,
                  precision=precision, **stream_names)

@@ -29,7 +29,7 @@ The worker loop (one consumer of a consumer group; several workers share a group
      of every entry of the batch. The ack is in the same transaction as the store, so an entry is
      acked exactly when its outputs are stored (at-least-once; hash writes are idempotent; a
      transaction retried after its reply was lost can repeat an output-stream / dead-letter entry:
-     readers dedupe on `source_id`). Each post's store is conditional (a Lua script, see _STORE_LUA):
+     readers dedupe on `source_id`). Each post's store is conditional (a Lua script, see store.STORE_LUA):
      an entry older than the one the stored hash came from, or than the post's last delete (a
      tombstone `{prefix}__deleted__:{id}` kept --tombstone-ttl seconds), is stale: acked, but nothing
      is written or announced, so a slow or redelivered worker never overwrites a newer version.
@@ -61,11 +61,11 @@ import time
 from dataclasses import dataclass, field
 
 from postembed_fast.cli_args import add_model_args, non_negative_int, positive_int
+from postembed_fast.nearline import store
 
 log = logging.getLogger("postembed_fast.nearline")
 
 PROG = "python -m postembed_fast.nearline"
-_RANGES_INFIX = "__ranges__:"
 _DEAD_FIELD_MAX_BYTES = 16384  # longer values are truncated in the dead-letter copy (the reason says so)
 
 
@@ -169,19 +169,6 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
 
 
-def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Near-line embedding from a Redis stream.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    e = sub.add_parser("embed", help="embed new posts of a Redis stream into Redis (a consumer-group worker)")
-    add_embed_arguments(e)
-    from postembed_fast.nearline_index import add_index_arguments  # flags only: nothing heavy imported
-
-    i = sub.add_parser("index", help="keep a searchable EmbeddingIndex of the output stream; GET /search "
-                                     "(snapshots to disk, resumes from them)")
-    add_index_arguments(i)
-    return p
-
-
 def missing_extra() -> str | None:
     from postembed_fast.cli_args import missing_extra as missing
 
@@ -214,7 +201,13 @@ class Metrics:
             self.entries = self.redis_errors = self.batch_size = self.pending = self.lag = _Null()
             self.latency = self.embed_seconds = _Null()
             return
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            start_http_server,
+        )
 
         r = self.registry = CollectorRegistry()
         self.entries = Counter("postembed_nearline_entries", "input entries handled, by outcome "
@@ -237,27 +230,18 @@ class Metrics:
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def _s(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
-def _id_tuple(entry_id) -> tuple[int, int]:
-    ms, _, seq = _s(entry_id).partition("-")
-    return int(ms), int(seq or 0)
-
-
 def safe_trim_id(r, stream: str):
     """The oldest entry id any consumer group of `stream` still needs (pending, or not yet delivered),
     or None when the stream has no groups. Entries older than it are acknowledged by every group."""
     oldest = None
     for g in r.xinfo_groups(stream):
         name = g["name"]
-        need = _id_tuple(g["last-delivered-id"])
+        need = store.id_tuple(g["last-delivered-id"])
         need = (need[0], need[1] + 1)  # the first entry not yet delivered
         if g.get("pending"):
             summary = r.xpending(stream, name)
             if summary.get("min"):
-                need = min(need, _id_tuple(summary["min"]))
+                need = min(need, store.id_tuple(summary["min"]))
         oldest = need if oldest is None else min(oldest, need)
     return oldest
 
@@ -276,9 +260,9 @@ def trim_stream(r, stream: str, maxlen: int, approximate: bool = True, step: int
     if not rows:
         return 0
     if len(rows) > excess:
-        cut = _id_tuple(rows[excess][0])
+        cut = store.id_tuple(rows[excess][0])
     else:  # maxlen 0: everything may go
-        last = _id_tuple(rows[-1][0])
+        last = store.id_tuple(rows[-1][0])
         cut = (last[0], last[1] + 1)
     need = safe_trim_id(r, stream)
     if need is not None:
@@ -286,55 +270,6 @@ def trim_stream(r, stream: str, maxlen: int, approximate: bool = True, step: int
     return r.xtrim(stream, minid=f"{cut[0]}-{cut[1]}", approximate=approximate)
 
 
-# The conditional store, one call per post inside the batch's MULTI/EXEC. Input entry ids order the
-# versions of a post (Redis assigns them in arrival order): an entry older than the one the stored hash
-# came from (its `source_id`), or older than the post's delete (a tombstone key holding the delete's
-# entry id, kept --tombstone-ttl seconds), is stale: it changes nothing and announces nothing, so a slow
-# or redelivered worker (an edit racing its previous version, a redelivery after a model switch) never
-# overwrites a newer version, and a late delete never removes a newer post. The same entry again (a
-# redelivery) is applied again: idempotent. An id that is not a stream id (written by other tools)
-# never counts as newer.
-# KEYS: hash, tombstone, output stream. ARGV: op (upsert|delete), entry id, ttl, tombstone ttl, output
-# maxlen (0: none), n = number of hash field/value items, n hash items, then the output-only items
-# (the output entry is the output-only items followed by the hash items).
-# Returns 1 when applied, 0 when stale.
-_STORE_LUA = """
-local function parse(x)
-  if not x then return nil end
-  local ms, seq = string.match(x, '^(%d+)-(%d+)$')
-  if not ms then return nil end
-  return {tonumber(ms), tonumber(seq)}
-end
-local function older(a, b)  -- stream id a < stream id b (false when either is not a stream id)
-  if not a or not b then return false end
-  if a[1] ~= b[1] then return a[1] < b[1] end
-  return a[2] < b[2]
-end
-local op, id = ARGV[1], parse(ARGV[2])
-local ttl, tomb_ttl, maxlen, n = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local stored = parse(redis.call('HGET', KEYS[1], 'source_id'))
-local deleted = parse(redis.call('GET', KEYS[2]))
-if older(id, stored) or older(id, deleted) or (op == 'upsert' and deleted and not older(deleted, id)) then
-  return 0
-end
-local out = {}  -- the output entry: the output-only items, then the hash's
-for i = 7 + n, #ARGV do out[#out + 1] = ARGV[i] end
-for i = 7, 6 + n do out[#out + 1] = ARGV[i] end
-redis.call('DEL', KEYS[1])  -- no field of an older version survives
-if op == 'upsert' then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 7, 6 + n))
-  if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
-else
-  redis.call('SET', KEYS[2], ARGV[2], 'EX', tomb_ttl)
-end
-if maxlen > 0 then
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*', unpack(out))
-else
-  redis.call('XADD', KEYS[3], '*', unpack(out))
-end
-return 1
-"""
-_TOMBSTONE_INFIX = "__deleted__:"
 
 
 class _Stop(Exception):
@@ -364,15 +299,13 @@ class Worker:
         if self.spec.needs_ranges and self.ranges is None:
             raise ValueError(f"precision {cfg.precision} needs quantization ranges and model {self.model_tag} has "
                              "none: use float16/binary, or a model with shipped ranges")
-        dt = self.spec.numpy_dtype
-        self.vector_dtype = dt.newbyteorder("<") if dt.itemsize > 1 else dt
         block_s = max(cfg.idle_block_ms, cfg.batch_wait_ms) / 1000
         self.r = client or redis.Redis.from_url(cfg.redis_url, socket_timeout=block_s + 10,
                                                 socket_connect_timeout=2, socket_keepalive=True,
                                                 health_check_interval=30)
         self.metrics = metrics or Metrics(0)
-        self._store_script = self.r.register_script(_STORE_LUA)  # EVALSHA; loaded before each MULTI
-        self.stale = 0  # entries refused as older than the stored version (see _STORE_LUA)
+        self._store_script = self.r.register_script(store.STORE_LUA)  # EVALSHA; loaded before each MULTI
+        self.stale = 0  # entries refused as older than the stored version (see store.STORE_LUA)
         self.stop_event = threading.Event()
         self._stop_deadline = None
         self._own_pending_cursor = "0"  # re-read our own pending entries first (a restart)
@@ -501,7 +434,7 @@ class Worker:
             rows = rows[0] if rows and isinstance(rows[0], list) else rows
         else:
             rows = resp[0][1]
-        return [(_s(i), f) for i, f in rows]
+        return [(store.as_str(i), f) for i, f in rows]
 
     def _read_own_pending(self):
         rows = self._xreadgroup(self._own_pending_cursor, self.cfg.batch_max, None)
@@ -533,8 +466,8 @@ class Worker:
         resp = self._call("XAUTOCLAIM", lambda: self.r.xautoclaim(cfg.stream, cfg.group, cfg.consumer,
                                                                   cfg.claim_min_idle_ms, self._claim_cursor,
                                                                   count=cfg.batch_max))
-        cursor, rows = _s(resp[0]), resp[1]
-        deleted = [_s(i) for i in resp[2]] if len(resp) > 2 else []
+        cursor, rows = store.as_str(resp[0]), resp[1]
+        deleted = [store.as_str(i) for i in resp[2]] if len(resp) > 2 else []
         if deleted:  # Redis 7 drops these from the PEL itself; they can no longer be processed
             log.warning("%d pending entries were deleted from %s before being processed (trimmed by another "
                         "process?): %s", len(deleted), cfg.stream, ", ".join(deleted[:10]))
@@ -543,21 +476,21 @@ class Worker:
         self._claim_cursor = cursor
         if rows:
             log.info("claimed %d entries pending on other consumers for >= %d ms", len(rows), cfg.claim_min_idle_ms)
-        return [(_s(i), f) for i, f in rows]
+        return [(store.as_str(i), f) for i, f in rows]
 
     def _delivery_counts(self, ids: list[str]) -> dict[str, int]:
         cfg = self.cfg
         rows = self._call("XPENDING", lambda: self.r.xpending_range(cfg.stream, cfg.group, min=ids[0], max=ids[-1],
                                                                     count=len(ids) + 16,
                                                                     consumername=cfg.consumer))
-        return {_s(r["message_id"]): int(r["times_delivered"]) for r in rows}
+        return {store.as_str(r["message_id"]): int(r["times_delivered"]) for r in rows}
 
     # ---- one batch ---------------------------------------------------------------------
     def _check(self, entry_id: str, fields) -> tuple[str | None, dict]:
         """(reason it is poison or None, parsed fields)."""
         if not fields:
             return "entry deleted from the stream before it was processed", {}
-        f = {_s(k): v for k, v in fields.items()}
+        f = {store.as_str(k): v for k, v in fields.items()}
         pid = f.get("id")
         try:
             pid = pid.decode("utf-8") if isinstance(pid, bytes) else pid
@@ -566,14 +499,14 @@ class Worker:
         if pid is None or not str(pid).strip():
             return "no id", f
         pid = str(pid)
-        op = _s(f.get("op", b"upsert")).strip().lower() or "upsert"
+        op = store.as_str(f.get("op", b"upsert")).strip().lower() or "upsert"
         out = {"id": pid, "op": op}
         if "lang" in f:
             out["lang"] = f["lang"]
         try:
             out["created_ms"] = int(f["created_ms"])
         except (KeyError, ValueError, TypeError):
-            out["created_ms"] = _id_tuple(entry_id)[0]
+            out["created_ms"] = store.id_tuple(entry_id)[0]
         if op == "delete":
             return None, out
         if op not in ("upsert", "create", "update"):
@@ -681,27 +614,26 @@ class Worker:
         def transaction():
             pipe = self.r.pipeline(transaction=True)
             if self.ranges is not None and not self._ranges_written:
-                pipe.hset(f"{cfg.prefix}{_RANGES_INFIX}{tag}", mapping={
-                    "ranges": self.ranges.astype("<f4").tobytes(), "dim": dim, "model": tag, "shape": f"2,{dim}"})
+                pipe.hset(store.ranges_key(cfg.prefix, tag), mapping=store.ranges_mapping(self.ranges, dim, tag))
             script_at = []  # (op, position) of the conditional stores in the transaction's replies
 
-            def store(op, entry_id, pid, h, out_only):
+            def put(op, entry_id, pid, h, out_only):
                 script_at.append((op, len(pipe)))
                 items = [x for kv in h.items() for x in kv]
-                self._store_script(keys=[cfg.prefix + pid, f"{cfg.prefix}{_TOMBSTONE_INFIX}{pid}", cfg.out_stream],
+                self._store_script(keys=[store.hash_key(cfg.prefix, pid), store.tombstone_key(cfg.prefix, pid), cfg.out_stream],
                                    args=[op, entry_id, cfg.ttl, cfg.tombstone_ttl, cfg.out_maxlen, len(items), *items,
                                          *[x for kv in out_only.items() for x in kv]],
                                    client=pipe)
 
             for entry_id, p, vec in stored:
-                h = {"vector": vec.astype(self.vector_dtype, copy=False).tobytes(), "model": tag, "dim": dim,
+                h = {"vector": store.encode_vector(vec, cfg.precision), "model": tag, "dim": dim,
                      "precision": cfg.precision, "created_ms": p["created_ms"], "embedded_ms": embedded_ms,
                      "source_id": entry_id}
                 if "lang" in p:
                     h["lang"] = p["lang"]
-                store("upsert", entry_id, p["id"], h, {"id": p["id"], "op": "upsert", "consumer": cfg.consumer})
+                put("upsert", entry_id, p["id"], h, {"id": p["id"], "op": "upsert", "consumer": cfg.consumer})
             for entry_id, p in deletes:
-                store("delete", entry_id, p["id"], {}, {"id": p["id"], "op": "delete", "source_id": entry_id,
+                put("delete", entry_id, p["id"], {}, {"id": p["id"], "op": "delete", "source_id": entry_id,
                                                         "created_ms": p["created_ms"], "embedded_ms": embedded_ms,
                                                         "consumer": cfg.consumer})
             for entry_id, fields, reason in dead:
@@ -737,7 +669,7 @@ class Worker:
             return
         try:
             for g in self.r.xinfo_groups(self.cfg.stream):
-                if _s(g["name"]) == self.cfg.group:
+                if store.as_str(g["name"]) == self.cfg.group:
                     self.metrics.pending.set(g.get("pending") or 0)
                     if g.get("lag") is not None:
                         self.metrics.lag.set(g["lag"])
@@ -765,7 +697,7 @@ def _dead_letter(entry_id: str, fields: dict, reason: str, cfg: Config) -> dict:
            "consumer": cfg.consumer, "dead_ms": int(time.time() * 1000)}
     truncated = []
     for k, v in (fields or {}).items():
-        k = _s(k)
+        k = store.as_str(k)
         if k in out:
             k = "field_" + k
         if isinstance(v, bytes) and len(v) > _DEAD_FIELD_MAX_BYTES:
@@ -807,16 +739,3 @@ def run_from_args(args, prog: str = PROG) -> int:
     except ValueError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-
-
-def main(argv=None, prog: str = PROG) -> int:
-    args = build_parser(prog).parse_args(argv)
-    if args.command == "index":
-        from postembed_fast.nearline_index import run_from_args as run_index_from_args
-
-        return run_index_from_args(args, f"{prog} index")
-    return run_from_args(args, prog)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

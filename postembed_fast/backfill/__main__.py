@@ -1,0 +1,5 @@
+import sys
+
+from postembed_fast.backfill.job import main
+
+sys.exit(main())

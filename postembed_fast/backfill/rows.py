@@ -1,0 +1,170 @@
+"""Rows of the backfill: a record -> (id, text) or the reason it is rejected; embed()'s rows <-> the Arrow
+`embedding` column; the map_batches callable that embeds a batch (one Embedder per actor)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from postembed_fast.kernels.precision import precision_spec
+
+FLOAT_PRECISIONS = ("float32", "float16")
+
+
+_REJECT_ROW_MAX = 2000  # characters of a rejected row kept in rejects.jsonl
+
+
+def parse_jsonl_line(raw: bytes):
+    """-> (record, None, the line as text) or (None, reason, the line as text for the rejects file)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})", raw.decode("utf-8", "backslashreplace")
+    try:
+        return json.loads(line), None, line
+    except ValueError as exc:
+        return None, f"invalid JSON: {exc}", line
+
+
+def check_row(rec, text_field: str, id_field: str) -> tuple[str | None, str | None, str | None]:
+    """One parsed record -> (id, text, reason it is rejected or None)."""
+    if not isinstance(rec, dict):
+        return None, None, f"not a JSON object ({type(rec).__name__})"
+    pid = rec.get(id_field)
+    if isinstance(pid, bool) or pid is None or not isinstance(pid, (str, int)):
+        reason = f"missing id ({id_field!r})" if pid is None else \
+            f"id ({id_field!r}) is {type(pid).__name__}, not a string or integer"
+        return None, None, reason
+    pid = str(pid)
+    if not pid.strip():
+        return None, None, f"empty id ({id_field!r})"
+    text = rec.get(text_field)
+    if text is None:
+        return pid, None, f"missing text ({text_field!r})"
+    if not isinstance(text, str):
+        return pid, None, f"text ({text_field!r}) is {type(text).__name__}, not a string"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate from a JSON "\ud800" escape
+        return pid, None, f"text is not valid Unicode ({exc.reason} at character {exc.start})"
+    return pid, text, None
+
+
+def embedding_type(precision: str, dim: int):
+    import pyarrow as pa
+
+    spec = precision_spec(precision)
+    if precision == "float32":
+        return pa.list_(pa.float32(), dim)
+    if precision == "float16":
+        return pa.list_(pa.float16(), dim)
+    return pa.binary(spec.row_bytes(dim))  # the codes, exactly the bytes embed() returns per row
+
+
+def embedding_array(rows, precision: str, dim: int):
+    """[N, C] numpy from embed() -> a pyarrow array of embedding_type (zero-copy for the float types)."""
+    import pyarrow as pa
+
+    typ = embedding_type(precision, dim)
+    rows = np.ascontiguousarray(rows)
+    if precision in FLOAT_PRECISIONS:
+        flat = pa.array(rows.reshape(-1), type=typ.value_type)
+        return pa.FixedSizeListArray.from_arrays(flat, dim)
+    buf = pa.py_buffer(rows.view(np.uint8).reshape(-1).tobytes())
+    return pa.Array.from_buffers(typ, len(rows), [None, buf])
+
+
+def from_embedding_column(col, precision: str, dim: int):
+    """The inverse of embedding_array: a pyarrow column -> [N, C] numpy of embed()'s dtype."""
+    spec = precision_spec(precision)
+    col = col.combine_chunks() if hasattr(col, "combine_chunks") else col
+    n = len(col)
+    if precision in FLOAT_PRECISIONS:
+        return col.flatten().to_numpy(zero_copy_only=False).reshape(n, dim)
+    width = spec.columns(dim)
+    raw = col.buffers()[1]
+    start = col.offset * width * spec.numpy_dtype.itemsize
+    return np.frombuffer(raw, dtype=spec.numpy_dtype, count=n * width,
+                         offset=start).reshape(n, width).copy()
+
+
+class EmbedBatch:
+    """The map_batches callable: one Embedder per actor, loaded once. A batch of raw rows (JSONL lines
+    or Parquet id/text columns, plus `path`) -> a pyarrow table of (path, id, embedding, reason, row):
+    good rows have reason null, rejected rows a reason and no embedding; every input row gives one
+    output row, so nothing is lost."""
+
+    def __init__(self, *, fmt, model, device, dtype, precision, batch_tokens, text_field, id_field,
+                 ranges, threads):
+        import torch
+
+        from postembed_fast import Embedder
+
+        if threads:
+            torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS from num_cpus; torch's pool too
+        self.embedder = Embedder(model, device=device, dtype=dtype)
+        self.fmt, self.precision, self.batch_tokens = fmt, precision, batch_tokens
+        self.text_field, self.id_field = text_field, id_field
+        self.ranges = None if ranges is None else __import__("numpy").asarray(ranges, dtype="float32")
+        self.dim = self.embedder.dim
+
+    def _records(self, batch):
+        """-> list of (path, id, text, reason, raw row for rejects)."""
+        paths = batch.column("path").to_pylist()
+        out = []
+        if self.fmt == "jsonl":
+            for path, raw in zip(paths, batch.column("text").to_pylist()):
+                rec, reason, line = parse_jsonl_line(raw)
+                if reason is None:
+                    pid, text, reason = check_row(rec, self.text_field, self.id_field)
+                else:
+                    pid, text = None, None
+                out.append((path, pid, text, reason, line))
+        else:
+            names = batch.column_names
+            ids = batch.column(self.id_field).to_pylist() if self.id_field in names else [None] * len(paths)
+            texts = batch.column(self.text_field).to_pylist() if self.text_field in names else [None] * len(paths)
+            for path, pid, text in zip(paths, ids, texts):
+                pid2, text2, reason = check_row({self.id_field: pid, self.text_field: text},
+                                                self.text_field, self.id_field)
+                raw = None if reason is None else json.dumps({"id": pid, "text": text}, default=repr)
+                out.append((path, pid2, text2, reason, raw))
+        return out
+
+    def _embed(self, texts):
+        """One embed() call for the batch; if it raises, post by post, so only the culprits are rejected."""
+        kw = dict(precision=self.precision, batch_tokens=self.batch_tokens, ranges=self.ranges)
+        try:
+            return list(self.embedder.embed(texts, **kw)), {}
+        except Exception:  # noqa: BLE001 -- find which post, keep the rest
+            pass
+        rows, errors = [], {}
+        for i, t in enumerate(texts):
+            try:
+                rows.append(self.embedder.embed([t], **kw)[0])
+            except Exception as exc:  # noqa: BLE001
+                errors[i] = f"embed failed: {type(exc).__name__}: {exc}"
+                rows.append(None)
+        return rows, errors
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        recs = self._records(batch)
+        good = [i for i, r in enumerate(recs) if r[3] is None]
+        rows, errors = self._embed([recs[i][2] for i in good]) if good else ([], {})
+        reasons = [r[3] for r in recs]
+        for j, msg in errors.items():
+            reasons[good[j]] = msg
+        spec = precision_spec(self.precision)
+        full = np.zeros((len(recs), spec.columns(self.dim)), dtype=spec.numpy_dtype)
+        for j, i in enumerate(good):
+            if j not in errors:
+                full[i] = rows[j]
+        emb = embedding_array(full, self.precision, self.dim)  # rejected rows: zeros, dropped by the sink
+        raw = [None if reasons[i] is None else (recs[i][4] or "")[:_REJECT_ROW_MAX] for i in range(len(recs))]
+        return pa.table({"path": pa.array([r[0] for r in recs], pa.string()),
+                         "id": pa.array([r[1] for r in recs], pa.string()),
+                         "embedding": emb,
+                         "reason": pa.array(reasons, pa.string()),
+                         "row": pa.array(raw, pa.string())})

@@ -1,0 +1,5 @@
+import sys
+
+from postembed_fast.nearline import main
+
+sys.exit(main())

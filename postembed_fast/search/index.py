@@ -1,0 +1,573 @@
+"""EmbeddingIndex: exact (brute-force) top-k search over quantized embeddings.
+
+A system part on top of the engine's public API (postembed_fast.quantize_embeddings, the scan
+launchers of postembed_fast.kernels); the engine never imports this module.
+
+    index = EmbeddingIndex.for_embedder(embedder, precision="binary", keep_float16=True)
+    index.add(embedder.embed(texts), ids=post_ids)
+    scores, ids = index.search(embedder.embed(queries), k=10, rescore=4)
+
+Rows are kept in insertion order; that order breaks score ties (earlier first). An upsert replaces
+the vector of an existing id in place (the id keeps its position). Scores:
+  binary:  8 * bytes - Hamming distance (int32) of the sign bits (of R x, with a rotation R)
+  int8:    sum_d (q_d - z_d)(x_d - z_d), z_d the int8 code of 0.0 in dimension d (int32, exact)
+  float16 / float32: dot product (float32)
+  rescore=r: the top k*r by the index precision re-ranked by exact float32 dot products with the
+  stored float16 vectors (keep_float16=True); the returned scores are then those dot products.
+  A binary index takes those k*r candidates by the asymmetric score sum_d q8_d * s_d instead
+  (q8: the float query, rotated, quantized to int8 per query; s_d = +1 / -1 for a set / clear
+  bit), which finds far more of the exact top k than Hamming does (see search()).
+
+Rotation (binary only): EmbeddingIndex(dim, precision="binary", rotation=R) binarizes x @ R (R an
+orthogonal [dim, dim] matrix, e.g. itq_rotation(vectors), ITQ) instead of x, which balances the
+variance over the sign bits. Dot products are rotation-invariant, so the float16 vectors are kept
+unrotated and rescoring is unchanged. Binary codes cannot be added or searched with a rotation
+(codes from an Embedder are signs of unrotated vectors).
+A row with fewer than k allowed / present candidates ends with id -1 and the lowest score
+(INT32_MIN for integer scores, -inf for float ones).
+
+Which model made the vectors: an index made by for_embedder() (or given model_tag=) records the
+Embedder's model_tag (and, for int8, its quantization ranges). check_embedder(embedder) raises
+ValueError when an Embedder does not match; add() and search() take model_tag= and refuse float
+vectors tagged with another model. Vectors passed without model_tag are trusted.
+
+save(path) writes a folder: header.json (format, dim, precision, model tag, counters) and
+arrays.safetensors (codes, ids, ranges, rotation, float16 vectors): no pickle anywhere. An index
+with a rotation is saved as format /2, which loaders that predate rotations refuse instead of
+searching it without the rotation.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from postembed_fast.kernels import (
+    float_topk,
+    hamming_topk,
+    int8_topk,
+    quantize_embeddings,
+    sign_dot_topk,
+)
+
+FORMAT = "postembed_fast.EmbeddingIndex/1"
+FORMAT_ROTATED = "postembed_fast.EmbeddingIndex/2"  # /1 + a rotation (arrays "rotation")
+INDEX_PRECISIONS = ("binary", "int8", "float16", "float32")
+_INT_LOWEST = -(2**31)
+
+
+def _columns(precision: str, dim: int) -> int:
+    return (dim + 7) // 8 if precision == "binary" else dim
+
+
+def _code_dtype(precision: str) -> torch.dtype:
+    return {"binary": torch.int8, "int8": torch.int8, "float16": torch.float16, "float32": torch.float32}[precision]
+
+
+# R.T @ R may differ from the identity by this much (float32 rounding of an orthogonal matrix: ~1e-6)
+ROTATION_TOLERANCE = 1e-4
+
+
+def _as_array(name: str, x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    if not isinstance(x, np.ndarray):
+        try:
+            x = np.asarray(x)
+        except Exception as exc:  # ragged lists and the like
+            raise TypeError(f"{name} must be an array, got {type(x).__name__}: {exc}") from None
+    return x
+
+
+def _check_rotation(rotation, dim: int) -> np.ndarray:
+    """A [dim, dim] orthogonal float matrix as float32, or ValueError / TypeError naming the problem."""
+    r = _as_array("rotation", rotation)
+    if not (np.issubdtype(r.dtype, np.floating) or np.issubdtype(r.dtype, np.integer)) or r.dtype == np.bool_:
+        raise TypeError(f"rotation must be a float matrix, got {r.dtype}")
+    if r.shape != (dim, dim):
+        raise ValueError(f"rotation must have shape ({dim}, {dim}) (dim x dim), got {r.shape}")
+    r64 = r.astype(np.float64)
+    if not np.isfinite(r64).all():
+        raise ValueError("rotation has NaN or infinite values")
+    err = float(np.abs(r64.T @ r64 - np.eye(dim)).max())
+    if err > ROTATION_TOLERANCE:
+        raise ValueError(f"rotation must be orthogonal (R.T @ R = I): max |R.T @ R - I| = {err:.3g} > "
+                         f"{ROTATION_TOLERANCE}")
+    return np.ascontiguousarray(r, dtype=np.float32)
+
+
+def itq_rotation(vectors, *, iterations=50, seed=0) -> np.ndarray:
+    """An ITQ rotation (Gong & Lazebnik, Iterative Quantization) for sign-binarizing `vectors`:
+    float32 [dim, dim] orthogonal R minimizing ||sign(V R) - V R||_F, found by alternating
+    B = sign(V R) and the orthogonal Procrustes step R = U Wt (U S Wt = svd(V.T B)) from a random
+    orthogonal start (`seed`). Pass it as EmbeddingIndex(..., precision="binary", rotation=R).
+
+    vectors: float [n, dim] (n >= dim: fewer leave the rotation undetermined), typically the
+    database's own vectors or a sample of them; they are not centred (the index binarizes at 0).
+    Computed in float64."""
+    v = _as_array("vectors", vectors)
+    if v.ndim != 2:
+        raise ValueError(f"vectors must be 2-D [n, dim], got shape {v.shape}")
+    if not np.issubdtype(v.dtype, np.floating):
+        raise TypeError(f"vectors must be float, got {v.dtype}")
+    n, dim = v.shape
+    if dim < 1:
+        raise ValueError("vectors have no dimensions")
+    if n < dim:
+        raise ValueError(f"itq_rotation needs at least dim={dim} vectors to determine a rotation, got {n}")
+    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 0:
+        raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
+    v = v.astype(np.float64)
+    if not np.isfinite(v).all():
+        raise ValueError("vectors have NaN or infinite values")
+    q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((dim, dim)))
+    rot = q * np.where(np.diag(r) < 0, -1.0, 1.0)  # sign fix: a uniformly random orthogonal start
+    for _ in range(int(iterations)):
+        b = np.where(v @ rot > 0, 1.0, -1.0)  # the index's bit: x > 0
+        u, _, wt = np.linalg.svd(b.T @ v)
+        rot = (u @ wt).T
+    return np.ascontiguousarray(rot, dtype=np.float32)
+
+
+class EmbeddingIndex:
+    """Exact top-k search over embeddings stored as binary / int8 / float16 / float32 codes."""
+
+    def __init__(self, dim, *, precision="binary", device=None, ranges=None, keep_float16=False, model_tag=None,
+                 rotation=None):
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if precision not in INDEX_PRECISIONS:
+            raise ValueError(f"unknown index precision {precision!r}; valid: {', '.join(INDEX_PRECISIONS)}")
+        if precision == "int8" and dim > 16384:
+            raise ValueError(f"int8 index: dim {dim} > 16384 would overflow int32 scores")
+        self.dim = int(dim)
+        self.precision = precision
+        if rotation is not None and precision != "binary":
+            raise ValueError(f"rotation is for precision='binary' only, got {precision!r} (int8 ranges are per "
+                             "dimension of the unrotated space; float search is rotation-invariant)")
+        # float64 copy: x @ R in float64 makes a sign flip from rounding (which would depend on the
+        # batch shape the BLAS sees) practically impossible
+        self.rotation = None if rotation is None else _check_rotation(rotation, self.dim)
+        self._rot64 = None if rotation is None else self.rotation.astype(np.float64)
+        self.keep_float16 = bool(keep_float16)
+        self.model_tag = None if model_tag is None else str(model_tag)
+        self.device = torch.device(device if device is not None else "cpu")
+        if precision == "int8":
+            if ranges is None:
+                raise ValueError("an int8 index needs ranges ([2, dim] per-dimension min and max), or use "
+                                 "EmbeddingIndex.for_embedder(embedder, precision='int8')")
+            r = np.asarray(_as_array("ranges", ranges), dtype=np.float32)
+            if r.shape != (2, self.dim):
+                raise ValueError(f"ranges must have shape (2, {self.dim}), got {r.shape}")
+            if not np.isfinite(r).all() or not (r[1] > r[0]).all():
+                raise ValueError("ranges must be finite with max (row 1) > min (row 0) in every dimension")
+            self.ranges = r.copy()
+            self._zero = torch.from_numpy(quantize_embeddings(np.zeros((1, self.dim), np.float32), "int8",
+                                                              self.ranges)[0])
+        else:
+            self.ranges = None if ranges is None else np.asarray(ranges, dtype=np.float32).copy()
+            self._zero = None
+        cols = _columns(precision, self.dim)
+        self._codes = torch.empty(0, cols, dtype=_code_dtype(precision), device=self.device)
+        self._f16 = torch.empty(0, self.dim, dtype=torch.float16, device=self.device) if self.keep_float16 else None
+        self._ids = np.empty(0, np.int64)
+        self._n = 0
+        self._next_id = 0
+        self._bias = None  # int8: cached per-row correction
+        self._sorted = None  # (sorted ids, their rows), rebuilt lazily after a change
+
+    # ---- construction --------------------------------------------------------------------
+    @classmethod
+    def for_embedder(cls, embedder, *, precision="binary", device=None, keep_float16=False, dim=None, rotation=None):
+        """An index for `embedder`'s vectors: its dimension, model_tag and (int8) quantization_ranges;
+        rotation: see EmbeddingIndex (binary only)."""
+        ranges = embedder.quantization_ranges
+        if dim is None:
+            dim = embedder.dim if hasattr(embedder, "dim") else None
+        if dim is None and ranges is not None:
+            dim = ranges.shape[1]
+        if dim is None:
+            dim = int(embedder.embed(["x"]).shape[1])
+        if precision == "int8" and ranges is None:
+            raise ValueError("this Embedder has no quantization_ranges: run embedder.calibrate(texts) first")
+        return cls(dim, precision=precision, device=device, ranges=ranges if precision == "int8" else None,
+                   keep_float16=keep_float16, model_tag=embedder.model_tag, rotation=rotation)
+
+    def check_embedder(self, embedder) -> None:
+        """ValueError unless `embedder` made this index's vectors (same model_tag, same int8 ranges)."""
+        if self.model_tag is not None and embedder.model_tag != self.model_tag:
+            raise ValueError(f"this index holds vectors of model {self.model_tag!r}, the Embedder is "
+                             f"{embedder.model_tag!r}")
+        if self.precision == "int8":
+            r = embedder.quantization_ranges
+            if r is None or r.shape != self.ranges.shape or not np.array_equal(r, self.ranges):
+                raise ValueError("mismatched ranges: the Embedder's quantization_ranges differ from this int8 "
+                                 "index's ranges")
+
+    def _check_tag(self, model_tag):
+        if model_tag is not None and self.model_tag is not None and str(model_tag) != self.model_tag:
+            raise ValueError(f"vectors of model {model_tag!r} given to an index of model {self.model_tag!r}")
+
+    # ---- basic state ---------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._n
+
+    def __repr__(self) -> str:
+        return (f"EmbeddingIndex(dim={self.dim}, precision={self.precision!r}, n={self._n}, device={self.device}, "
+                f"keep_float16={self.keep_float16}, model_tag={self.model_tag!r}"
+                f"{', rotated' if self.rotation is not None else ''})")
+
+    @property
+    def ids(self) -> np.ndarray:
+        """int64 ids in row (insertion) order."""
+        return self._ids[: self._n].copy()
+
+    @property
+    def bytes_per_vector(self) -> int:
+        b = self._codes.shape[1] * self._codes.element_size() + 8
+        return b + (2 * self.dim if self.keep_float16 else 0)
+
+    def __contains__(self, id_) -> bool:
+        return bool(self._lookup(np.asarray([id_], np.int64))[0] >= 0)
+
+    def _changed(self):
+        self._sorted = None
+        self._bias = None
+
+    def _lookup(self, ids: np.ndarray) -> np.ndarray:
+        """rows of `ids` (-1 where absent)."""
+        if self._sorted is None:
+            order = np.argsort(self._ids[: self._n], kind="stable")
+            self._sorted = (self._ids[: self._n][order], order.astype(np.int64))
+        sid, srow = self._sorted
+        if len(sid) == 0:
+            return np.full(len(ids), -1, np.int64)
+        pos = np.searchsorted(sid, ids).clip(0, len(sid) - 1)
+        return np.where(sid[pos] == ids, srow[pos], -1)
+
+    # ---- input conversion ----------------------------------------------------------------
+    def _encode(self, name: str, x, *, need_float: bool = False, quantize: bool = True):
+        """vectors or codes -> (codes tensor on device [n, cols], float32 numpy [n, dim] or None).
+        quantize=False: float vectors come back as (None, float32) (the caller does not need codes)."""
+        x = _as_array(name, x)
+        if x.ndim == 1:
+            x = x[None, :]
+        if x.ndim != 2:
+            raise ValueError(f"{name} must be 2-D [n, {self.dim}] (or one 1-D vector), got shape {x.shape}")
+        cols = _columns(self.precision, self.dim)
+        if np.issubdtype(x.dtype, np.floating):
+            if x.shape[1] != self.dim:
+                raise ValueError(f"{name} have dimension {x.shape[1]}, the index has dim={self.dim}")
+            xf = np.ascontiguousarray(x, dtype=np.float32)
+            if not np.isfinite(xf).all():
+                bad = int(np.argwhere(~np.isfinite(xf).all(1))[0, 0])
+                raise ValueError(f"{name} row {bad} has NaN or infinite values")
+            if not quantize:
+                return None, xf
+            if self.precision in ("float32", "float16"):
+                codes = xf if self.precision == "float32" else xf.astype(np.float16)
+            elif self.rotation is not None:
+                codes = quantize_embeddings(self._rotate(xf, query=name == "queries").astype(np.float32), "binary")
+            else:
+                codes = quantize_embeddings(xf, self.precision, self.ranges if self.precision == "int8" else None)
+            return torch.from_numpy(np.ascontiguousarray(codes)).to(self.device), xf
+        if need_float:
+            raise ValueError(f"{name}: rescoring needs float vectors, got {x.dtype} codes")
+        if self.rotation is not None:
+            raise ValueError(f"{name}: this binary index has a rotation, so it takes float vectors only (binary "
+                             f"codes, e.g. from an Embedder, are signs of the unrotated vectors); got {x.dtype}")
+        if self.precision in ("float32", "float16"):
+            raise TypeError(f"{name} must be float vectors for a {self.precision} index, got {x.dtype}")
+        if x.dtype != np.int8:
+            raise TypeError(f"{name}: {self.precision} codes must be int8 (float vectors are quantized), got "
+                            f"{x.dtype}" + (" (ubinary codes: subtract 128 to get binary ones)"
+                                            if x.dtype == np.uint8 else ""))
+        if x.shape[1] != cols:
+            raise ValueError(f"{name}: {self.precision} codes of dim {self.dim} have {cols} columns, got {x.shape[1]}")
+        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device), None
+
+    def _rotate(self, xf: np.ndarray, *, query: bool = False) -> np.ndarray:
+        """x @ R in float64. Queries go through np.einsum's own loop, not BLAS: a
+        threaded OpenBLAS call leaves its threads spinning, and on the 2-core machine the scan
+        right after it then ran 12-50 ms slower per 256 queries (the rotation itself: ~7 ms)."""
+        x64 = xf.astype(np.float64)
+        return np.einsum("nd,de->ne", x64, self._rot64) if query else x64 @ self._rot64
+
+    def _query_int8(self, qf: np.ndarray) -> torch.Tensor:
+        """Float queries -> the asymmetric first stage's int8 queries [nq, 8 * bytes]: rotated (with a
+        rotation), scaled per query by 127 / max|q| and rounded half to even, in float64; zero-padded
+        to the packed width (a zero adds nothing to the score)."""
+        q = qf.astype(np.float64) if self._rot64 is None else self._rotate(qf, query=True)
+        peak = np.abs(q).max(axis=1, keepdims=True) if q.size else np.ones((len(q), 1))
+        scale = np.divide(127.0, peak, out=np.zeros_like(peak), where=peak > 0)  # a zero query: all 0
+        q8 = np.zeros((len(q), 8 * _columns("binary", self.dim)), np.int8)
+        q8[:, : self.dim] = np.rint(q * scale).clip(-127, 127).astype(np.int8)
+        return torch.from_numpy(q8).to(self.device)
+
+    # ---- mutation ------------------------------------------------------------------------
+    def _reserve(self, n: int):
+        cap = self._codes.shape[0]
+        if n <= cap:
+            return
+        new = max(n, 2 * cap, 1024)
+
+        def grow(t):
+            g = torch.empty((new,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+            g[: self._n] = t[: self._n]
+            return g
+
+        self._codes = grow(self._codes)
+        if self._f16 is not None:
+            self._f16 = grow(self._f16)
+        ids = np.empty(new, np.int64)
+        ids[: self._n] = self._ids[: self._n]
+        self._ids = ids
+
+    def add(self, vectors, ids=None, *, upsert=False, model_tag=None):
+        """Add float embeddings (quantized with the index's precision and ranges) or codes already in
+        the index's precision. ids: int64 [n] (default: running numbers). An id already present is a
+        ValueError unless upsert=True, which replaces its vector in place. Returns the ids (int64)."""
+        self._check_tag(model_tag)
+        codes, xf = self._encode("vectors", vectors)
+        n = codes.shape[0]
+        if self.keep_float16 and xf is None:
+            raise ValueError("this index keeps float16 vectors for rescoring (keep_float16=True): add float "
+                             "vectors, not codes")
+        if ids is None:
+            ids_np = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
+        else:
+            a = _as_array("ids", ids)
+            if a.ndim == 0:
+                a = a[None]
+            if not (np.issubdtype(a.dtype, np.integer) or (a.size == 0 and a.dtype == np.float64)):
+                raise TypeError(f"ids must be integers (int64), got {a.dtype}")
+            if a.shape != (n,):
+                raise ValueError(f"ids must have shape ({n},) (one per vector), got {a.shape}")
+            if a.dtype == np.uint64 and a.size and a.max() > np.iinfo(np.int64).max:
+                raise ValueError("ids must fit int64")
+            ids_np = a.astype(np.int64)
+        if n == 0:
+            return ids_np
+        if len(np.unique(ids_np)) != n:
+            raise ValueError("ids repeat within one add() call")
+        rows = self._lookup(ids_np)
+        present = rows >= 0
+        if present.any() and not upsert:
+            raise ValueError(f"id {int(ids_np[present][0])} is already in the index ({int(present.sum())} present); "
+                             "pass upsert=True to replace")
+        if present.any():
+            r = torch.from_numpy(rows[present]).to(self.device)
+            sel = torch.from_numpy(np.flatnonzero(present)).to(self.device)
+            self._codes[r] = codes[sel]
+            if self._f16 is not None:
+                self._f16[r] = torch.from_numpy(xf[present]).to(self.device, torch.float16)
+        new = ~present
+        m = int(new.sum())
+        if m:
+            self._reserve(self._n + m)
+            sel = torch.from_numpy(np.flatnonzero(new)).to(self.device)
+            self._codes[self._n: self._n + m] = codes[sel] if m < n else codes
+            if self._f16 is not None:
+                self._f16[self._n: self._n + m] = torch.from_numpy(xf[new]).to(self.device, torch.float16)
+            self._ids[self._n: self._n + m] = ids_np[new]
+            self._n += m
+        self._next_id = max(self._next_id, int(ids_np.max()) + 1)
+        self._changed()
+        return ids_np
+
+    def remove(self, ids) -> int:
+        """Remove these ids (absent ones are a ValueError). Returns how many rows were removed."""
+        a = _as_array("ids", ids)
+        if a.ndim == 0:
+            a = a[None]
+        if a.size and not np.issubdtype(a.dtype, np.integer):
+            raise TypeError(f"ids must be integers (int64), got {a.dtype}")
+        a = np.unique(a.astype(np.int64))
+        rows = self._lookup(a)
+        if (rows < 0).any():
+            raise ValueError(f"id {int(a[rows < 0][0])} is not in the index")
+        if len(rows) == 0:
+            return 0
+        keep = np.ones(self._n, bool)
+        keep[rows] = False
+        kt = torch.from_numpy(np.flatnonzero(keep)).to(self.device)
+        m = int(keep.sum())
+        self._codes[:m] = self._codes[: self._n][kt].clone()
+        if self._f16 is not None:
+            self._f16[:m] = self._f16[: self._n][kt].clone()
+        self._ids[:m] = self._ids[: self._n][keep]
+        self._n = m
+        self._changed()
+        return len(rows)
+
+    # ---- search --------------------------------------------------------------------------
+    def _allow_mask(self, allow):
+        if allow is None:
+            return None
+        a = _as_array("allow", allow)
+        if a.dtype == np.bool_:
+            if a.shape != (self._n,):
+                raise ValueError(f"allow as a boolean mask must have shape ({self._n},) (one per row, in "
+                                 f"insertion order: index.ids), got {a.shape}")
+            mask = a
+        elif np.issubdtype(a.dtype, np.integer) or a.size == 0:
+            rows = self._lookup(a.reshape(-1).astype(np.int64))
+            mask = np.zeros(self._n, bool)
+            mask[rows[rows >= 0]] = True  # ids not in the index are ignored
+        else:
+            raise TypeError(f"allow must be a boolean mask over rows or an array of ids, got {a.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(mask)).to(self.device)
+
+    def _scan(self, q, kk, allow_t):
+        codes = self._codes[: self._n]
+        if self.precision == "binary":
+            return hamming_topk(q, codes, kk, allow_t)
+        if self.precision == "int8":
+            if self._bias is None:
+                from postembed_fast.kernels.int8_topk import int8_row_bias
+
+                self._bias = int8_row_bias(codes, self._zero.to(self.device))
+            return int8_topk(q, codes, kk, self._zero.to(self.device), allow_t, db_bias=self._bias)
+        if self.precision == "float16":
+            return float_topk(q.float(), codes.float(), kk, allow_t)
+        return float_topk(q, codes, kk, allow_t)
+
+    def search(self, queries, k=10, *, rescore=None, allow=None, model_tag=None):
+        """(scores [nq, k], ids int64 [nq, k]) numpy, best first, ties by insertion order.
+
+        queries: float embeddings (quantized like the database) or codes in the index precision.
+        rescore=r: top k*r candidates re-ranked by float32 dot products with the stored float16
+        vectors (needs keep_float16=True and float queries); the scores are those dot products.
+        The candidates: int8 / float16 / float32 by the index's own score; binary by the asymmetric
+        score sum_d q8_d * s_d, an exact integer with ties by insertion order, where s_d = +1 if the
+        row's bit d is set, else -1, and q8 = the query (times the rotation, if any) quantized to
+        int8 per query: rint(q * 127 / max_d |q_d|) in float64, rint rounding half to even (kernel:
+        kernels/sign_dot_topk.py). Without rescore a binary index scores 8 * bytes - Hamming.
+        allow: a boolean mask over rows (insertion order) or an array of allowed ids, applied inside
+        the scan."""
+        self._check_tag(model_tag)
+        if self._n == 0:
+            raise ValueError("the index is empty")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"k must be an int, got {type(k).__name__}")
+        k = int(k)
+        if not 1 <= k <= self._n:
+            raise ValueError(f"k must be in [1, len(index)={self._n}], got {k}")
+        if rescore is not None:
+            if isinstance(rescore, bool) or not isinstance(rescore, (int, np.integer)) or rescore < 1:
+                raise ValueError(f"rescore must be a positive int (candidates = k * rescore), got {rescore!r}")
+            if not self.keep_float16:
+                raise ValueError("rescore needs the float16 vectors: build the index with keep_float16=True")
+        asymmetric = rescore is not None and self.precision == "binary"  # its own int8 queries: no codes
+        q, qf = self._encode("queries", queries, need_float=rescore is not None, quantize=not asymmetric)
+        allow_t = self._allow_mask(allow)
+        nq = qf.shape[0] if q is None else q.shape[0]
+        if rescore is None:
+            s, rows = self._scan(q, k, allow_t)
+        else:
+            kk = min(self._n, k * int(rescore))
+            if not nq:
+                cand = torch.empty(0, kk, dtype=torch.int64)
+            elif asymmetric:
+                _, cand = sign_dot_topk(self._query_int8(qf), self._codes[: self._n], kk, allow_t)
+            else:
+                _, cand = self._scan(q, kk, allow_t)
+            s, rows = self._rescore(torch.from_numpy(qf).to(self.device), cand.to(self.device), k)
+        s, rows = s.cpu().numpy(), rows.cpu().numpy()
+        ids = np.where(rows >= 0, self._ids[: self._n][rows.clip(0)] if self._n else -1, -1).astype(np.int64)
+        return s, ids
+
+    def _rescore(self, qf, cand, k):
+        valid = cand >= 0
+        vec = self._f16[: self._n][cand.clamp(min=0)].float()  # [nq, kk, dim]
+        s = torch.einsum("qd,qkd->qk", qf, vec).masked_fill(~valid, float("-inf"))
+        # best first, ties by row (= insertion order): sort by row, then stably by score
+        key = torch.where(valid, cand, torch.full_like(cand, 2**62))
+        o1 = torch.argsort(key, dim=1, stable=True)
+        o2 = torch.argsort(torch.gather(s, 1, o1), dim=1, descending=True, stable=True)
+        order = torch.gather(o1, 1, o2)[:, :k]
+        rows = torch.gather(cand, 1, order)
+        sc = torch.gather(s, 1, order)
+        if rows.shape[1] < k:
+            pad = k - rows.shape[1]
+            rows = torch.cat([rows, torch.full((rows.shape[0], pad), -1, dtype=rows.dtype, device=rows.device)], 1)
+            sc = torch.cat([sc, torch.full((sc.shape[0], pad), float("-inf"), device=sc.device)], 1)
+        return sc, rows
+
+    # ---- persistence ---------------------------------------------------------------------
+    def to(self, device):
+        """Move the stored codes/vectors to `device` (in place); returns self."""
+        dev = torch.device(device)
+        self._codes = self._codes[: self._n].to(dev)
+        if self._f16 is not None:
+            self._f16 = self._f16[: self._n].to(dev)
+        self._ids = self._ids[: self._n].copy()
+        self.device = dev
+        self._bias = None
+        return self
+
+    def save(self, path) -> None:
+        """Write the index to folder `path` (created): header.json + arrays.safetensors."""
+        from safetensors.torch import save_file
+
+        p = Path(path)
+        p.mkdir(parents=True, exist_ok=True)
+        tensors = {"codes": self._codes[: self._n].cpu().contiguous(),
+                   "ids": torch.from_numpy(self._ids[: self._n].copy())}
+        if self._f16 is not None:
+            tensors["float16"] = self._f16[: self._n].cpu().contiguous()
+        if self.ranges is not None:
+            tensors["ranges"] = torch.from_numpy(self.ranges.copy())
+        if self.rotation is not None:
+            tensors["rotation"] = torch.from_numpy(self.rotation.copy())
+        save_file(tensors, str(p / "arrays.safetensors"))
+        header = {"format": FORMAT if self.rotation is None else FORMAT_ROTATED, "dim": self.dim,
+                  "precision": self.precision, "count": self._n,
+                  "next_id": self._next_id, "keep_float16": self.keep_float16, "model_tag": self.model_tag,
+                  "has_ranges": self.ranges is not None}
+        tmp = p / "header.json.tmp"
+        tmp.write_text(json.dumps(header, indent=1) + "\n")
+        os.replace(tmp, p / "header.json")
+
+    @classmethod
+    def load(cls, path, device=None) -> "EmbeddingIndex":
+        from safetensors.torch import load_file
+
+        p = Path(path)
+        try:
+            header = json.loads((p / "header.json").read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{p}: not a saved EmbeddingIndex (no header.json)") from None
+        if header.get("format") not in (FORMAT, FORMAT_ROTATED):
+            raise ValueError(f"{p}: unknown index format {header.get('format')!r} (expected {FORMAT!r} or "
+                             f"{FORMAT_ROTATED!r})")
+        t = load_file(str(p / "arrays.safetensors"))
+        ranges = t["ranges"].numpy() if header["has_ranges"] else None
+        rotation = None
+        if header["format"] == FORMAT_ROTATED:
+            if "rotation" not in t:
+                raise ValueError(f"{p}: format {FORMAT_ROTATED!r} but no rotation array")
+            rotation = t["rotation"].numpy()
+        index = cls(header["dim"], precision=header["precision"], device=device, ranges=ranges,
+                    keep_float16=header["keep_float16"], model_tag=header["model_tag"], rotation=rotation)
+        n = int(header["count"])
+        codes, ids = t["codes"], t["ids"].numpy()
+        cols = _columns(index.precision, index.dim)
+        if tuple(codes.shape) != (n, cols) or codes.dtype != _code_dtype(index.precision) or ids.shape != (n,):
+            raise ValueError(f"{p}: arrays do not match the header (codes {codes.dtype} {tuple(codes.shape)}, "
+                             f"ids {ids.shape}, expected {n} rows of {cols} columns)")
+        index._codes = codes.to(index.device)
+        index._ids = ids.astype(np.int64).copy()
+        if index.keep_float16:
+            f = t.get("float16")
+            if f is None or tuple(f.shape) != (n, index.dim):
+                raise ValueError(f"{p}: float16 vectors missing or of the wrong shape")
+            index._f16 = f.to(index.device)
+        index._n = n
+        index._next_id = int(header["next_id"])
+        if len(np.unique(index._ids)) != n:
+            raise ValueError(f"{p}: repeated ids")
+        return index
