@@ -30,9 +30,10 @@ from postembed_fast.backfill.layout import (
 from postembed_fast.backfill.load import load_into
 from postembed_fast.backfill.rows import EmbedBatch
 from postembed_fast.backfill.sink import make_sink
-from postembed_fast.cli_args import add_model_args, positive_int
+from postembed_fast.cli_args import add_model_args, non_negative_int, positive_int
 from postembed_fast.cli_args import missing_extra as missing
 from postembed_fast.kernels.precision import PRECISIONS, precision_spec
+from postembed_fast.nearline import store
 
 PROG = "python -m postembed_fast.backfill"
 
@@ -60,6 +61,10 @@ class Config:
     files_per_round: int = 8
     load_into: str | None = None
     prefix: str = "emb:"
+    snapshot_ms: int | None = None  # None: each input file's mtime
+    tombstone_ttl: int = store.DEFAULT_TOMBSTONE_TTL_S
+    force: bool = False
+    announce: str | None = None  # the output stream to announce loaded posts on
     progress: bool = True
 
 
@@ -92,6 +97,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the near-line layout (needs the nearline extra)")
     k.add_argument("--prefix", default="emb:", help="key prefix of the hashes (default %(default)s); "
                    "a new model version can go under a new prefix and readers switch to it")
+    k.add_argument("--snapshot-ms", type=non_negative_int, default=None, metavar="MS",
+                   help="when the input was snapshotted (ms since the epoch): posts the near-line worker stored "
+                        "from stream entries at or after it, or deleted at or after it, are kept as they are "
+                        "(default: each input file's mtime, recorded in its _SUCCESS.json)")
+    k.add_argument("--tombstone-ttl", type=positive_int, default=store.DEFAULT_TOMBSTONE_TTL_S, metavar="SECONDS",
+                   help="the near-line worker's --tombstone-ttl: a snapshot older than this is refused, since "
+                        "deletes before it left no tombstone (default %(default)s)")
+    k.add_argument("--force", action="store_true", help="load a snapshot older than --tombstone-ttl anyway")
+    k.add_argument("--announce", nargs="?", const="posts.embedded", default=None, metavar="STREAM",
+                   help="also add each stored post to the worker's output stream (default posts.embedded), so "
+                        "the near-line index updater sees it; for small loads (a large one: build the index "
+                        "with `nearline index --from-backfill DIR`)")
     add_model_args(p)
 
 
@@ -101,6 +118,7 @@ def config_from_args(a) -> Config:
                   id_field=a.id_field, ray_address=a.ray_address, gpus_per_worker=a.gpus_per_worker,
                   cpus_per_worker=a.cpus_per_worker, workers=a.workers, batch_size=a.batch_size,
                   files_per_round=a.files_per_round, load_into=a.load_into, prefix=a.prefix,
+                  snapshot_ms=a.snapshot_ms, tombstone_ttl=a.tombstone_ttl, force=a.force, announce=a.announce,
                   progress=a.progress)
 
 
@@ -323,8 +341,12 @@ def run_backfill(cfg: Config, log=print) -> dict:
                 + (f" (see {out}/*/{REJECTS_FILE})" if summary["rejects"] else "")
                 + f", {summary['files']} files in {summary['seconds']:.1f} s = {summary['posts_per_s'] or 0:.1f} posts/s")
     if cfg.load_into:
-        summary["loaded"] = load_into(out, cfg.load_into, prefix=cfg.prefix)
-        log(f"backfill: {summary['loaded']} embeddings written to {cfg.load_into} under {cfg.prefix}<id>")
+        report = load_into(out, cfg.load_into, prefix=cfg.prefix, snapshot_ms=cfg.snapshot_ms,
+                           tombstone_ttl_s=cfg.tombstone_ttl, force=cfg.force, announce_stream=cfg.announce)
+        summary["loaded"] = report.written
+        summary["load"] = {"written": report.written, "skipped_newer": report.skipped_newer,
+                           "skipped_deleted": report.skipped_deleted, "already_loaded": report.already_loaded}
+        log(f"backfill: loaded into {cfg.load_into} under {cfg.prefix}<id>: {report.summary()}")
     return summary
 
 

@@ -18,6 +18,9 @@ from postembed_fast.kernels.precision import precision_spec
 
 RANGES_INFIX = "__ranges__:"
 TOMBSTONE_INFIX = "__deleted__:"
+# How long a delete's tombstone refuses older writes (the worker's --tombstone-ttl default). A backfill
+# snapshot older than this could re-create a post deleted before its tombstone expired: refused.
+DEFAULT_TOMBSTONE_TTL_S = 86400
 
 
 def hash_key(prefix: str, post_id: str) -> str:
@@ -94,7 +97,7 @@ def decode_vector(raw: bytes, precision: str, dim: int) -> np.ndarray:
 # maxlen (0: none), n = number of hash field/value items, n hash items, then the output-only items
 # (the output entry is the output-only items followed by the hash items).
 # Returns 1 when applied, 0 when stale.
-STORE_LUA = """
+_LUA_VERSIONS = """
 local function parse(x)
   if not x then return nil end
   local ms, seq = string.match(x, '^(%d+)-(%d+)$')
@@ -106,9 +109,15 @@ local function older(a, b)  -- stream id a < stream id b (false when either is n
   if a[1] ~= b[1] then return a[1] < b[1] end
   return a[2] < b[2]
 end
+-- the version of the stored hash: `version` (written by a backfill load), else the stream entry it came from
+local function stored_version(key)
+  return parse(redis.call('HGET', key, 'version') or redis.call('HGET', key, 'source_id'))
+end
+"""
+STORE_LUA = _LUA_VERSIONS + """
 local op, id = ARGV[1], parse(ARGV[2])
 local ttl, tomb_ttl, maxlen, n = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local stored = parse(redis.call('HGET', KEYS[1], 'source_id'))
+local stored = stored_version(KEYS[1])
 local deleted = parse(redis.call('GET', KEYS[2]))
 if older(id, stored) or older(id, deleted) or (op == 'upsert' and deleted and not older(deleted, id)) then
   return 0
@@ -130,3 +139,47 @@ else
 end
 return 1
 """
+
+
+# The guarded store of a backfill load (`backfill --load-into`), one call per post. A backfill row's
+# version is its snapshot time as the stream id "<snapshot_ms>-0": a post stored from a stream entry at
+# or after the snapshot (stream ids are ms since the epoch) is newer and wins, ties included; a post
+# deleted at or after the snapshot stays deleted. Whatever the load writes carries `version`, which the
+# worker's STORE_LUA compares too: a later edit on the stream replaces it, an older redelivery does not.
+# KEYS: hash, tombstone, output stream. ARGV: version, ttl, announce (1: XADD the stored post to the
+# output stream, as the worker does), output maxlen (0: none), n, n hash items, then output-only items.
+# Returns 1 stored, 0 skipped (a newer version is stored), 2 skipped (deleted after the snapshot),
+# 3 skipped (this version is already stored: a repeated load).
+BACKFILL_STORE_LUA = _LUA_VERSIONS + """
+local version = parse(ARGV[1])
+local ttl, announce, maxlen, n = tonumber(ARGV[2]), ARGV[3] == '1', tonumber(ARGV[4]), tonumber(ARGV[5])
+local stored = stored_version(KEYS[1])
+if stored and not older(stored, version) then
+  if not older(version, stored) then return 3 end
+  return 0
+end
+local deleted = parse(redis.call('GET', KEYS[2]))
+if deleted and not older(deleted, version) then return 2 end
+redis.call('DEL', KEYS[1])  -- no field of an older version survives
+redis.call('HSET', KEYS[1], unpack(ARGV, 6, 5 + n))
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+if announce then
+  local out = {}
+  for i = 6 + n, #ARGV do out[#out + 1] = ARGV[i] end
+  for i = 6, 5 + n do out[#out + 1] = ARGV[i] end
+  if maxlen > 0 then
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*', unpack(out))
+  else
+    redis.call('XADD', KEYS[3], '*', unpack(out))
+  end
+end
+return 1
+"""
+# BACKFILL_STORE_LUA's return codes
+BACKFILL_STORED, BACKFILL_NEWER, BACKFILL_DELETED, BACKFILL_SAME = 1, 0, 2, 3
+
+
+def snapshot_version(snapshot_ms: int) -> str:
+    """A backfill snapshot time as the version it is stored with (a stream id: compared with entry ids)."""
+    return f"{int(snapshot_ms)}-0"
+
