@@ -1,7 +1,9 @@
 """Embedder: texts in, embeddings out, in input order. The public API only; the work is done by
 
-    tokenization.py  texts -> flat token ids + offsets (fast tokenizer, verified against Hugging Face)
-    pipeline.py      chunks -> length-sorted token-budget batches (packing.py) -> device -> readback
+    tokenization.py  texts -> TokenizedTexts: flat token ids + offsets (fast tokenizer, verified
+                     against Hugging Face), tagged with the model
+    pipeline.py      TokenizedTexts chunks -> length-sorted token-budget batches (packing.py) -> device
+                     -> readback
     model.py         the padding-free encoder          head.py   pooling, Dense, norm, precision
     ranges.py        quantization ranges               graphs.py CUDA graphs for 1-8 post requests
 """
@@ -26,15 +28,16 @@ from postembed_fast.loading import model_tag, read_model_folder, resolve_model
 from postembed_fast.model import Encoder, EncoderConfig, ThreadWorkspaces, load_state_dict
 from postembed_fast.packing import PackedBatch
 from postembed_fast.ranges import ranges_for_call, ranges_of, shipped_ranges
-from postembed_fast.tokenization import FlatTokenizer
+from postembed_fast.tokenization import FlatTokenizer, TokenizedTexts
 
 OUTPUTS = ("numpy", "torch")
 DEVICE_TYPES = ("cpu", "cuda")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Tokens per forward batch. Measured on the 2-core CPU with bench/batch_tokens.py
-# (README: throughput is flat from 2k to 16k tokens; smaller batches cost Python
-# overhead, larger ones cache misses). GPUs want far larger batches.
+# Tokens per forward batch: the one default of the package (the server merges requests up to it
+# too). Measured on the 2-core CPU with bench/batch_tokens.py (README: throughput is flat from 2k
+# to 16k tokens; smaller batches cost Python overhead, larger ones cache misses). GPUs want far
+# larger batches.
 DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 65536}
 
 
@@ -81,9 +84,10 @@ def as_text_list(texts) -> list[str]:
         raise TypeError(f"texts must be a str or a sequence of str, got {type(texts).__name__}"
                         + (" (use Embedder.embed_iter for iterators)" if isinstance(texts, Iterable) else ""))
     out = list(texts)
-    for i, t in enumerate(out):
-        if not isinstance(t, str):
-            raise TypeError(f"texts[{i}] must be str, got {type(t).__name__}")
+    if not set(map(type, out)) <= {str}:  # one C-level pass; the loop only on the way to an error
+        for i, t in enumerate(out):  # (or for str subclasses, which pass)
+            if not isinstance(t, str):
+                raise TypeError(f"texts[{i}] must be str, got {type(t).__name__}")
     return out
 
 
@@ -129,8 +133,14 @@ class Embedder:
     def model_tag(self) -> str:
         """Which model made an embedding: the folder's name (the alias for the default model) plus the
         first 12 hex digits of a SHA-256 over its weight files. Stores and indexes record it, so codes of
-        different models are never compared."""
+        different models are never compared; TokenizedTexts carry it, so ids of another model's
+        tokenizer are never embedded. Computed once (0.1 s for the default model's 90 MB)."""
         return model_tag(self.model_folder, self._is_default)
+
+    @property
+    def default_batch_tokens(self) -> int:
+        """Tokens per forward batch when a call passes batch_tokens=None (per device type)."""
+        return DEFAULT_BATCH_TOKENS[self.device.type]
 
     # ---- quantization ranges -------------------------------------------------------------
     @property
@@ -148,42 +158,64 @@ class Embedder:
             self._ranges = ranges_of(emb)
         return self._ranges.copy()
 
-    # ---- embedding -----------------------------------------------------------------------
-    def tokenize(self, texts) -> list[list[int]]:
-        """Token ids per text, as the encoder sees them (special tokens, truncation to max_seq_length)."""
-        ids, offsets = self.tokenizer.encode(as_text_list(texts))
-        return [ids[a:b].tolist() for a, b in itertools.pairwise(offsets.tolist())]
+    # ---- tokenizing ----------------------------------------------------------------------
+    def tokenize_flat(self, texts) -> TokenizedTexts:
+        """texts (a str or a sequence of str) -> TokenizedTexts: the ids the encoder sees (special
+        tokens, truncation to max_seq_length) as flat arrays tagged with this model. embed() and
+        embed_iter() take it instead of the texts and give the same rows; tokenizing once lets a
+        caller count tokens, batch and embed without tokenizing again."""
+        return self._tokenize(as_text_list(texts))
 
+    def tokenize(self, texts) -> list[list[int]]:
+        """Token ids per text as Python lists (tokenize_flat(texts).tolist())."""
+        return self.tokenize_flat(texts).tolist()
+
+    def _tokenize(self, texts: list[str], first: int = 0) -> TokenizedTexts:
+        """Checked texts -> TokenizedTexts; a text the tokenizer refuses is named by its index + `first`."""
+        try:
+            ids, offsets = self.tokenizer.encode(texts)
+        except ValueError as exc:
+            raise (_shift_index(exc, first) if first else exc) from None
+        return TokenizedTexts._unchecked(ids, offsets, self.model_tag)
+
+    def _own(self, tokens: TokenizedTexts) -> TokenizedTexts:
+        if tokens.model_tag != self.model_tag:
+            raise ValueError(f"these TokenizedTexts were made by the tokenizer of model {tokens.model_tag!r}, "
+                             f"not of this Embedder's model {self.model_tag!r}: tokenize with this "
+                             "Embedder's tokenize_flat()")
+        return tokens
+
+    # ---- embedding -----------------------------------------------------------------------
     def embed(self, texts, *, precision="float32", normalize=True, dimensions=None, batch_tokens=None,
               output="numpy", show_progress=False, ranges=None):
-        """texts: a str or a sequence of str -> [N, D] (numpy or torch), row i = texts[i]."""
-        texts = as_text_list(texts)
+        """texts: a str, a sequence of str, or TokenizedTexts of this model -> [N, D] (numpy or torch),
+        row i = text i."""
+        texts = self._own(texts) if isinstance(texts, TokenizedTexts) else as_text_list(texts)
         opts, batch_tokens = self._options(precision, normalize, dimensions, batch_tokens, output, ranges)
-        out = self._embed_list(texts, opts, batch_tokens, show_progress)
+        out = self._embed(texts, opts, batch_tokens, show_progress)
         return torch.from_numpy(out) if output == "torch" else out
 
-    def embed_iter(self, texts: Iterable[str], *, chunk_size=1024, precision="float32", normalize=True,
+    def embed_iter(self, texts, *, chunk_size=1024, precision="float32", normalize=True,
                    dimensions=None, batch_tokens=None, output="numpy", show_progress=False, ranges=None):
         """Yield embeddings chunk by chunk (chunk_size texts each, in input order); memory stays flat
-        however long the input. Concatenating the chunks equals embed() of the whole input."""
+        however long the input. texts: an iterable of str, or TokenizedTexts of this model.
+        Concatenating the chunks equals embed() of the whole input."""
         if isinstance(texts, str):
             texts = [texts]
-        if not isinstance(texts, Iterable):
-            raise TypeError(f"texts must be an iterable of str, got {type(texts).__name__}")
+        if isinstance(texts, TokenizedTexts):
+            self._own(texts)
+        elif not isinstance(texts, Iterable):
+            raise TypeError(f"texts must be an iterable of str or TokenizedTexts, got {type(texts).__name__}")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         opts, batch_tokens = self._options(precision, normalize, dimensions, batch_tokens, output, ranges)
-        bar = _progress(None, show_progress)
-        it, seen = iter(texts), 0
-        while chunk := list(itertools.islice(it, chunk_size)):
-            for i, t in enumerate(chunk):
-                if not isinstance(t, str):
-                    raise TypeError(f"texts[{seen + i}] must be str, got {type(t).__name__}")
+        bar = _progress(len(texts) if isinstance(texts, TokenizedTexts) else None, show_progress)
+        chunks = _slices(texts, chunk_size) if isinstance(texts, TokenizedTexts) else _checked_chunks(texts, chunk_size)
+        for chunk, seen in chunks:
             try:
-                out = self._embed_list(chunk, opts, batch_tokens, False)
+                out = self._embed(chunk, opts, batch_tokens, False)
             except ValueError as exc:  # a text the tokenizer refuses: name its index in the whole input
                 raise _shift_index(exc, seen) from None
-            seen += len(chunk)
             if bar is not None:
                 bar.update(len(chunk))
             yield torch.from_numpy(out) if output == "torch" else out
@@ -201,7 +233,7 @@ class Embedder:
         if dimensions == self.dim:
             dimensions = None
         if batch_tokens is None:
-            batch_tokens = DEFAULT_BATCH_TOKENS[self.device.type]
+            batch_tokens = self.default_batch_tokens
         if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
             raise ValueError(f"batch_tokens must be a positive int, got {batch_tokens!r}")
         normalize = bool(normalize)
@@ -213,17 +245,25 @@ class Embedder:
             checked = QuantRanges(r, width, self.device)
         return HeadOptions(precision, normalize, dimensions, checked), batch_tokens
 
-    def _embed_list(self, texts: list[str], opts: HeadOptions, batch_tokens: int, show_progress: bool) -> np.ndarray:
-        """Rows in input order; batches are planned (sorted by length) within each tokenized chunk."""
+    def _embed(self, texts: list[str] | TokenizedTexts, opts: HeadOptions, batch_tokens: int,
+               show_progress: bool) -> np.ndarray:
+        """Rows in input order. The one path of texts and TokenizedTexts: chunks of TOKENIZE_CHUNK texts
+        as TokenizedTexts (texts are tokenized chunk by chunk, on the producer thread when it runs
+        ahead; TokenizedTexts are sliced), batches planned (sorted by length) within each chunk."""
         spec = precision_spec(opts.precision)
-        out = np.empty((len(texts), spec.columns(opts.dimensions or self.dim)), dtype=spec.numpy_dtype)
-        if not texts:
+        n = len(texts)
+        out = np.empty((n, spec.columns(opts.dimensions or self.dim)), dtype=spec.numpy_dtype)
+        if not n:
             return out
-        bar = _progress(len(texts), show_progress)
+        bar = _progress(n, show_progress)
         to_device = self._host.device_inputs(self.device)
         readback = pipeline.Readback(out, self.device, self._host.readback_slots)
-        stream = pipeline.batches(texts, self.tokenizer.encode, batch_tokens)
-        if len(texts) > pipeline.TOKENIZE_CHUNK:  # tokenize and pack ahead, on another thread
+        if isinstance(texts, TokenizedTexts):
+            chunks = (part for part, _ in _slices(texts, pipeline.TOKENIZE_CHUNK))
+        else:
+            chunks = (self._tokenize(part, first) for part, first in _slices(texts, pipeline.TOKENIZE_CHUNK))
+        stream = pipeline.batches(chunks, batch_tokens)
+        if n > pipeline.TOKENIZE_CHUNK:  # tokenize and pack ahead, on another thread
             stream = pipeline.run_ahead(stream)
         for batch in stream:
             readback.put(batch.rows, self._embed_batch(batch, opts, to_device))
@@ -246,6 +286,25 @@ class Embedder:
         hidden = self.encoder.forward(ids, positions, cu, batch.max_seqlen, backend=backend,
                                       workspace=self._workspaces.workspace)
         return self.head(hidden, cu, opts, backend)
+
+
+def _slices(texts: list[str] | TokenizedTexts, size: int):
+    """(texts[start:start + size], start) over checked texts or TokenizedTexts."""
+    for start in range(0, len(texts), size):
+        yield texts[start : start + size], start
+
+
+def _checked_chunks(texts: Iterable, size: int):
+    """(list of `size` texts, index of its first) over any iterable, each text's type checked here:
+    a non-str is named by its index in the whole input."""
+    it, seen = iter(texts), 0
+    while chunk := list(itertools.islice(it, size)):
+        if not set(map(type, chunk)) <= {str}:
+            for i, t in enumerate(chunk):
+                if not isinstance(t, str):
+                    raise TypeError(f"texts[{seen + i}] must be str, got {type(t).__name__}")
+        yield chunk, seen
+        seen += len(chunk)
 
 
 def _shift_index(exc: ValueError, offset: int) -> ValueError:

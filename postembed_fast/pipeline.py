@@ -1,6 +1,7 @@
 """The host side of embed(): keep the encoder fed.
 
-    producer thread: tokenize a chunk of texts (flat ids + offsets, GIL released)
+    producer thread: take the next chunk of TokenizedTexts (the embedder tokenizes texts here,
+                     a chunk at a time: flat ids + offsets, GIL released)
                      -> plan batches by length -> pack each (numpy gathers)
                      -> bounded queue of PackedBatch
     calling thread:  batch -> device (pinned staging reused, copies on a side stream)
@@ -13,24 +14,29 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 
 from postembed_fast.packing import PackedBatch, packed_batches
+from postembed_fast.tokenization import TokenizedTexts
 
-TOKENIZE_CHUNK = 4096  # texts per tokenizer call: big enough to use every core, small enough to overlap
+# texts per chunk (one tokenizer call, one batch plan): big enough to use every core, small enough to overlap
+TOKENIZE_CHUNK = 4096
 QUEUE_BATCHES = 8  # packed batches the producer may run ahead
 
 
-def batches(texts: list[str], encode, batch_tokens: int, chunk: int = TOKENIZE_CHUNK):
-    """Yield PackedBatch (rows index `texts`) for all texts, chunk by chunk."""
-    for start in range(0, len(texts), chunk):
-        ids, offsets = encode(texts[start : start + chunk])
-        for b in packed_batches(ids, offsets, batch_tokens):
+def batches(chunks: Iterable[TokenizedTexts], batch_tokens: int):
+    """Yield PackedBatch for every text of the chunks, chunk by chunk; rows index the texts of all
+    chunks together (chunk 2's first text follows chunk 1's last)."""
+    start = 0
+    for tokens in chunks:
+        for b in packed_batches(tokens.ids, tokens.offsets, batch_tokens):
             if start:
                 b.rows += start
             yield b
+        start += len(tokens)
 
 
 _DONE = object()

@@ -1,5 +1,7 @@
 """Texts -> token ids as two flat arrays: `ids` (every text's ids, concatenated) and `offsets`
 ([N+1]; text i is ids[offsets[i]:offsets[i+1]]). No Python object per token or per text.
+TokenizedTexts is that pair with the tag of the model whose tokenizer made it: what
+Embedder.tokenize_flat returns and Embedder.embed / embed_iter take instead of texts.
 
 FlatTokenizer runs, best first, whichever fast encoder gives exactly the ids of the model's Hugging
 Face tokenizer:
@@ -32,6 +34,7 @@ import random
 import threading
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -74,6 +77,97 @@ def status() -> dict:
     with _VERIFIED_LOCK:
         return dict(fast=fast, fast_unavailable=why, ascii_wordpiece=ascii_why is None,
                     ascii_wordpiece_unavailable=ascii_why, fallbacks=list(_FALLBACKS))
+
+
+@dataclass(frozen=True, eq=False)
+class TokenizedTexts:
+    """Texts as one model's tokenizer encodes them (special tokens added, truncated at the model's
+    max_seq_length), flat: text i is ids[offsets[i]:offsets[i+1]]. Nothing per token or per text
+    in Python: slicing ([a:b]) and concat() work on the arrays, so a server can merge requests'
+    encodings without tokenizing again. len() is the number of texts.
+
+    model_tag names the model whose tokenizer made it (Embedder.model_tag); Embedder.embed refuses
+    one of another model. Made by Embedder.tokenize_flat; the constructor checks the layout.
+    """
+
+    ids: np.ndarray  # int32 [T]: every text's token ids, concatenated
+    offsets: np.ndarray  # int64 [N+1]: offsets[0] == 0, non-decreasing, offsets[-1] == T
+    model_tag: str
+
+    def __post_init__(self):
+        ids, offsets = np.asarray(self.ids), np.asarray(self.offsets)
+        for name, a in (("ids", ids), ("offsets", offsets)):
+            if a.ndim != 1 or not (np.issubdtype(a.dtype, np.integer) or a.size == 0):
+                raise TypeError(f"TokenizedTexts.{name} must be a 1-d integer array, got {a.dtype} of shape {a.shape}")
+        if not isinstance(self.model_tag, str) or not self.model_tag:
+            raise TypeError(f"TokenizedTexts.model_tag must be a non-empty str, got {self.model_tag!r}")
+        if offsets.size == 0 or offsets[0] != 0 or offsets[-1] != ids.size or (np.diff(offsets) < 0).any():
+            raise ValueError(f"TokenizedTexts.offsets must start at 0, never decrease and end at len(ids) = "
+                             f"{ids.size} (text i is ids[offsets[i]:offsets[i+1]])")
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= 1 << 31):
+            raise ValueError("TokenizedTexts.ids must be token ids in [0, 2**31)")
+        object.__setattr__(self, "ids", ids.astype(np.int32, copy=False))
+        object.__setattr__(self, "offsets", offsets.astype(np.int64, copy=False))
+
+    @classmethod
+    def _unchecked(cls, ids: np.ndarray, offsets: np.ndarray, model_tag: str) -> TokenizedTexts:
+        """From arrays that hold the layout by construction (FlatTokenizer.encode's contract, a slice,
+        a concatenation): the constructor's checks ran where they came from, not again per batch."""
+        self = object.__new__(cls)
+        object.__setattr__(self, "ids", ids)
+        object.__setattr__(self, "offsets", offsets)
+        object.__setattr__(self, "model_tag", model_tag)
+        return self
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """int64 [N]: tokens per text."""
+        return np.diff(self.offsets)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of all texts together."""
+        return int(self.offsets[-1])
+
+    def __getitem__(self, key: slice) -> TokenizedTexts:
+        """texts a:b (a view of the ids), as embed_iter and the server cut them."""
+        if not isinstance(key, slice):
+            raise TypeError(f"TokenizedTexts takes a slice [a:b], got {type(key).__name__}")
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise ValueError("TokenizedTexts slices take no step")
+        stop = max(start, stop)
+        a, b = self.offsets[start], self.offsets[stop]
+        return TokenizedTexts._unchecked(self.ids[a:b], self.offsets[start : stop + 1] - a, self.model_tag)
+
+    @classmethod
+    def concat(cls, parts: Sequence[TokenizedTexts]) -> TokenizedTexts:
+        """The texts of every part, in order, as one TokenizedTexts (all of one model)."""
+        if not parts:
+            raise ValueError("TokenizedTexts.concat needs at least one part")
+        tag = parts[0].model_tag
+        for i, p in enumerate(parts):
+            if not isinstance(p, TokenizedTexts):
+                raise TypeError(f"parts[{i}] must be TokenizedTexts, got {type(p).__name__}")
+            if p.model_tag != tag:
+                raise ValueError(f"parts[{i}] was tokenized for model {p.model_tag!r}, parts[0] for {tag!r}")
+        if len(parts) == 1:
+            return parts[0]
+        lengths = np.concatenate([p.lengths for p in parts])
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls._unchecked(np.concatenate([p.ids for p in parts]), offsets, tag)
+
+    def tolist(self) -> list[list[int]]:
+        """Token ids per text, as Python lists (for JSON; the flat arrays are what embedding uses)."""
+        ids = self.ids.tolist()
+        return [ids[a:b] for a, b in itertools.pairwise(self.offsets.tolist())]
+
+    def __repr__(self) -> str:
+        return f"TokenizedTexts({len(self)} texts, {self.tokens} tokens, model_tag={self.model_tag!r})"
 
 
 class FastTokenizerFallbackWarning(RuntimeWarning):

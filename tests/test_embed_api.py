@@ -271,6 +271,93 @@ def test_model_folder_missing_pieces(tmp_path, default_folder):
         Embedder(broken, device="cpu")
 
 
+# ---- the tokenized seam: tokenize_flat -> TokenizedTexts -> embed ---------------------------
+def test_tokenize_flat_round_trip_equals_embed_of_the_texts(embedder, posts):
+    from postembed_fast.tokenization import TokenizedTexts
+
+    texts = posts[:64] + TEXTS
+    tok = embedder.tokenize_flat(texts)
+    assert isinstance(tok, TokenizedTexts) and len(tok) == len(texts) and tok.model_tag == embedder.model_tag
+    assert tok.ids.dtype == np.int32 and tok.offsets.dtype == np.int64 and tok.offsets.shape == (len(texts) + 1,)
+    lists = embedder.tokenize(texts)
+    assert tok.tolist() == lists and tok.lengths.tolist() == [len(x) for x in lists]
+    assert tok.tokens == sum(map(len, lists)) and tok.lengths.max() <= embedder.max_seq_length
+    for kwargs in ({}, dict(precision="int8"), dict(precision="binary"), dict(dimensions=64, normalize=False),
+                   dict(batch_tokens=300)):  # exactly the same rows: one path, the same batches
+        np.testing.assert_array_equal(embedder.embed(tok, **kwargs), embedder.embed(texts, **kwargs))
+    assert embedder.tokenize_flat("one post").tolist() == embedder.tokenize(["one post"])
+
+
+def test_tokenized_texts_slice_and_concat_without_tokenizing_again(embedder, posts):
+    from postembed_fast.tokenization import TokenizedTexts
+
+    texts = posts[:30]
+    tok = embedder.tokenize_flat(texts)
+    parts = [tok[:7], tok[7:7], tok[7:19], tok[19:]]
+    assert [len(p) for p in parts] == [7, 0, 12, 11]
+    assert parts[2].tolist() == embedder.tokenize(texts[7:19]) and parts[2].offsets[0] == 0
+    joined = TokenizedTexts.concat(parts)
+    np.testing.assert_array_equal(joined.ids, tok.ids)
+    np.testing.assert_array_equal(joined.offsets, tok.offsets)
+    with pytest.raises(ValueError, match="step"):
+        tok[::2]
+    with pytest.raises(ValueError, match="offsets"):  # the constructor checks the layout
+        TokenizedTexts(tok.ids, tok.offsets[:-1], tok.model_tag)
+    with pytest.raises(ValueError, match="at least one"):
+        TokenizedTexts.concat([])
+
+
+def test_tokenized_texts_of_another_model_are_refused(embedder, make_random_model):
+    from postembed_fast.tokenization import TokenizedTexts
+
+    other = Embedder(make_random_model(), device="cpu")
+    theirs = other.tokenize_flat(["a post", "another post"])
+    assert theirs.model_tag == other.model_tag != embedder.model_tag
+    with pytest.raises(ValueError, match=f"model {theirs.model_tag!r}.*tokenize_flat"):
+        embedder.embed(theirs)
+    with pytest.raises(ValueError, match=f"model {theirs.model_tag!r}.*tokenize_flat"):
+        list(embedder.embed_iter(theirs))
+    with pytest.raises(ValueError, match=r"parts\[1\]"):
+        TokenizedTexts.concat([embedder.tokenize_flat(["a post"]), theirs])
+    assert other.embed(theirs).shape == (2, other.dim)  # its own model takes it
+
+
+def test_tokenize_flat_of_no_texts(embedder):
+    tok = embedder.tokenize_flat([])
+    assert len(tok) == 0 and tok.tokens == 0 and tok.offsets.tolist() == [0] and tok.tolist() == []
+    assert embedder.embed(tok).shape == (0, 384) and embedder.embed(tok, precision="binary").shape == (0, 48)
+    assert list(embedder.embed_iter(tok)) == []
+
+
+def test_embed_iter_over_tokenized_texts_keeps_order(embedder, posts):
+    texts = posts[200:250][::-1]
+    tok = embedder.tokenize_flat(texts)
+    chunks = list(embedder.embed_iter(tok, chunk_size=7))
+    assert [len(c) for c in chunks] == [7] * 7 + [1]
+    # the same chunks as embed_iter of the texts, row for row, and each row is its own text's
+    np.testing.assert_array_equal(np.concatenate(chunks), np.concatenate(list(embedder.embed_iter(texts, chunk_size=7))))
+    np.testing.assert_allclose(np.concatenate(chunks), embedder.embed(texts), atol=1e-5)
+    for i in (0, 13, 49):
+        np.testing.assert_allclose(np.concatenate(chunks)[i], embedder.embed(texts[i])[0], atol=1e-5)
+
+
+def test_tokenized_path_over_several_chunks(make_random_model):
+    """More texts than one pipeline chunk (the producer thread runs ahead): still one path, and a text
+    the tokenizer refuses is named by its index in the whole input."""
+    from postembed_fast import pipeline
+
+    e = Embedder(make_random_model(hidden=32, heads=2, layers=1, intermediate=64, max_seq_length=16), device="cpu")
+    texts = [f"post number {i} about {'rust' if i % 3 else 'python'}" for i in range(pipeline.TOKENIZE_CHUNK + 900)]
+    tok = e.tokenize_flat(texts)
+    np.testing.assert_array_equal(e.embed(tok), e.embed(texts))
+    bad = list(texts)
+    bad[pipeline.TOKENIZE_CHUNK + 500] = "lone \ud800"
+    with pytest.raises(ValueError, match=rf"texts\[{pipeline.TOKENIZE_CHUNK + 500}\]"):
+        e.embed(bad)
+    with pytest.raises(ValueError, match=rf"texts\[{pipeline.TOKENIZE_CHUNK + 500}\]"):
+        e.tokenize_flat(bad)
+
+
 # ---- progress and threads ----------------------------------------------------------------
 def test_show_progress_draws_a_tqdm_bar(embedder, capsys):
     embedder.embed(TEXTS, show_progress=True, batch_tokens=16)
