@@ -71,8 +71,11 @@ void check_ptr(const char* fn, const char* name, uintptr_t p) { PE_CHECK(p != 0,
 void check_codes(const char* fn, int dtype, int precision) {
   PE_CHECK(dtype == kF32 || dtype == kF16 || dtype == kBF16, fn, ": invalid dtype code ", dtype,
            " (0=float32, 1=float16, 2=bfloat16)");
-  PE_CHECK(precision >= kPFloat32 && precision <= kPUBinary, fn, ": invalid precision code ", precision,
-           " (0=float32, 1=float16, 2=int8, 3=uint8, 4=binary, 5=ubinary)");
+  if (precision < 0 || precision >= kNumPrecisions) {
+    std::string valid;
+    for (int c = 0; c < kNumPrecisions; ++c) valid += cat(c ? ", " : "", c, "=", kStoreKernels[c].name);
+    throw std::invalid_argument(cat(fn, ": invalid precision code ", precision, " (", valid, ")"));
+  }
 }
 
 void check_matrix(const char* fn, const char* name, int64_t rows, int64_t D, int64_t ld) {
@@ -83,17 +86,26 @@ void check_matrix(const char* fn, const char* name, int64_t rows, int64_t D, int
            ")");
 }
 
+// The caller's output buffer (sized by its precision table) against what the precision's kernel writes.
 void check_out(const char* fn, int64_t B, int64_t D, int precision, int64_t out_rows, int64_t out_cols,
                int64_t out_itemsize) {
-  const int64_t cols = output_cols(D, precision);
-  const int64_t isz = output_elem_size(precision);
+  const StoreKernel& k = kStoreKernels[precision];
+  const int64_t cols = k.packed_bits ? (D + 7) / 8 : D;
+  const int64_t isz = k.elem_size;
   PE_CHECK(out_rows == B && out_cols == cols, fn, ": out must be [", B, ", ", cols, "] for D=", D, " and precision code ",
            precision, ", got [", out_rows, ", ", out_cols, "]");
   PE_CHECK(out_itemsize == isz, fn, ": out element size must be ", isz, " bytes for precision code ", precision, ", got ",
            out_itemsize);
 }
 
-bool needs_ranges(int precision) { return precision == kPInt8 || precision == kPUInt8; }
+bool needs_ranges(int precision) { return kStoreKernels[precision].needs_ranges; }
+
+void check_ranges_ptr(const char* fn, int precision, uintptr_t ranges) {
+  if (needs_ranges(precision)) {
+    PE_CHECK(ranges != 0, fn, ": ranges is a null pointer (", kStoreKernels[precision].name,
+             " needs the [2, D] per-dimension ranges)");
+  }
+}
 
 // Host-side re-check of cu_seqlens (CPU path only: reading it is cheap there).
 void check_cu_host(const char* fn, const int32_t* cu, int64_t B, int64_t total) {
@@ -126,7 +138,7 @@ PoolArgs pool_args(const char* fn, uintptr_t hidden, uintptr_t cu, int64_t total
   check_ptr(fn, "hidden", hidden);
   check_ptr(fn, "cu_seqlens", cu);
   check_ptr(fn, "out", out);
-  if (needs_ranges(precision)) check_ptr(fn, "ranges (needed for int8/uint8)", ranges);
+  check_ranges_ptr(fn, precision, ranges);
   PoolArgs a;
   a.hidden = reinterpret_cast<const void*>(hidden);
   a.cu = reinterpret_cast<const int32_t*>(cu);
@@ -141,6 +153,8 @@ PoolArgs pool_args(const char* fn, uintptr_t hidden, uintptr_t cu, int64_t total
   a.lo = needs_ranges(precision) ? reinterpret_cast<const float*>(ranges) : nullptr;
   a.hi = a.lo ? a.lo + D : nullptr;
   a.out = reinterpret_cast<void*>(out);
+  a.out_cols = out_cols;
+  a.out_row_bytes = out_cols * out_itemsize;
   return a;
 }
 
@@ -152,7 +166,7 @@ QuantArgs quant_args(const char* fn, uintptr_t x, int64_t B, int64_t D, int64_t 
   check_out(fn, B, D, precision, out_rows, out_cols, out_itemsize);
   check_ptr(fn, "x", x);
   check_ptr(fn, "out", out);
-  if (needs_ranges(precision)) check_ptr(fn, "ranges (needed for int8/uint8)", ranges);
+  check_ranges_ptr(fn, precision, ranges);
   QuantArgs a;
   a.x = reinterpret_cast<const void*>(x);
   a.B = B;
@@ -163,6 +177,8 @@ QuantArgs quant_args(const char* fn, uintptr_t x, int64_t B, int64_t D, int64_t 
   a.lo = needs_ranges(precision) ? reinterpret_cast<const float*>(ranges) : nullptr;
   a.hi = a.lo ? a.lo + D : nullptr;
   a.out = reinterpret_cast<void*>(out);
+  a.out_cols = out_cols;
+  a.out_row_bytes = out_cols * out_itemsize;
   return a;
 }
 
@@ -427,21 +443,27 @@ PYBIND11_MODULE(_C, m) {
            "(not ASCII, or containing an added token); ids = the handled texts' ids in order. GIL released.",
            py::arg("texts"), py::arg("num_threads") = 0);
 
-  py::dict dtypes, modes, precisions;
+  py::dict dtypes, modes, precisions, store_kernels;
   dtypes["float32"] = int(kF32);
   dtypes["float16"] = int(kF16);
   dtypes["bfloat16"] = int(kBF16);
   modes["mean"] = int(kMean);
   modes["cls"] = int(kCls);
-  precisions["float32"] = int(kPFloat32);
-  precisions["float16"] = int(kPFloat16);
-  precisions["int8"] = int(kPInt8);
-  precisions["uint8"] = int(kPUInt8);
-  precisions["binary"] = int(kPBinary);
-  precisions["ubinary"] = int(kPUBinary);
+  for (int c = 0; c < kNumPrecisions; ++c) {
+    const StoreKernel& k = kStoreKernels[c];
+    precisions[k.name] = c;
+    py::dict facts;
+    facts["code"] = c;
+    facts["elem_size"] = k.elem_size;
+    facts["packed_bits"] = k.packed_bits;
+    facts["needs_ranges"] = k.needs_ranges;
+    store_kernels[k.name] = facts;
+  }
   m.attr("DTYPE_CODES") = dtypes;
   m.attr("MODE_CODES") = modes;
   m.attr("PRECISION_CODES") = precisions;
+  // What each precision code's kernel writes and reads (csrc/embedding_math.h kStoreKernels)
+  m.attr("PRECISION_KERNELS") = store_kernels;
 
   const char* pool_doc =
       "Pool (mean/cls), optionally L2-normalize and quantize packed hidden states.\n"

@@ -32,6 +32,25 @@ enum DTypeCode : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 enum PoolMode : int { kMean = 0, kCls = 1 };
 enum PrecisionCode : int { kPFloat32 = 0, kPFloat16 = 1, kPInt8 = 2, kPUInt8 = 3, kPBinary = 4, kPUBinary = 5 };
 
+// What the store kernel of each PrecisionCode (finalize_row below) writes and reads, indexed by code:
+// the compiled side of the precision table (kernels/precision.py), which sizes the output buffers
+// and passes their width and element size as arguments. The bindings check those arguments against
+// this (a mismatch is an error, never a write past the buffer) and export it as PRECISION_CODES /
+// PRECISION_KERNELS; tests/test_precision.py checks both sides agree. A new precision: a row in the
+// Python table, plus its kernel here: a code, a row below, a case in finalize_row.
+struct StoreKernel {
+  const char* name;
+  int64_t elem_size;  // bytes per output element
+  bool packed_bits;   // 8 dimensions per byte: ceil(D / 8) columns, else D
+  bool needs_ranges;  // reads the per-dimension (min, max) ranges
+};
+constexpr StoreKernel kStoreKernels[] = {
+    {"float32", 4, false, false}, {"float16", 2, false, false}, {"int8", 1, false, true},
+    {"uint8", 1, false, true},    {"binary", 1, true, false},   {"ubinary", 1, true, false},
+};
+constexpr int kNumPrecisions = static_cast<int>(sizeof(kStoreKernels) / sizeof(kStoreKernels[0]));
+static_assert(kNumPrecisions == kPUBinary + 1, "one kStoreKernels row per PrecisionCode");
+
 constexpr float kNormEps = 1e-12f;
 
 // fp16/bf16 storage is handled as raw uint16_t bits everywhere (no half types in
@@ -151,14 +170,6 @@ PE_HD uint8_t pack_bits8(const T* v, int64_t n, int64_t j, float denom) {
     if (d < n && load_f(v, d) / denom > 0.0f) byte |= 0x80u >> k;
   }
   return static_cast<uint8_t>(byte);
-}
-
-PE_HD int64_t output_cols(int64_t D, int precision) {
-  return (precision == kPBinary || precision == kPUBinary) ? (D + 7) / 8 : D;
-}
-
-PE_HD int64_t output_elem_size(int precision) {
-  return precision == kPFloat32 ? 4 : (precision == kPFloat16 ? 2 : 1);
 }
 
 // v[d] / denom; kUnit: denom == 1, where the division is the identity and is skipped.

@@ -9,7 +9,8 @@ namespace postembed {
 
 // hidden: [total_tokens, D] rows ld elements apart (ld >= D), dtype by code;
 // cu: int32 [B+1] on the same device; lo/hi: float32 [D] each (int8/uint8 only, else may be null);
-// out: contiguous [B, output_cols(D, precision)] of the precision's element type.
+// out: [B, out_cols] of the precision's element type, rows out_row_bytes apart (both from the caller's
+// precision table, checked against kStoreKernels).
 struct PoolArgs {
   const void* hidden;
   const int32_t* cu;
@@ -24,6 +25,8 @@ struct PoolArgs {
   const float* lo;
   const float* hi;
   void* out;
+  int64_t out_cols;
+  int64_t out_row_bytes;
 };
 
 // x: [B, D] rows ld elements apart; out as above.
@@ -37,6 +40,8 @@ struct QuantArgs {
   const float* lo;
   const float* hi;
   void* out;
+  int64_t out_cols;
+  int64_t out_row_bytes;
 };
 
 // Float32 attention over packed sequences: q/k/v/out rows are tokens; element

@@ -60,7 +60,7 @@ template <typename T>
 void pool_impl(const PoolArgs& a) {
   const T* x = static_cast<const T*>(a.hidden);
   const int64_t D = a.D;
-  const int64_t row_bytes = output_cols(D, a.precision) * output_elem_size(a.precision);
+  const int64_t row_bytes = a.out_row_bytes;
   char* out = static_cast<char*>(a.out);
   const std::vector<float> step_buf = steps(a.lo, a.hi, D);
   const float* step = step_buf.empty() ? nullptr : step_buf.data();
@@ -117,9 +117,10 @@ bool quant_fast_path<float>(const QuantArgs& a) {
   if (a.precision != kPFloat16 || !f16c_enabled()) return false;
   const float* x = static_cast<const float*>(a.x);
   uint16_t* out = static_cast<uint16_t*>(a.out);
+  const int64_t out_ld = a.out_row_bytes / static_cast<int64_t>(sizeof(uint16_t));
   const int nthreads = threads_for(a.B, a.B * a.D);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t b = 0; b < a.B; ++b) f32_to_f16_row_f16c(x + b * a.ld, a.D, out + b * a.D);
+  for (int64_t b = 0; b < a.B; ++b) f32_to_f16_row_f16c(x + b * a.ld, a.D, out + b * out_ld);
   return true;
 #else
   (void)a;
@@ -131,7 +132,7 @@ template <typename T>
 void quant_impl(const QuantArgs& a) {
   if (quant_fast_path<T>(a)) return;
   const T* x = static_cast<const T*>(a.x);
-  const int64_t row_bytes = output_cols(a.D, a.precision) * output_elem_size(a.precision);
+  const int64_t row_bytes = a.out_row_bytes;
   char* out = static_cast<char*>(a.out);
   const std::vector<float> step_buf = steps(a.lo, a.hi, a.D);
   const float* step = step_buf.empty() ? nullptr : step_buf.data();

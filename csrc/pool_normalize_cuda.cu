@@ -164,7 +164,7 @@ template <typename T>
 void launch_pool(const PoolArgs& a, cudaStream_t stream) {
   const Layout l = pool_layout(a);
   if (l.smem > kMaxSmemBytes) throw std::invalid_argument("pool_normalize_cuda: D too large for the CUDA kernel");
-  const int64_t row_bytes = output_cols(a.D, a.precision) * output_elem_size(a.precision);
+  const int64_t row_bytes = a.out_row_bytes;
   const T* x = static_cast<const T*>(a.hidden);
   char* out = static_cast<char*>(a.out);
   const dim3 grid(static_cast<unsigned>(a.B)), block(kThreads);
@@ -185,11 +185,10 @@ void launch_pool(const PoolArgs& a, cudaStream_t stream) {
 
 template <typename T>
 void launch_quant(const QuantArgs& a, cudaStream_t stream) {
-  const int64_t cols = output_cols(a.D, a.precision);
+  const int64_t cols = a.out_cols;
   const int threads = cols >= 256 ? 256 : (cols >= 128 ? 128 : 64);
-  const int64_t row_bytes = cols * output_elem_size(a.precision);
   quantize_kernel<T><<<static_cast<unsigned>(a.B), threads, 0, stream>>>(
-      static_cast<const T*>(a.x), a.D, a.ld, a.precision, a.lo, a.hi, static_cast<char*>(a.out), row_bytes);
+      static_cast<const T*>(a.x), a.D, a.ld, a.precision, a.lo, a.hi, static_cast<char*>(a.out), a.out_row_bytes);
   check_launch("quantize_cuda");
 }
 

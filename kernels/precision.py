@@ -1,15 +1,20 @@
 """The output precisions: every fact about each one, in one table.
 
-Everything else reads this table: the launchers (output buffers, which precisions
-need ranges), the Triton kernels (the compile-time code), the C++/CUDA kernels (the
-same integer codes: csrc/embedding_math.h `PrecisionCode`, exported by the bindings as
-`_C.PRECISION_CODES`; tests/test_precision.py checks the two agree) and the Embedder.
+Everything else reads this table: the launchers (output buffers, which precisions need ranges),
+the Triton kernels (their compile-time flags), the C++/CUDA kernels (the same integer codes:
+csrc/embedding_math.h `kStoreKernels`, exported by the bindings as `_C.PRECISION_CODES` and
+`_C.PRECISION_KERNELS`; tests/test_precision.py checks the two agree; the sizes reach them as
+arguments), the Embedder, and the system parts on top: which EmbeddingIndex precision holds a
+precision's codes and which top-k op scans them (search/index.py), the stored bytes (nearline/store.py),
+the backfill's Arrow column (backfill/rows.py).
 
 Formulas (kernels/quantize.py has the reference):
   uint8:   q = clip(floor((x - min) / ((max - min) / 255) + 0.5), 0, 255), fp32, IEEE division
   int8:    q_uint8 - 128
   ubinary: bit = x > 0, 8 per byte, most significant bit first (numpy.packbits), [B, ceil(D/8)]
   binary:  ubinary - 128 as int8 (sentence-transformers' convention)
+Integer codes are thus an unsigned code u in [0, 255] plus the row's `code_offset` (0 or -128).
+Bytes: row-major, little-endian (`wire_dtype`), exactly what embed() returns per row.
 """
 from __future__ import annotations
 
@@ -18,18 +23,40 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+# The exact top-k ops (kernels/<op>.py) an index can scan its codes with
+SCAN_OPS = ("hamming_topk", "int8_topk", "float_topk")
+
 
 @dataclass(frozen=True)
 class Precision:
     name: str
-    code: int  # shared with C++ (PrecisionCode) and the Triton kernels' constexpr
+    code: int  # the compiled store kernel: csrc PrecisionCode, also the Triton kernels' selector
     torch_dtype: torch.dtype
     packed_bits: bool  # one bit per dimension, 8 dimensions per byte
     needs_ranges: bool  # per-dimension (min, max) calibration ranges
+    # the EmbeddingIndex precision that holds these codes (itself, or the signed form of an unsigned one)
+    index_precision: str
+    code_offset: int = 0  # integer codes: the unsigned code u in [0, 255] + code_offset (-128: the signed forms)
+    scan: str | None = None  # an index precision: the top-k op (SCAN_OPS) that scans its codes; else None
+
+    @property
+    def is_float(self) -> bool:
+        """Float vectors (a rounding cast), not integer codes."""
+        return self.torch_dtype.is_floating_point
 
     @property
     def numpy_dtype(self) -> np.dtype:
         return _NUMPY[self.torch_dtype]
+
+    @property
+    def wire_dtype(self) -> np.dtype:
+        """The stored bytes' dtype: numpy_dtype, little-endian."""
+        return self.numpy_dtype.newbyteorder("<")
+
+    @property
+    def index(self) -> Precision:
+        """The table entry of index_precision."""
+        return TABLE[self.index_precision]
 
     def columns(self, dim: int) -> int:
         """Output columns for `dim`-dimensional embeddings."""
@@ -43,14 +70,41 @@ _NUMPY = {torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float1
           torch.int8: np.dtype(np.int8), torch.uint8: np.dtype(np.uint8)}
 
 TABLE: dict[str, Precision] = {p.name: p for p in (
-    Precision("float32", 0, torch.float32, packed_bits=False, needs_ranges=False),
-    Precision("float16", 1, torch.float16, packed_bits=False, needs_ranges=False),
-    Precision("int8", 2, torch.int8, packed_bits=False, needs_ranges=True),
-    Precision("uint8", 3, torch.uint8, packed_bits=False, needs_ranges=True),
-    Precision("binary", 4, torch.int8, packed_bits=True, needs_ranges=False),
-    Precision("ubinary", 5, torch.uint8, packed_bits=True, needs_ranges=False),
+    Precision("float32", 0, torch.float32, packed_bits=False, needs_ranges=False, index_precision="float32",
+              scan="float_topk"),
+    Precision("float16", 1, torch.float16, packed_bits=False, needs_ranges=False, index_precision="float16",
+              scan="float_topk"),
+    Precision("int8", 2, torch.int8, packed_bits=False, needs_ranges=True, index_precision="int8",
+              code_offset=-128, scan="int8_topk"),
+    Precision("uint8", 3, torch.uint8, packed_bits=False, needs_ranges=True, index_precision="int8"),
+    Precision("binary", 4, torch.int8, packed_bits=True, needs_ranges=False, index_precision="binary",
+              code_offset=-128, scan="hamming_topk"),
+    Precision("ubinary", 5, torch.uint8, packed_bits=True, needs_ranges=False, index_precision="binary"),
 )}
 PRECISIONS = tuple(TABLE)
+
+
+def check_table(table: dict[str, Precision]) -> None:
+    """The table's rows are consistent with each other: every index precision is a row that holds its own
+    codes and names a scan op, and every row's index precision stores the same layout (dtype width,
+    packing, ranges) and differs at most in its code offset."""
+    for name, p in table.items():
+        target = table.get(p.index_precision)
+        if p.name != name or target is None:
+            raise ValueError(f"precision table: row {name!r} (named {p.name!r}) has index precision "
+                             f"{p.index_precision!r}, which is not a row")
+        if target.index_precision != target.name or target.scan not in SCAN_OPS:
+            raise ValueError(f"precision table: index precision {target.name!r} must hold its own codes and "
+                             f"name a scan op in {SCAN_OPS}, got {target.index_precision!r} / {target.scan!r}")
+        if p.scan is not None and target is not p:
+            raise ValueError(f"precision table: {name!r} names a scan but is held by {target.name!r}")
+        same = (p.is_float, p.packed_bits, p.needs_ranges, p.torch_dtype.itemsize)
+        if same != (target.is_float, target.packed_bits, target.needs_ranges, target.torch_dtype.itemsize) or \
+                (p.is_float and (p.code_offset or p.torch_dtype != target.torch_dtype)):
+            raise ValueError(f"precision table: {name!r} codes cannot be held as {target.name!r} codes")
+
+
+check_table(TABLE)
 
 
 def precision_spec(name) -> Precision:

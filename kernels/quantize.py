@@ -18,27 +18,25 @@ _BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
 @register("quantize_embeddings", "torch")
 def quantize_torch(x: torch.Tensor, precision: str, ranges: torch.Tensor | None) -> torch.Tensor:
     """Reference. x: float [B, D]; ranges: float32 [2, D] (only for precisions that need them)."""
-    if precision == "float32":
-        return x.float()
-    if precision == "float16":
-        return x.to(torch.float16)
+    spec = TABLE[precision]
+    if spec.is_float:
+        return x.to(spec.torch_dtype)
     x = x.float()
-    if TABLE[precision].needs_ranges:  # uint8 / int8
+    if spec.needs_ranges:  # uint8 codes
         lo, hi = ranges[0], ranges[1]
         # Divide by a tensor, never by a Python number: on CUDA, torch computes tensor / scalar
         # as tensor * (1 / scalar) (ATen's div_true_kernel_cuda), a step one ulp off the IEEE
         # quotient in some dimensions, which moves exact .5 ties by one code.
         step = (hi - lo) / torch.full_like(hi, 255.0)
-        q = torch.floor((x - lo) / step + 0.5).clamp_(0, 255)
-        return q.to(torch.uint8) if precision == "uint8" else (q - 128).to(torch.int8)
-    # binary / ubinary
-    B, D = x.shape
-    nbytes = (D + 7) // 8
-    bits = torch.zeros(B, nbytes * 8, dtype=torch.int32, device=x.device)
-    bits[:, :D] = (x > 0).to(torch.int32)
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.int32, device=x.device)
-    packed = (bits.view(B, nbytes, 8) * weights).sum(-1)
-    return packed.to(torch.uint8) if precision == "ubinary" else (packed - 128).to(torch.int8)
+        u = torch.floor((x - lo) / step + 0.5).clamp_(0, 255).to(torch.int32)
+    else:  # packed sign bits: the ubinary bytes
+        B, D = x.shape
+        nbytes = spec.columns(D)
+        bits = torch.zeros(B, nbytes * 8, dtype=torch.int32, device=x.device)
+        bits[:, :D] = (x > 0).to(torch.int32)
+        weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.int32, device=x.device)
+        u = (bits.view(B, nbytes, 8) * weights).sum(-1, dtype=torch.int32)
+    return (u + spec.code_offset).to(spec.torch_dtype)
 
 
 def quantize_embeddings(emb, precision: str, ranges=None, backend: str | None = None):
@@ -122,7 +120,7 @@ if TRITON_IMPORT_ERROR is None:
     def precision_flags(precision: str) -> dict:
         """store_precision's compile-time flags, read from the precision table."""
         spec = TABLE[precision]
-        return dict(QUANTIZE=spec.needs_ranges, PACKED=spec.packed_bits, SIGNED=spec.torch_dtype == torch.int8)
+        return dict(QUANTIZE=spec.needs_ranges, PACKED=spec.packed_bits, SIGNED=spec.code_offset == -128)
 
     def block_d(D: int) -> int:
         """BLOCK_D of a row-per-program kernel: a power of two >= 8 (bit packing takes 8 lanes)."""
