@@ -8,8 +8,6 @@ import numpy as np
 
 from postembed_fast.kernels.precision import precision_spec
 
-FLOAT_PRECISIONS = ("float32", "float16")
-
 
 _REJECT_ROW_MAX = 2000  # characters of a rejected row kept in rejects.jsonl
 
@@ -51,26 +49,27 @@ def check_row(rec, text_field: str, id_field: str) -> tuple[str | None, str | No
 
 
 def embedding_type(precision: str, dim: int):
+    """The Arrow type of the `embedding` column: a fixed-size list of floats for the float precisions
+    (readable as numbers), else fixed-size binary of the codes, exactly the bytes embed() returns per row."""
     import pyarrow as pa
 
     spec = precision_spec(precision)
-    if precision == "float32":
-        return pa.list_(pa.float32(), dim)
-    if precision == "float16":
-        return pa.list_(pa.float16(), dim)
-    return pa.binary(spec.row_bytes(dim))  # the codes, exactly the bytes embed() returns per row
+    if spec.is_float:
+        return pa.list_(pa.from_numpy_dtype(spec.numpy_dtype), dim)
+    return pa.binary(spec.row_bytes(dim))
 
 
 def embedding_array(rows, precision: str, dim: int):
     """[N, C] numpy from embed() -> a pyarrow array of embedding_type (zero-copy for the float types)."""
     import pyarrow as pa
 
+    spec = precision_spec(precision)
     typ = embedding_type(precision, dim)
     rows = np.ascontiguousarray(rows)
-    if precision in FLOAT_PRECISIONS:
+    if spec.is_float:
         flat = pa.array(rows.reshape(-1), type=typ.value_type)
         return pa.FixedSizeListArray.from_arrays(flat, dim)
-    buf = pa.py_buffer(rows.view(np.uint8).reshape(-1).tobytes())
+    buf = pa.py_buffer(rows.astype(spec.wire_dtype, copy=False).view(np.uint8).reshape(-1).tobytes())
     return pa.Array.from_buffers(typ, len(rows), [None, buf])
 
 
@@ -79,13 +78,13 @@ def from_embedding_column(col, precision: str, dim: int):
     spec = precision_spec(precision)
     col = col.combine_chunks() if hasattr(col, "combine_chunks") else col
     n = len(col)
-    if precision in FLOAT_PRECISIONS:
+    if spec.is_float:
         return col.flatten().to_numpy(zero_copy_only=False).reshape(n, dim)
     width = spec.columns(dim)
     raw = col.buffers()[1]
-    start = col.offset * width * spec.numpy_dtype.itemsize
-    return np.frombuffer(raw, dtype=spec.numpy_dtype, count=n * width,
-                         offset=start).reshape(n, width).copy()
+    start = col.offset * spec.row_bytes(dim)
+    return np.frombuffer(raw, dtype=spec.wire_dtype, count=n * width,
+                         offset=start).reshape(n, width).astype(spec.numpy_dtype)
 
 
 class EmbedBatch:

@@ -51,14 +51,9 @@ def id_tuple(entry_id) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _wire_dtype(precision: str) -> np.dtype:
-    dt = precision_spec(precision).numpy_dtype
-    return dt.newbyteorder("<") if dt.itemsize > 1 else dt
-
-
 def encode_vector(row: np.ndarray, precision: str) -> bytes:
-    """One row of embed()'s output -> the stored bytes (little-endian)."""
-    return np.asarray(row).astype(_wire_dtype(precision), copy=False).tobytes()
+    """One row of embed()'s output -> the stored bytes (the precision table's wire_dtype: little-endian)."""
+    return np.asarray(row).astype(precision_spec(precision).wire_dtype, copy=False).tobytes()
 
 
 def post_key(post_id: str) -> int:
@@ -76,13 +71,12 @@ def decode_vector(raw: bytes, precision: str, dim: int) -> np.ndarray:
     want = spec.row_bytes(dim)
     if len(raw) != want:
         raise ValueError(f"vector of {len(raw)} bytes; {precision} of dim {dim} has {want}")
-    dt = spec.numpy_dtype
-    a = np.frombuffer(raw, dtype=dt.newbyteorder("<") if dt.itemsize > 1 else dt)
-    if precision in ("float32", "float16"):
+    a = np.frombuffer(raw, dtype=spec.wire_dtype)
+    if spec.is_float:
         return a.astype(np.float32)
-    if dt == np.uint8:
-        return (a.astype(np.int16) - 128).astype(np.int8)
-    return a.copy()
+    held = spec.index  # the index precision's codes: the same unsigned codes, its own code offset
+    shift = held.code_offset - spec.code_offset
+    return (a.astype(np.int16) + shift).astype(held.numpy_dtype) if shift else a.astype(held.numpy_dtype)
 
 
 # The conditional store, one call per post inside the batch's MULTI/EXEC. Input entry ids order the

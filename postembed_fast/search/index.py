@@ -52,19 +52,53 @@ from postembed_fast.kernels import (
     quantize_embeddings,
     sign_dot_topk,
 )
+from postembed_fast.kernels.int8_topk import int8_row_bias
+from postembed_fast.kernels.precision import TABLE, Precision
 
 FORMAT = "postembed_fast.EmbeddingIndex/1"
 FORMAT_ROTATED = "postembed_fast.EmbeddingIndex/2"  # /1 + a rotation (arrays "rotation")
-INDEX_PRECISIONS = ("binary", "int8", "float16", "float32")
+# The index precisions: the precision table's rows that hold their own codes (each names its scan op),
+# smallest codes first. The codes' dtype and width, whether they need ranges, are the table's.
+INDEX_PRECISIONS = tuple(sorted((name for name, p in TABLE.items() if p.index_precision == name),
+                                key=lambda name: TABLE[name].row_bytes(64)))
 _INT_LOWEST = -(2**31)
+INT8_MAX_DIM = 16384  # int8_topk's int32 scores: 16384 * 255 * 255 < 2^31
 
 
-def _columns(precision: str, dim: int) -> int:
-    return (dim + 7) // 8 if precision == "binary" else dim
+def _index_spec(precision) -> Precision:
+    """The precision table's entry of an index precision, or a ValueError naming the valid ones."""
+    spec = TABLE.get(precision) if isinstance(precision, str) else None
+    if spec is None or spec.index_precision != spec.name:
+        raise ValueError(f"unknown index precision {precision!r}; valid: {', '.join(INDEX_PRECISIONS)}")
+    return spec
 
 
-def _code_dtype(precision: str) -> torch.dtype:
-    return {"binary": torch.int8, "int8": torch.int8, "float16": torch.float16, "float32": torch.float32}[precision]
+# The table's scan ops as an index runs them on its codes [n, cols]: (index, queries, codes, k, allow mask)
+def _scan_hamming(index, q, codes, k, allow):
+    return hamming_topk(q, codes, k, allow)
+
+
+def _scan_int8(index, q, codes, k, allow):
+    zero = index._zero.to(index.device)
+    if index._bias is None:
+        index._bias = int8_row_bias(codes, zero)
+    return int8_topk(q, codes, k, zero, allow, db_bias=index._bias)
+
+
+def _scan_float(index, q, codes, k, allow):
+    return float_topk(q.float(), codes.float(), k, allow)  # float16 codes: scored in float32
+
+
+SCANS = {"hamming_topk": _scan_hamming, "int8_topk": _scan_int8, "float_topk": _scan_float}
+
+
+def _recode_hint(spec: Precision, dtype) -> str:
+    """For codes of another precision this index holds (ubinary for binary): how to convert them."""
+    for other in TABLE.values():
+        if other.index_precision == spec.name and other is not spec and other.numpy_dtype == dtype:
+            shift = spec.code_offset - other.code_offset
+            return f" ({other.name} codes: {'add' if shift > 0 else 'subtract'} {abs(shift)} to get {spec.name} ones)"
+    return ""
 
 
 # R.T @ R may differ from the identity by this much (float32 rounding of an orthogonal matrix: ~1e-6)
@@ -139,13 +173,12 @@ class EmbeddingIndex:
                  rotation=None):
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
-        if precision not in INDEX_PRECISIONS:
-            raise ValueError(f"unknown index precision {precision!r}; valid: {', '.join(INDEX_PRECISIONS)}")
-        if precision == "int8" and dim > 16384:
-            raise ValueError(f"int8 index: dim {dim} > 16384 would overflow int32 scores")
+        spec = self.spec = _index_spec(precision)
+        if spec.scan == "int8_topk" and dim > INT8_MAX_DIM:
+            raise ValueError(f"{precision} index: dim {dim} > {INT8_MAX_DIM} would overflow int32 scores")
         self.dim = int(dim)
         self.precision = precision
-        if rotation is not None and precision != "binary":
+        if rotation is not None and not spec.packed_bits:
             raise ValueError(f"rotation is for precision='binary' only, got {precision!r} (int8 ranges are per "
                              "dimension of the unrotated space; float search is rotation-invariant)")
         # float64 copy: x @ R in float64 makes a sign flip from rounding (which would depend on the
@@ -155,23 +188,23 @@ class EmbeddingIndex:
         self.keep_float16 = bool(keep_float16)
         self.model_tag = None if model_tag is None else str(model_tag)
         self.device = torch.device(device if device is not None else "cpu")
-        if precision == "int8":
+        if spec.needs_ranges:
             if ranges is None:
-                raise ValueError("an int8 index needs ranges ([2, dim] per-dimension min and max), or use "
-                                 "EmbeddingIndex.for_embedder(embedder, precision='int8')")
+                raise ValueError(f"an {precision} index needs ranges ([2, dim] per-dimension min and max), or use "
+                                 f"EmbeddingIndex.for_embedder(embedder, precision={precision!r})")
             r = np.asarray(_as_array("ranges", ranges), dtype=np.float32)
             if r.shape != (2, self.dim):
                 raise ValueError(f"ranges must have shape (2, {self.dim}), got {r.shape}")
             if not np.isfinite(r).all() or not (r[1] > r[0]).all():
                 raise ValueError("ranges must be finite with max (row 1) > min (row 0) in every dimension")
             self.ranges = r.copy()
-            self._zero = torch.from_numpy(quantize_embeddings(np.zeros((1, self.dim), np.float32), "int8",
+            # the code of 0.0 per dimension (the int8 scan's offset)
+            self._zero = torch.from_numpy(quantize_embeddings(np.zeros((1, self.dim), np.float32), precision,
                                                               self.ranges)[0])
         else:
             self.ranges = None if ranges is None else np.asarray(ranges, dtype=np.float32).copy()
             self._zero = None
-        cols = _columns(precision, self.dim)
-        self._codes = torch.empty(0, cols, dtype=_code_dtype(precision), device=self.device)
+        self._codes = torch.empty(0, spec.columns(self.dim), dtype=spec.torch_dtype, device=self.device)
         self._f16 = torch.empty(0, self.dim, dtype=torch.float16, device=self.device) if self.keep_float16 else None
         self._ids = np.empty(0, np.int64)
         self._n = 0
@@ -184,6 +217,7 @@ class EmbeddingIndex:
     def for_embedder(cls, embedder, *, precision="binary", device=None, keep_float16=False, dim=None, rotation=None):
         """An index for `embedder`'s vectors: its dimension, model_tag and (int8) quantization_ranges;
         rotation: see EmbeddingIndex (binary only)."""
+        needs_ranges = _index_spec(precision).needs_ranges
         ranges = embedder.quantization_ranges
         if dim is None:
             dim = embedder.dim if hasattr(embedder, "dim") else None
@@ -191,9 +225,9 @@ class EmbeddingIndex:
             dim = ranges.shape[1]
         if dim is None:
             dim = int(embedder.embed(["x"]).shape[1])
-        if precision == "int8" and ranges is None:
+        if needs_ranges and ranges is None:
             raise ValueError("this Embedder has no quantization_ranges: run embedder.calibrate(texts) first")
-        return cls(dim, precision=precision, device=device, ranges=ranges if precision == "int8" else None,
+        return cls(dim, precision=precision, device=device, ranges=ranges if needs_ranges else None,
                    keep_float16=keep_float16, model_tag=embedder.model_tag, rotation=rotation)
 
     def check_embedder(self, embedder) -> None:
@@ -201,11 +235,11 @@ class EmbeddingIndex:
         if self.model_tag is not None and embedder.model_tag != self.model_tag:
             raise ValueError(f"this index holds vectors of model {self.model_tag!r}, the Embedder is "
                              f"{embedder.model_tag!r}")
-        if self.precision == "int8":
+        if self.spec.needs_ranges:
             r = embedder.quantization_ranges
             if r is None or r.shape != self.ranges.shape or not np.array_equal(r, self.ranges):
-                raise ValueError("mismatched ranges: the Embedder's quantization_ranges differ from this int8 "
-                                 "index's ranges")
+                raise ValueError(f"mismatched ranges: the Embedder's quantization_ranges differ from this "
+                                 f"{self.precision} index's ranges")
 
     def _check_tag(self, model_tag):
         if model_tag is not None and self.model_tag is not None and str(model_tag) != self.model_tag:
@@ -257,7 +291,8 @@ class EmbeddingIndex:
             x = x[None, :]
         if x.ndim != 2:
             raise ValueError(f"{name} must be 2-D [n, {self.dim}] (or one 1-D vector), got shape {x.shape}")
-        cols = _columns(self.precision, self.dim)
+        spec = self.spec
+        cols = spec.columns(self.dim)
         if np.issubdtype(x.dtype, np.floating):
             if x.shape[1] != self.dim:
                 raise ValueError(f"{name} have dimension {x.shape[1]}, the index has dim={self.dim}")
@@ -267,24 +302,24 @@ class EmbeddingIndex:
                 raise ValueError(f"{name} row {bad} has NaN or infinite values")
             if not quantize:
                 return None, xf
-            if self.precision in ("float32", "float16"):
-                codes = xf if self.precision == "float32" else xf.astype(np.float16)
+            if spec.is_float:  # a rounding cast, as quantize_embeddings does
+                codes = xf.astype(spec.numpy_dtype, copy=False)
             elif self.rotation is not None:
-                codes = quantize_embeddings(self._rotate(xf, query=name == "queries").astype(np.float32), "binary")
+                codes = quantize_embeddings(self._rotate(xf, query=name == "queries").astype(np.float32),
+                                            self.precision)
             else:
-                codes = quantize_embeddings(xf, self.precision, self.ranges if self.precision == "int8" else None)
+                codes = quantize_embeddings(xf, self.precision, self.ranges if spec.needs_ranges else None)
             return torch.from_numpy(np.ascontiguousarray(codes)).to(self.device), xf
         if need_float:
             raise ValueError(f"{name}: rescoring needs float vectors, got {x.dtype} codes")
         if self.rotation is not None:
             raise ValueError(f"{name}: this binary index has a rotation, so it takes float vectors only (binary "
                              f"codes, e.g. from an Embedder, are signs of the unrotated vectors); got {x.dtype}")
-        if self.precision in ("float32", "float16"):
+        if spec.is_float:
             raise TypeError(f"{name} must be float vectors for a {self.precision} index, got {x.dtype}")
-        if x.dtype != np.int8:
-            raise TypeError(f"{name}: {self.precision} codes must be int8 (float vectors are quantized), got "
-                            f"{x.dtype}" + (" (ubinary codes: subtract 128 to get binary ones)"
-                                            if x.dtype == np.uint8 else ""))
+        if x.dtype != spec.numpy_dtype:
+            raise TypeError(f"{name}: {self.precision} codes must be {spec.numpy_dtype} (float vectors are "
+                            f"quantized), got {x.dtype}" + _recode_hint(spec, x.dtype))
         if x.shape[1] != cols:
             raise ValueError(f"{name}: {self.precision} codes of dim {self.dim} have {cols} columns, got {x.shape[1]}")
         return torch.from_numpy(np.ascontiguousarray(x)).to(self.device), None
@@ -303,7 +338,7 @@ class EmbeddingIndex:
         q = qf.astype(np.float64) if self._rot64 is None else self._rotate(qf, query=True)
         peak = np.abs(q).max(axis=1, keepdims=True) if q.size else np.ones((len(q), 1))
         scale = np.divide(127.0, peak, out=np.zeros_like(peak), where=peak > 0)  # a zero query: all 0
-        q8 = np.zeros((len(q), 8 * _columns("binary", self.dim)), np.int8)
+        q8 = np.zeros((len(q), 8 * self.spec.columns(self.dim)), np.int8)
         q8[:, : self.dim] = np.rint(q * scale).clip(-127, 127).astype(np.int8)
         return torch.from_numpy(q8).to(self.device)
 
@@ -422,18 +457,7 @@ class EmbeddingIndex:
         return torch.from_numpy(np.ascontiguousarray(mask)).to(self.device)
 
     def _scan(self, q, kk, allow_t):
-        codes = self._codes[: self._n]
-        if self.precision == "binary":
-            return hamming_topk(q, codes, kk, allow_t)
-        if self.precision == "int8":
-            if self._bias is None:
-                from postembed_fast.kernels.int8_topk import int8_row_bias
-
-                self._bias = int8_row_bias(codes, self._zero.to(self.device))
-            return int8_topk(q, codes, kk, self._zero.to(self.device), allow_t, db_bias=self._bias)
-        if self.precision == "float16":
-            return float_topk(q.float(), codes.float(), kk, allow_t)
-        return float_topk(q, codes, kk, allow_t)
+        return SCANS[self.spec.scan](self, q, self._codes[: self._n], kk, allow_t)
 
     def search(self, queries, k=10, *, rescore=None, allow=None, model_tag=None):
         """(scores [nq, k], ids int64 [nq, k]) numpy, best first, ties by insertion order.
@@ -461,7 +485,7 @@ class EmbeddingIndex:
                 raise ValueError(f"rescore must be a positive int (candidates = k * rescore), got {rescore!r}")
             if not self.keep_float16:
                 raise ValueError("rescore needs the float16 vectors: build the index with keep_float16=True")
-        asymmetric = rescore is not None and self.precision == "binary"  # its own int8 queries: no codes
+        asymmetric = rescore is not None and self.spec.packed_bits  # its own int8 queries: no codes
         q, qf = self._encode("queries", queries, need_float=rescore is not None, quantize=not asymmetric)
         allow_t = self._allow_mask(allow)
         nq = qf.shape[0] if q is None else q.shape[0]
@@ -555,8 +579,8 @@ class EmbeddingIndex:
                     keep_float16=header["keep_float16"], model_tag=header["model_tag"], rotation=rotation)
         n = int(header["count"])
         codes, ids = t["codes"], t["ids"].numpy()
-        cols = _columns(index.precision, index.dim)
-        if tuple(codes.shape) != (n, cols) or codes.dtype != _code_dtype(index.precision) or ids.shape != (n,):
+        cols = index.spec.columns(index.dim)
+        if tuple(codes.shape) != (n, cols) or codes.dtype != index.spec.torch_dtype or ids.shape != (n,):
             raise ValueError(f"{p}: arrays do not match the header (codes {codes.dtype} {tuple(codes.shape)}, "
                              f"ids {ids.shape}, expected {n} rows of {cols} columns)")
         index._codes = codes.to(index.device)
