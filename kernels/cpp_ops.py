@@ -13,6 +13,11 @@ transpose) or whose rows overlap (expand) is copied with .contiguous() first. cu
 and made contiguous freely; ranges arrive checked by the launcher (checks.QuantRanges). On CUDA nothing is synchronized: cu_seqlens is
 read by the kernel, the launch goes to torch.cuda.current_stream(device).
 
+Precisions: the table's code (precision.TABLE) selects the store kernel; the output's width and
+element size, which the table decides (quantize.empty_output), go as out_cols / out_itemsize: the
+kernels write rows of exactly that many bytes, after the bindings check them against what the code's
+kernel writes (csrc/embedding_math.h kStoreKernels).
+
 Every impl takes an optional `out=` (a preallocated, contiguous tensor of the
 exact result shape/dtype/device); the tests use it with poisoned buffers to
 prove that every element gets written.
