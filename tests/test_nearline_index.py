@@ -17,7 +17,7 @@ import threading
 import time
 from urllib.error import HTTPError
 from urllib.parse import urlencode
-from urllib.request import urlopen
+from urllib.request import Request, urlopen
 
 import numpy as np
 import pytest
@@ -268,6 +268,23 @@ def _wait(cond, timeout, what, procs=()):
             pass
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_search_app_runs_on_the_http_shell(redis_server, embedder, stream_names, tmp_path, free_port):
+    """The index updater's routes share the embedding server's shell: the error envelope for a wrong
+    method, and request metrics on GET /metrics."""
+    u = make_updater(redis_server, embedder, stream_names, tmp_path / "snap", precision="float32")
+    catch_up(u)
+    with Http(u, free_port()) as h:
+        status, body = h.get("/search", q="anything", k=3)
+        assert status == 200 and body["results"] == [] and body["count"] == 0
+        req = Request(f"http://127.0.0.1:{h.port}/search", data=b"{}", method="POST")
+        with pytest.raises(HTTPError) as err:
+            urlopen(req, timeout=30)
+        assert err.value.code == 405 and json.loads(err.value.read())["error"]["code"] == "method_not_allowed"
+        with urlopen(f"http://127.0.0.1:{h.port}/metrics", timeout=30) as resp:
+            text = resp.read().decode()
+        assert 'postembed_requests_total{endpoint="/search",status="200"} 1.0' in text
 
 
 def test_end_to_end_xadd_to_search_and_restart(redis_server, stream_names, tmp_path, free_port):

@@ -166,6 +166,14 @@ def test_openai_embeddings_http(server, texts, reference):
     assert_cos(row[None], reference[:1])
 
 
+def test_usage_and_budget_come_from_the_one_tokenization(server, embedder, texts):
+    r = post(server, "/v1/embeddings", {"input": texts[:9], "encoding_format": "float"})
+    assert r.json()["usage"]["prompt_tokens"] == embedder.tokenize_flat(texts[:9]).tokens
+    # --max-batch-tokens unset: requests merge up to the engine's batch size, the one default per device
+    limits = httpx.get(f"{server.url}/info").json()["limits"]
+    assert limits["max_batch_tokens"] == limits["engine_batch_tokens"] == embedder.default_batch_tokens == 4096
+
+
 def test_openai_client(server, embedder, texts, reference):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)

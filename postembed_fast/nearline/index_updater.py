@@ -45,7 +45,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import threading
 import time
@@ -456,60 +455,57 @@ class IndexUpdater:
 # ---------------------------------------------------------------------------------------------
 # HTTP
 # ---------------------------------------------------------------------------------------------
-def _error(status: int, message: str, code: str, type_: str = "invalid_request_error"):
-    from starlette.responses import JSONResponse
-
-    return JSONResponse({"error": {"message": message, "type": type_, "code": code}}, status_code=status)
-
-
 def create_app(updater: IndexUpdater):
-    """GET /search, /health, /info over an IndexUpdater (whose applier runs elsewhere)."""
-    from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
+    """GET /search, /health, /info over an IndexUpdater (whose applier runs elsewhere), on the package's
+    HTTP shell (postembed_fast.serve.http): its error envelope (404/405 included) and request metrics
+    on GET /metrics. No auth: it binds loopback by default."""
     from starlette.requests import Request
-    from starlette.responses import JSONResponse
     from starlette.routing import Route
+
+    from postembed_fast.serve import http
+    from postembed_fast.serve.metrics import RequestMetrics
 
     cfg = updater.cfg
     # one thread embeds queries: the Embedder is not meant to run two calls at once, and the event
     # loop must stay free meanwhile
     pool = ThreadPoolExecutor(1, thread_name_prefix="query-embed")
 
+    def invalid(message: str, code: str) -> http.ApiError:
+        return http.ApiError(422, message, "invalid_request_error", code)
+
+    @http.endpoint("/search")
     async def search(request: Request):
         q = request.query_params.get("q")
         if q is None or not q.strip():
-            return _error(422, "missing query: pass ?q=TEXT (non-empty)", "missing_q")
+            raise invalid("missing query: pass ?q=TEXT (non-empty)", "missing_q")
         if len(q) > cfg.max_query_chars:
-            return _error(422, f"q has {len(q)} characters; at most {cfg.max_query_chars}", "q_too_long")
+            raise invalid(f"q has {len(q)} characters; at most {cfg.max_query_chars}", "q_too_long")
         k_raw = request.query_params.get("k", "10")
         try:
             k = int(k_raw)
         except ValueError:
-            return _error(422, f"k must be an integer, got {k_raw!r}", "invalid_k")
+            raise invalid(f"k must be an integer, got {k_raw!r}", "invalid_k") from None
         if not 1 <= k <= cfg.max_k:
-            return _error(422, f"k must be in [1, {cfg.max_k}], got {k}", "invalid_k")
+            raise invalid(f"k must be in [1, {cfg.max_k}], got {k}", "invalid_k")
         try:
             out = await asyncio.get_running_loop().run_in_executor(pool, updater.search, q, k)
         except ValueError as exc:  # a text the tokenizer refuses (e.g. a lone surrogate)
-            return _error(422, str(exc), "invalid_q")
-        return JSONResponse(out)
+            raise invalid(str(exc), "invalid_q") from None
+        return http.json_response(out)
 
+    @http.endpoint("/health", auth=False)
     async def health(request: Request):
         if not updater.caught_up:
-            return JSONResponse({"status": "catching_up", "last_id": updater.last_id}, 503,
-                                headers={"Retry-After": "1"})
-        return JSONResponse({"status": "ok"})
+            return http.json_response({"status": "catching_up", "last_id": updater.last_id}, 503,
+                                      {"Retry-After": "1"})
+        return http.json_response({"status": "ok"})
 
+    @http.endpoint("/info")
     async def info(request: Request):
-        return JSONResponse(updater.info())
+        return http.json_response(updater.info())
 
-    async def http_error(request: Request, exc: HTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code)
-
-    app = Starlette(routes=[Route("/search", search, methods=["GET"]), Route("/health", health, methods=["GET"]),
-                            Route("/info", info, methods=["GET"])],
-                    exception_handlers={HTTPException: http_error})
+    app = http.create_app([Route("/search", search, methods=["GET"]), Route("/health", health, methods=["GET"]),
+                           Route("/info", info, methods=["GET"])], metrics=RequestMetrics())
     app.state.pool = pool
     return app
 
@@ -520,19 +516,18 @@ def create_app(updater: IndexUpdater):
 def missing_extra() -> str | None:
     from postembed_fast.cli_args import missing_extra as missing
 
-    return missing("nearline,serve", "redis", "starlette", "uvicorn")
+    return missing("nearline,serve", "redis", "starlette", "uvicorn", "orjson", "prometheus_client")
 
 
 def run_index(cfg: IndexConfig) -> int:
     """Load (or start) the index, apply the stream in a thread, serve HTTP until SIGTERM/SIGINT, then
     stop the applier and take a final snapshot. 0 on a clean stop, 1 if the server could not start."""
-    import uvicorn
+    from postembed_fast.serve.http import Server
 
     updater = IndexUpdater(cfg)
     updater.embedder.embed(["warm up the query encoder"])
     app = create_app(updater)
-    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-                                           access_log=cfg.log_level == "debug", lifespan="off", server_header=False))
+    server = Server(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, lifespan="off")
     stop, failed = threading.Event(), []
 
     def apply_loop():
@@ -545,14 +540,7 @@ def run_index(cfg: IndexConfig) -> int:
 
     applier = threading.Thread(target=apply_loop, name="index-applier", daemon=True)
     applier.start()
-    # uvicorn re-raises the signal it caught once it has shut down; a no-op handler keeps the
-    # default SIGTERM action from killing the process before the final snapshot.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
-    try:
-        server.run()
-    except SystemExit:  # uvicorn exits this way when it cannot bind (it logged why)
-        pass
+    started = server.run_until_signal()  # SIGTERM/SIGINT: drained, then the final snapshot below
     stop.set()
     applier.join(timeout=cfg.block_ms / 1000 + 30)
     app.state.pool.shutdown(wait=False)
@@ -562,7 +550,7 @@ def run_index(cfg: IndexConfig) -> int:
         return 1
     updater.snapshot()
     log.info("stopped: %d posts, last stream id %s", len(updater.post_ids), updater.last_id)
-    return 0 if server.started else 1
+    return 0 if started else 1
 
 
 def run_from_args(args, prog: str) -> int:

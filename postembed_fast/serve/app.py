@@ -1,44 +1,29 @@
-"""HTTP routes (Starlette). Every route answers JSON; every refusal is an OpenAI-style error
-{"error": {"message", "type", "code"}}. The work runs on the batcher's threads; a handler only
-parses, waits on its future (or on its client going away) and serializes."""
+"""The embedding server's routes, on the HTTP shell (serve/http.py: error envelope, auth, metrics,
+404/405). Every route answers JSON; every refusal is an OpenAI-style error {"error": {"message",
+"type", "code"}}. The work runs on the batcher's threads; a handler only parses, waits on its future
+(or on its client going away) and serializes."""
 from __future__ import annotations
 
 import asyncio
 import base64
 import contextlib
-import hmac
 import logging
 import time
 from typing import Callable
 
 import numpy as np
-import orjson
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from postembed_fast.serve import schemas
+from postembed_fast.serve import http, schemas
 from postembed_fast.serve.batcher import EMBED, TOKENIZE, Batcher, Job, NotReady, Overloaded
+from postembed_fast.serve.http import ApiError, ClientGone, endpoint, json_response
 from postembed_fast.serve.metrics import Metrics
-from postembed_fast.serve.options import DEFAULT_MAX_BATCH_TOKENS, ServeConfig
-from postembed_fast.serve.schemas import ApiError
+from postembed_fast.serve.options import ServeConfig
 
 log = logging.getLogger("postembed_fast.serve")
-
-
-class ClientGone(Exception):
-    """The client disconnected before its answer was ready; its work was dropped."""
-
-
-def json_response(obj, status: int = 200, headers: dict | None = None) -> Response:
-    return Response(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
-                    headers=headers, media_type="application/json")
-
-
-def error_response(err: ApiError) -> Response:
-    return json_response(err.body(), err.status, err.headers)
 
 
 # ---- model loading --------------------------------------------------------------------------
@@ -58,21 +43,7 @@ def load_and_warm(cfg: ServeConfig):
     return emb
 
 
-def _default_batch_tokens(emb) -> int:
-    return DEFAULT_MAX_BATCH_TOKENS.get(emb.device.type, DEFAULT_MAX_BATCH_TOKENS["cpu"])
-
-
 # ---- request plumbing -----------------------------------------------------------------------
-def _check_auth(request: Request, key: str | None) -> None:
-    if key is None:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
-                       "authentication_error", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
-
-
 async def _read_json(request: Request, limit: int):
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
@@ -127,31 +98,6 @@ async def _submit(request: Request, kind: str, texts: list[str], options: tuple 
     finally:
         watcher.cancel()
         batcher.release(job)
-
-
-def endpoint(name: str, auth: bool = True) -> Callable:
-    """Auth, error mapping and metrics around one route."""
-    def decorate(fn):
-        async def handler(request: Request) -> Response:
-            state = request.app.state
-            t0 = time.perf_counter()
-            try:
-                if auth:
-                    _check_auth(request, state.cfg.api_key)
-                response = await fn(request)
-            except ApiError as err:
-                response = error_response(err)
-            except ClientGone:
-                response = Response(status_code=499)
-            except Exception:  # noqa: BLE001 (one failed request; the server keeps serving)
-                log.exception("%s failed", name)
-                response = error_response(ApiError(500, "internal server error", "server_error", "internal_error"))
-            state.metrics.requests.labels(name, str(response.status_code)).inc()
-            state.metrics.latency.labels(name).observe(time.perf_counter() - t0)
-            return response
-        handler.__name__ = fn.__name__
-        return handler
-    return decorate
 
 
 def _embedder(request: Request):
@@ -229,7 +175,7 @@ async def info(request: Request) -> Response:
         "max_seq_length": emb.max_seq_length, "precisions": list(state.precisions),
         "device": str(emb.device), "dtype": str(emb.dtype).replace("torch.", ""),
         "version": postembed_fast.__version__,
-        "limits": {"max_batch_tokens": state.batcher.max_batch_tokens,
+        "limits": {"max_batch_tokens": state.batcher.max_batch_tokens, "engine_batch_tokens": emb.default_batch_tokens,
                    "max_batch_requests": cfg.max_batch_requests, "max_wait_ms": cfg.max_wait_ms,
                    "max_concurrent_requests": cfg.max_concurrent_requests,
                    "max_client_batch_size": cfg.max_client_batch_size, "max_input_chars": cfg.max_input_chars,
@@ -238,27 +184,16 @@ async def info(request: Request) -> Response:
     })
 
 
-@endpoint("/metrics", auth=False)
-async def metrics(request: Request) -> Response:
-    return Response(request.app.state.metrics.render(), media_type=request.app.state.metrics.content_type)
-
-
-async def _http_error(request: Request, exc: HTTPException) -> Response:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-                                   "invalid_request_error", code, dict(exc.headers or {})))
-
-
 def create_app(cfg: ServeConfig, on_fatal: Callable[[BaseException], None] | None = None) -> Starlette:
-    """The app; its lifespan starts the batcher (which loads and warms the model in the background,
-    /health answering 503 until then) and stops it after the last request is answered."""
+    """The app (GET /metrics and the 404/405 envelope come with the shell); its lifespan starts the
+    batcher (which loads and warms the model in the background, /health answering 503 until then)
+    and stops it after the last request is answered."""
     from postembed_fast import PRECISIONS
 
-    metrics_ = Metrics()
+    metrics = Metrics()
     batcher = Batcher(lambda: load_and_warm(cfg), max_batch_tokens=cfg.max_batch_tokens,
                       max_wait_s=cfg.max_wait_ms / 1000.0, max_queue=cfg.max_concurrent_requests,
-                      max_batch_requests=cfg.max_batch_requests, metrics=metrics_,
-                      default_batch_tokens=_default_batch_tokens, on_fatal=on_fatal)
+                      max_batch_requests=cfg.max_batch_requests, metrics=metrics, on_fatal=on_fatal)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -276,12 +211,9 @@ def create_app(cfg: ServeConfig, on_fatal: Callable[[BaseException], None] | Non
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/info", info, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error})
+    app = http.create_app(routes, metrics=metrics, api_key=cfg.api_key, lifespan=lifespan)
     app.state.cfg = cfg
     app.state.batcher = batcher
-    app.state.metrics = metrics_
     app.state.precisions = tuple(PRECISIONS)
-    app.state.draining = False
     return app

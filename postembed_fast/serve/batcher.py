@@ -4,12 +4,14 @@ asyncio future through loop.call_soon_threadsafe, so the event loop never waits 
 
     event loop --submit(job)--> [tokenizer thread] --ready deque--> [model thread] --future--> event loop
 
-The tokenizer thread counts each request's tokens (usage, the token budget) and turns a text the
-tokenizer refuses into that request's own error, so one bad request never fails a merged batch.
-The model thread takes the oldest ready request, adds later ones with the same output options
-while the batch stays within max_batch_tokens (and max_batch_requests), waits up to max_wait for
-more when the batch is not full, and runs ONE Embedder.embed over the merged texts; rows are
-sliced back per request in order. A request whose client went away (job.cancelled) is skipped.
+Each text is tokenized once: the tokenizer thread turns a request's texts into its TokenizedTexts
+(Embedder.tokenize_flat), whose offsets give the request's tokens (usage, the merge budget), and
+turns a text the tokenizer refuses into that request's own error, so one bad request never fails a
+merged batch. The model thread takes the oldest ready request, adds later ones with the same output
+options while the batch stays within max_batch_tokens (the merge budget; and max_batch_requests),
+waits up to max_wait for more when the batch is not full, and runs ONE Embedder.embed over the
+requests' encodings joined (TokenizedTexts.concat), in forward batches of the engine's default size;
+rows are sliced back per request in order. A request whose client went away (job.cancelled) is skipped.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+
+from postembed_fast.tokenization import TokenizedTexts
 
 log = logging.getLogger("postembed_fast.serve")
 
@@ -44,6 +48,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     options: tuple = ()  # EMBED: (precision, normalize, dimensions)
+    encoding: TokenizedTexts | None = None  # EMBED: set by the tokenizer thread, embedded by the model thread
     tokens: int = 0  # set by the tokenizer thread
     cancelled: bool = False  # set by the event loop when the client is gone
     submitted: float = field(default_factory=time.perf_counter)
@@ -74,11 +79,11 @@ def _answer(job: Job, value: Any = None, exc: BaseException | None = None) -> No
 class Batcher:
     def __init__(self, load: Callable[[], Any], *, max_batch_tokens: int | None, max_wait_s: float,
                  max_queue: int, max_batch_requests: int | None = None, metrics=None,
-                 default_batch_tokens: Callable[[Any], int] | None = None,
                  on_fatal: Callable[[BaseException], None] | None = None):
+        """max_batch_tokens: the merge budget (tokens of the requests merged into one embed call);
+        None: the loaded Embedder's default_batch_tokens."""
         self._load = load
         self._max_batch_tokens = max_batch_tokens
-        self._default_batch_tokens = default_batch_tokens
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.max_batch_requests = max_batch_requests or 0
@@ -96,9 +101,10 @@ class Batcher:
 
     @property
     def max_batch_tokens(self) -> int:
-        if self._max_batch_tokens is None and self.embedder is not None and self._default_batch_tokens:
-            return self._default_batch_tokens(self.embedder)
-        return self._max_batch_tokens or 16384
+        """The merge budget (known once the model is loaded, when it defaults to the engine's)."""
+        if self._max_batch_tokens is not None:
+            return self._max_batch_tokens
+        return self.embedder.default_batch_tokens
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -151,8 +157,8 @@ class Batcher:
                 if job.kind == TOKENIZE:
                     value = emb.tokenize(job.texts)
                 else:
-                    _, offsets = emb.tokenizer.encode(job.texts)
-                    job.tokens = int(offsets[-1] - offsets[0]) if len(offsets) else 0
+                    job.encoding = emb.tokenize_flat(job.texts)
+                    job.tokens = job.encoding.tokens
             except (ValueError, TypeError) as exc:
                 self._dequeued(job)
                 _answer(job, exc=exc)
@@ -253,12 +259,11 @@ class Batcher:
         if not batch:
             return
         precision, normalize, dimensions = batch[0].options
-        texts = batch[0].texts if len(batch) == 1 else [t for j in batch for t in j.texts]
-        tokens = sum(j.tokens for j in batch)
+        encoding = TokenizedTexts.concat([j.encoding for j in batch])
+        tokens = encoding.tokens
         t0 = time.perf_counter()
         try:
-            out = self.embedder.embed(texts, precision=precision, normalize=normalize, dimensions=dimensions,
-                                      batch_tokens=self.max_batch_tokens)
+            out = self.embedder.embed(encoding, precision=precision, normalize=normalize, dimensions=dimensions)
         except Exception as exc:  # noqa: BLE001 (every request of the batch gets the error; serving goes on)
             log.exception("embedding a batch of %d requests failed", len(batch))
             for job in batch:
@@ -266,7 +271,7 @@ class Batcher:
             return
         secs = time.perf_counter() - t0
         if self.metrics is not None:
-            self.metrics.observe_batch(tokens, len(batch), len(texts), secs)
+            self.metrics.observe_batch(tokens, len(batch), len(encoding), secs)
         start = 0
         for job in batch:
             n = len(job.texts)

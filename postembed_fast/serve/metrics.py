@@ -1,4 +1,5 @@
-"""Prometheus metrics of one server (its own registry, so several apps in one process never clash)."""
+"""Prometheus metrics of one server (its own registry, so several apps in one process never clash):
+RequestMetrics for every app on the HTTP shell (serve/http.py), Metrics adds the embedding server's."""
 from __future__ import annotations
 
 import threading
@@ -11,7 +12,9 @@ _TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 1310
 _COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
-class Metrics:
+class RequestMetrics:
+    """What the HTTP shell records of every route: requests by status, latency."""
+
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self):
@@ -20,6 +23,17 @@ class Metrics:
                                 ["endpoint", "status"], registry=r)
         self.latency = Histogram("postembed_request_duration_seconds", "HTTP request latency by endpoint",
                                  ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class Metrics(RequestMetrics):
+    """The embedding server's: the shell's request metrics, the batcher's queue and batches, tokens/s."""
+
+    def __init__(self):
+        super().__init__()
+        r = self.registry
         self.queue_depth = Gauge("postembed_queue_depth", "requests waiting for tokenization or the model",
                                  registry=r)
         self.in_flight = Gauge("postembed_requests_in_flight", "requests admitted and not yet answered",
@@ -55,6 +69,3 @@ class Metrics:
             if now - self._window_start >= 10.0:
                 self.tokens_per_second.set(self._window_tokens / (now - self._window_start))
                 self._window_start, self._window_tokens = now, 0
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from postembed_fast.cli_args import add_model_args, non_negative_float, positive_int
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
-DEFAULT_MAX_BATCH_TOKENS = {"cpu": 16384, "cuda": 65536}  # tokens merged into one model batch
 API_KEY_ENV = "POSTEMBED_API_KEY"
 
 
@@ -25,8 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level (default: info)")
     g = p.add_argument_group("batching and limits")
     g.add_argument("--max-batch-tokens", type=positive_int, default=None, metavar="N",
-                   help="token budget of one model batch: concurrent requests are merged up to it "
-                        "(default: 16384 on CPU, 65536 on GPU); a larger request runs alone, split by the engine")
+                   help="merge budget: concurrent requests with the same options are merged into one engine "
+                        "call while their tokens total at most N; the engine runs that call in forward batches "
+                        "of its default size (default N: that size, 4096 tokens on CPU, 65536 on GPU); a larger "
+                        "request runs alone")
     g.add_argument("--max-batch-requests", type=positive_int, default=None, metavar="N",
                    help="at most N requests merged into one batch (default: no limit; 1 turns batching off)")
     g.add_argument("--max-wait-ms", type=non_negative_float, default=2.0, metavar="MS",
@@ -51,7 +52,7 @@ class ServeConfig:
     port: int = 8080
     api_key: str | None = None
     log_level: str = "info"
-    max_batch_tokens: int | None = None  # None: DEFAULT_MAX_BATCH_TOKENS of the device type
+    max_batch_tokens: int | None = None  # the merge budget; None: the engine's batch_tokens default of the device
     max_batch_requests: int | None = None
     max_wait_ms: float = 2.0
     max_concurrent_requests: int = 512

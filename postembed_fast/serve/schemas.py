@@ -1,5 +1,5 @@
-"""Request bodies -> checked requests, and the OpenAI-style error every refusal becomes:
-{"error": {"message", "type", "code"}} with its HTTP status."""
+"""Request bodies -> checked requests; every refusal is an ApiError (the HTTP shell's error
+envelope, serve/http.py) with its HTTP status."""
 from __future__ import annotations
 
 import json
@@ -7,21 +7,11 @@ from dataclasses import dataclass
 
 import orjson
 
+from postembed_fast.serve.http import ApiError
 from postembed_fast.serve.options import ServeConfig
 
 ENCODING_FORMATS = ("float", "base64")
 TRUNCATION_DIRECTIONS = ("right", "left")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code = status, message, type_, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "code": self.code}}
 
 
 def invalid(message: str, code: str = "invalid_value", status: int = 422) -> ApiError:
