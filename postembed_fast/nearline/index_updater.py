@@ -55,14 +55,14 @@ from pathlib import Path
 import numpy as np
 
 from postembed_fast.cli_args import add_model_args, non_negative_float, positive_int
+from postembed_fast.kernels.precision import TABLE
 from postembed_fast.nearline import store
 
 log = logging.getLogger("postembed_fast.nearline.index")
 
 SNAPSHOT_FORMAT = "postembed_fast.nearline.index/1"
-# stream precision -> the index precision holding it as is
-INDEX_PRECISION = {"float32": "float32", "float16": "float16", "int8": "int8", "uint8": "int8",
-                   "binary": "binary", "ubinary": "binary"}
+# stream precision -> the index precision holding it as is (the precision table's)
+INDEX_PRECISION = {name: spec.index_precision for name, spec in TABLE.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +320,7 @@ class IndexUpdater:
             self.index = self._new_index(INDEX_PRECISION[precision])
             log.info("index precision %s (from the first upsert, %s)", self.index.precision, entry_id)
         ip = self.index.precision
-        if precision not in ("float32", "float16") and INDEX_PRECISION[precision] != ip:
+        if not TABLE[precision].is_float and INDEX_PRECISION[precision] != ip:
             self._skip(entry_id, pid, f"{precision} codes cannot go into a {ip} index")
             return None
         try:
