@@ -1,10 +1,11 @@
-"""Argument types and the model flags shared by every command line (postembed-fast, python -m
-postembed_fast.serve, python -m postembed_fast.nearline): one definition, one wording."""
+"""Argument types shared by every command line (postembed-fast, python -m postembed_fast.serve, python -m
+postembed_fast.nearline, ...) and the one 'extra not installed' message: one definition, one wording.
+The model flags are postembed_fast.options' (add_model_args, ModelOptions)."""
 from __future__ import annotations
 
 import argparse
 
-DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+_MOVED_TO_OPTIONS = ("add_model_args", "DTYPE_CHOICES")
 
 
 def non_negative_int(s: str) -> int:
@@ -34,21 +35,6 @@ def non_negative_float(s: str) -> float:
     return v
 
 
-def add_model_args(p: argparse.ArgumentParser, *, batch_tokens: bool = True) -> None:
-    """--model, --device, --dtype (and --batch-tokens) in a 'model' group."""
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, metavar="NAME_OR_DIR",
-                   help="'all-MiniLM-L6-v2' (default, shipped with the install) or a local Hugging Face / "
-                        "sentence-transformers folder; nothing is downloaded")
-    g.add_argument("--device", default=None, metavar="DEVICE",
-                   help="cpu, cuda or cuda:N (default: cuda if a GPU is available, else cpu)")
-    g.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
-                   help="compute dtype (default: float32 on CPU, float16 on GPU)")
-    if batch_tokens:
-        g.add_argument("--batch-tokens", type=positive_int, default=None, metavar="N",
-                       help="tokens per forward batch (default: 4096 on CPU, 65536 on GPU)")
-
-
 def missing_extra(extra: str, *modules: str) -> str | None:
     """None when every module imports, else one line naming the first missing one and the pip extra
     that installs it (each optional part of the package says the same thing the same way)."""
@@ -60,3 +46,14 @@ def missing_extra(extra: str, *modules: str) -> str | None:
         except ImportError as exc:
             return f"{exc.name or name} is not installed; install with: pip install 'postembed_fast[{extra}]'"
     return None
+
+
+def __getattr__(name):
+    """add_model_args and DTYPE_CHOICES moved to postembed_fast.options (with ModelOptions): the old path
+    still works, with a DeprecationWarning (a lazy import: options imports this module's argument types)."""
+    if name in _MOVED_TO_OPTIONS:
+        from postembed_fast import _deprecated, options
+
+        _deprecated.moved(f"{__name__}.{name}", f"postembed_fast.options.{name}")
+        return getattr(options, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

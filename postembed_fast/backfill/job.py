@@ -30,10 +30,11 @@ from postembed_fast.backfill.layout import (
 from postembed_fast.backfill.load import load_into
 from postembed_fast.backfill.rows import EmbedBatch
 from postembed_fast.backfill.sink import make_sink
-from postembed_fast.cli_args import add_model_args, non_negative_int, positive_int
 from postembed_fast.cli_args import missing_extra as missing
+from postembed_fast.cli_args import non_negative_int, positive_int
 from postembed_fast.kernels.precision import PRECISIONS, precision_spec
 from postembed_fast.nearline import store
+from postembed_fast.options import ModelOptions, add_model_args
 
 PROG = "python -m postembed_fast.backfill"
 
@@ -42,14 +43,13 @@ def missing_extra() -> str | None:
     return missing("backfill", "pyarrow", "ray", "ray.data")
 
 
-@dataclass
-class Config:
+@dataclass(frozen=True)
+class Config(ModelOptions):
+    """The job's settings; model, device, dtype, batch_tokens are ModelOptions' (keyword-only). Here device
+    None means GPU actors if the cluster has GPUs, else CPU actors; "cpu" or "cuda" forces one."""
+
     output: str
     inputs: list[str] = field(default_factory=list)  # paths, globs or folders
-    model: str | None = None
-    device: str | None = None  # None: GPU actors if the cluster has GPUs; "cpu"; "cuda"
-    dtype: str | None = None
-    batch_tokens: int | None = None
     precision: str = "float32"
     text_field: str = "text"
     id_field: str = "id"
@@ -113,13 +113,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(a) -> Config:
-    return Config(output=a.output, inputs=a.inputs, model=a.model, device=a.device, dtype=a.dtype,
-                  batch_tokens=a.batch_tokens, precision=a.precision, text_field=a.text_field,
-                  id_field=a.id_field, ray_address=a.ray_address, gpus_per_worker=a.gpus_per_worker,
-                  cpus_per_worker=a.cpus_per_worker, workers=a.workers, batch_size=a.batch_size,
-                  files_per_round=a.files_per_round, load_into=a.load_into, prefix=a.prefix,
-                  snapshot_ms=a.snapshot_ms, tombstone_ttl=a.tombstone_ttl, force=a.force, announce=a.announce,
-                  progress=a.progress)
+    """The model flags via ModelOptions.from_args, the job's own here."""
+    return Config.from_args(a, output=a.output, inputs=a.inputs, precision=a.precision, text_field=a.text_field,
+                            id_field=a.id_field, ray_address=a.ray_address, gpus_per_worker=a.gpus_per_worker,
+                            cpus_per_worker=a.cpus_per_worker, workers=a.workers, batch_size=a.batch_size,
+                            files_per_round=a.files_per_round, load_into=a.load_into, prefix=a.prefix,
+                            snapshot_ms=a.snapshot_ms, tombstone_ttl=a.tombstone_ttl, force=a.force,
+                            announce=a.announce, progress=a.progress)
 
 
 def _settings(cfg: Config) -> dict:

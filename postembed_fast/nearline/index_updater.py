@@ -54,9 +54,10 @@ from pathlib import Path
 
 import numpy as np
 
-from postembed_fast.cli_args import add_model_args, non_negative_float, positive_int
+from postembed_fast.cli_args import non_negative_float, positive_int
 from postembed_fast.kernels.precision import TABLE
 from postembed_fast.nearline import store
+from postembed_fast.options import ModelOptions, add_model_args
 
 log = logging.getLogger("postembed_fast.nearline.index")
 
@@ -68,8 +69,11 @@ INDEX_PRECISION = {name: spec.index_precision for name, spec in TABLE.items()}
 # ---------------------------------------------------------------------------------------------
 # configuration
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class IndexConfig:
+@dataclass(frozen=True)
+class IndexConfig(ModelOptions):
+    """The index updater's settings; model, device, dtype, batch_tokens (the query encoder's) are
+    ModelOptions' (keyword-only)."""
+
     redis_url: str = "redis://127.0.0.1:6379/0"
     stream: str = "posts.embedded"
     snapshot_dir: str = "postembed-index"
@@ -78,10 +82,6 @@ class IndexConfig:
     snapshot_every_s: float = 30.0
     precision: str | None = None  # index precision; None: the snapshot's, else the first upsert's
     prefix: str = "emb:"  # the worker's key prefix (only its ranges hash is read, to check int8 codes)
-    model: str | None = None
-    device: str | None = None
-    dtype: str | None = None
-    batch_tokens: int | None = None
     read_count: int = 1000  # entries per XREAD
     block_ms: int = 1000  # longest XREAD block (how fast a stop is noticed)
     max_k: int = 1000
@@ -90,10 +90,9 @@ class IndexConfig:
 
     @classmethod
     def from_args(cls, a) -> "IndexConfig":
-        return cls(redis_url=a.redis, stream=a.stream, snapshot_dir=a.snapshot, host=a.host, port=a.port,
-                   snapshot_every_s=a.snapshot_every, precision=a.precision, prefix=a.prefix, model=a.model,
-                   device=a.device, dtype=a.dtype, batch_tokens=a.batch_tokens, max_k=a.max_k,
-                   log_level=a.log_level)
+        return super().from_args(a, redis_url=a.redis, stream=a.stream, snapshot_dir=a.snapshot, host=a.host,
+                                 port=a.port, snapshot_every_s=a.snapshot_every, precision=a.precision,
+                                 prefix=a.prefix, max_k=a.max_k, log_level=a.log_level)
 
 
 def add_index_arguments(p: argparse.ArgumentParser) -> None:

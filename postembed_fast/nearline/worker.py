@@ -60,29 +60,28 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from postembed_fast.cli_args import add_model_args, non_negative_int, positive_int
+from postembed_fast.cli_args import non_negative_int, positive_int
 from postembed_fast.nearline import store
 
 log = logging.getLogger("postembed_fast.nearline")
 
 PROG = "python -m postembed_fast.nearline"
+from postembed_fast.options import ModelOptions, add_model_args
 _DEAD_FIELD_MAX_BYTES = 16384  # longer values are truncated in the dead-letter copy (the reason says so)
 
 
 # ---------------------------------------------------------------------------------------------
 # configuration
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class Config:
+@dataclass(frozen=True)
+class Config(ModelOptions):
+    """The worker's settings; model, device, dtype, batch_tokens are ModelOptions' (keyword-only)."""
+
     redis_url: str = "redis://127.0.0.1:6379/0"
     stream: str = "posts"
     group: str = "embedders"
     consumer: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     group_start_id: str = "0"  # where a group created by this worker starts: "0" = the whole stream
-    model: str | None = None
-    device: str | None = None
-    dtype: str | None = None
-    batch_tokens: int | None = None
     precision: str = "int8"
     batch_max: int = 256
     batch_wait_ms: int = 50
@@ -107,18 +106,16 @@ class Config:
 
     @classmethod
     def from_args(cls, a) -> "Config":
-        c = cls(redis_url=a.redis, stream=a.stream, group=a.group, group_start_id=a.group_start_id,
-                model=a.model, device=a.device, dtype=a.dtype, batch_tokens=a.batch_tokens,
-                precision=a.precision, batch_max=a.batch_max, batch_wait_ms=a.batch_wait_ms, prefix=a.prefix,
-                out_stream=a.out_stream, out_maxlen=a.out_maxlen, dead_stream=a.dead_stream, ttl=a.ttl,
-                tombstone_ttl=a.tombstone_ttl,
-                max_text_chars=a.max_text_chars, max_deliveries=a.max_deliveries,
-                claim_min_idle_ms=a.claim_min_idle_ms, claim_interval_s=a.claim_interval_s,
-                trim_maxlen=a.trim_maxlen, trim_interval_s=a.trim_interval_s, trim_exact=a.trim_exact,
-                metrics_port=a.metrics_port, stop_timeout_s=a.stop_timeout_s)
-        if a.consumer:
-            c.consumer = a.consumer
-        return c
+        consumer = {"consumer": a.consumer} if a.consumer else {}  # else the HOST-PID default
+        return super().from_args(
+            a, redis_url=a.redis, stream=a.stream, group=a.group, group_start_id=a.group_start_id, **consumer,
+            precision=a.precision, batch_max=a.batch_max, batch_wait_ms=a.batch_wait_ms, prefix=a.prefix,
+            out_stream=a.out_stream, out_maxlen=a.out_maxlen, dead_stream=a.dead_stream, ttl=a.ttl,
+            tombstone_ttl=a.tombstone_ttl,
+            max_text_chars=a.max_text_chars, max_deliveries=a.max_deliveries,
+            claim_min_idle_ms=a.claim_min_idle_ms, claim_interval_s=a.claim_interval_s,
+            trim_maxlen=a.trim_maxlen, trim_interval_s=a.trim_interval_s, trim_exact=a.trim_exact,
+            metrics_port=a.metrics_port, stop_timeout_s=a.stop_timeout_s)
 
 
 def add_embed_arguments(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,8 @@ import argparse
 import os
 from dataclasses import dataclass
 
-from postembed_fast.cli_args import add_model_args, non_negative_float, positive_int
+from postembed_fast.cli_args import non_negative_float, positive_int
+from postembed_fast.options import ModelOptions, add_model_args
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 API_KEY_ENV = "POSTEMBED_API_KEY"
@@ -14,7 +15,7 @@ API_KEY_ENV = "POSTEMBED_API_KEY"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Adds every server flag to `p` (used by `python -m postembed_fast.serve` and `postembed-fast serve`)."""
-    add_model_args(p, batch_tokens=False)
+    add_model_args(p, batch_tokens=False)  # forward batches are the engine's default; the merge budget below
     g = p.add_argument_group("network")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 in a container)")
     g.add_argument("--port", type=int, default=8080, help="port to bind (default: 8080)")
@@ -44,10 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 @dataclass(frozen=True)
-class ServeConfig:
-    model: str | None = None
-    device: str | None = None
-    dtype: str | None = None
+class ServeConfig(ModelOptions):
+    """The server's settings: model, device, dtype are ModelOptions' (keyword-only); its batch_tokens (the
+    forward batch) stays None, the engine's default: the server's own budget is max_batch_tokens, how many
+    tokens of requests are merged into one engine call (None: that default)."""
+
     host: str = "127.0.0.1"
     port: int = 8080
     api_key: str | None = None
@@ -63,12 +65,12 @@ class ServeConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeConfig:
         api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
-        return cls(model=args.model, device=args.device, dtype=args.dtype, host=args.host, port=args.port,
-                   api_key=api_key, log_level=args.log_level, max_batch_tokens=args.max_batch_tokens,
-                   max_batch_requests=args.max_batch_requests, max_wait_ms=args.max_wait_ms,
-                   max_concurrent_requests=args.max_concurrent_requests,
-                   max_client_batch_size=args.max_client_batch_size, max_input_chars=args.max_input_chars,
-                   max_payload_bytes=args.max_payload_bytes)
+        return super().from_args(args, host=args.host, port=args.port, api_key=api_key, log_level=args.log_level,
+                                 max_batch_tokens=args.max_batch_tokens,
+                                 max_batch_requests=args.max_batch_requests, max_wait_ms=args.max_wait_ms,
+                                 max_concurrent_requests=args.max_concurrent_requests,
+                                 max_client_batch_size=args.max_client_batch_size,
+                                 max_input_chars=args.max_input_chars, max_payload_bytes=args.max_payload_bytes)
 
     @property
     def model_name(self) -> str:
