@@ -407,6 +407,153 @@ def crash_scenario(r, url, args, texts, tmp, scenario: str, seed: int, ref) -> d
     return res
 
 
+def failover_scenario(r, url, args, texts, tmp, seed: int, ref) -> dict:
+    """The deployment for availability: --workers N worker processes (--threads each) in one group on a fresh
+    stream; --crash-posts posts at --crash-rate/s; one worker SIGKILLed at a seeded random time mid-run and NOT
+    restarted; drain. Reports the creation -> stored latency overall and over the 30 s after the kill, the
+    takeover time (kill -> the last of the killed worker's pending entries stored: a max, not a percentile),
+    posts processed twice (by whom), missing posts and whether every vector is right."""
+    import random
+
+    import numpy as np
+
+    rng = random.Random(f"{seed}-failover")
+    n, rate, k = args.crash_posts, args.crash_rate, max(2, args.workers)
+    stream = f"failover-{int(time.time() * 1000)}"
+    out_stream, prefix = f"{stream}.embedded", f"{stream}:emb:"
+    r.xgroup_create(stream, args.group, id="0", mkstream=True)
+    threads = args.threads or max(1, (os.cpu_count() or 2) // k)
+    cmd_args = ["--threads", str(threads)]
+    logs, procs = [], []
+    for i in range(k):
+        log = open(tmp / f"{stream}-w{i}.log", "wb")
+        logs.append(log)
+        procs.append(subprocess.Popen(worker_cmd(url, stream, args.group, f"fo{i}", prefix, args) + cmd_args,
+                                      stdout=log, stderr=subprocess.STDOUT))
+    victim = rng.randrange(k)
+    res = {"scenario": "failover_kill_one", "workers": k, "threads_per_worker": threads, "posts": n, "rate": rate,
+           "victim": f"fo{victim}", "stream": stream}
+    try:
+        t0 = time.monotonic()
+        for i in range(k):  # one post per worker through the whole path before the clock starts
+            r.xadd(stream, {"id": f"warmup-{i}", "text": texts[i], "created_ms": int(time.time() * 1000)})
+        while r.xlen(out_stream) < k or len({c["name"] for c in r.xinfo_consumers(stream, args.group)}) < k:
+            if any(p.poll() is not None for p in procs):
+                raise SystemExit(f"a failover worker exited early; logs in {tmp}")
+            if time.monotonic() - t0 > 300:
+                raise SystemExit("failover workers not ready after 300 s")
+            time.sleep(0.05)
+        res["workers_ready_s"] = round(time.monotonic() - t0, 2)
+        produced = {}
+
+        def producer():
+            produced["ids"], produced["s"], produced["behind_ms"] = produce(
+                r, stream, texts, rate, n / rate, "fo", k + rng.randrange(len(texts)), n=n)
+
+        kill_after_s = rng.uniform(0.3, 0.6) * n / rate
+        th = threading.Thread(target=producer, daemon=True)
+        t_prod = time.monotonic()
+        th.start()
+        while time.monotonic() - t_prod < kill_after_s:
+            time.sleep(0.005)
+        procs[victim].kill()
+        procs[victim].wait()
+        t_kill_ms = int(time.time() * 1000)
+        pending = r.xpending_range(stream, args.group, "-", "+", 100000, consumername=f"fo{victim}")
+        victim_pending = {p["message_id"].decode() for p in pending}
+        res.update(killed_at_s=round(time.monotonic() - t_prod, 2), pending_on_victim_at_kill=len(victim_pending),
+                   killed_exit_code=procs[victim].returncode)
+        th.join()
+        res["produce_rate"] = round(n / produced["s"], 2)
+        t_end = time.monotonic()
+        while time.monotonic() - t_end < args.drain_timeout:
+            if r.xpending(stream, args.group)["pending"] == 0 and _group_lag(r, stream, args.group) == 0:
+                break
+            time.sleep(0.1)
+        res["drain_s"] = round(time.monotonic() - t_end, 2)
+    finally:
+        rcs = []
+        for i, p in enumerate(procs):
+            if i != victim and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for i, p in enumerate(procs):
+            if i != victim:
+                try:
+                    rcs.append(p.wait(60))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    rcs.append("killed after 60 s")
+        res["survivor_exit_codes"] = rcs
+        for log in logs:
+            log.close()
+
+    inputs = {}  # post id -> (entry id, text, created_ms)
+    for eid, f in r.xrange(stream, "-", "+"):
+        inputs[f[b"id"].decode()] = (eid.decode(), f[b"text"].decode(), int(f.get(b"created_ms", 0)))
+    stored_at: dict[str, list[int]] = {}
+    by_entry_stored_ms = {}
+    for _, f in r.xrange(out_stream, "-", "+"):
+        if f.get(b"op", b"upsert") != b"upsert":
+            continue
+        pid = f[b"id"].decode()
+        stored_at.setdefault(pid, []).append(int(f[b"embedded_ms"]))
+        by_entry_stored_ms[f[b"source_id"].decode()] = int(f[b"embedded_ms"])
+    timed = [pid for pid in inputs if not pid.startswith("warmup")]
+    lat = [min(stored_at[p]) - inputs[p][2] for p in timed if p in stored_at]
+    after = [min(stored_at[p]) - inputs[p][2] for p in timed
+             if p in stored_at and t_kill_ms - 1000 <= inputs[p][2] <= t_kill_ms + 30000]
+    takeover = [by_entry_stored_ms[e] - t_kill_ms for e in victim_pending if e in by_entry_stored_ms]
+    missing = sorted(p for p in inputs if p not in stored_at)
+    order = [p for p in inputs if p in stored_at]
+    pipe = r.pipeline(transaction=False)
+    for pid in order:
+        pipe.hget(prefix + pid, "vector")
+    got = np.stack([_decode_vec(v, args.precision) for v in pipe.execute()])
+    want = ref().embed([inputs[p][1] for p in order], precision=args.precision)
+    res.update({
+        "produced": len(timed), "missing": len(missing), "missing_ids": missing[:20],
+        "processed_twice": sum(len(v) - 1 for v in stored_at.values()),
+        "latency_ms": {"p50": percentile(lat, 50), "p99": percentile(lat, 99), "max": max(lat, default=None)},
+        "latency_30s_after_kill_ms": {"posts": len(after), "p50": percentile(after, 50),
+                                      "p99": percentile(after, 99), "max": max(after, default=None)},
+        "victim_pending_stored": len(takeover),
+        "takeover_max_s": round(max(takeover) / 1000, 2) if takeover else None,
+        "vectors": compare_vectors(got, want, args.precision),
+        "pending_end": r.xpending(stream, args.group)["pending"],
+    })
+    res["passed"] = bool(not missing and res["vectors"]["ok"] and not res["pending_end"]
+                         and len(takeover) == len(victim_pending) and all(c == 0 for c in rcs))
+    return res
+
+
+def restart_times(r, url, args, texts, tmp, rounds: int) -> dict:
+    """A single worker, from exec to its first stored post: the post is already waiting in the stream when the
+    process starts (a restart with a backlog), so this is process start + imports + model load + warm-up + one
+    batch. Rounds on fresh streams; the median and every round."""
+    times = []
+    for i in range(rounds):
+        stream = f"restart-{int(time.time() * 1000)}-{i}"
+        out_stream = f"{stream}.embedded"
+        r.xadd(stream, {"id": "p0", "text": texts[i % len(texts)], "created_ms": int(time.time() * 1000)})
+        log = open(tmp / f"{stream}.log", "wb")
+        t0 = time.time()
+        p = subprocess.Popen(worker_cmd(url, stream, args.group, "rs", f"{stream}:emb:", args) +
+                             ["--threads", str(args.threads or os.cpu_count() or 1)],
+                             stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while r.xlen(out_stream) < 1:
+                if p.poll() is not None:
+                    raise SystemExit(f"restart worker exited ({p.returncode}); log {tmp / (stream + '.log')}")
+                time.sleep(0.002)
+            stored_ms = int(r.xrange(out_stream)[0][1][b"embedded_ms"])
+            times.append(round(stored_ms / 1000 - t0, 3))
+        finally:
+            p.send_signal(signal.SIGTERM)
+            p.wait(60)
+            log.close()
+    return {"rounds": rounds, "exec_to_first_stored_s": times, "median_s": sorted(times)[len(times) // 2]}
+
+
 def _group_lag(r, stream, group):
     g = next((g for g in r.xinfo_groups(stream) if g["name"].decode() == group), None)
     if g is None:
@@ -463,11 +610,20 @@ def main(argv=None) -> int:
     ap.add_argument("--crash-rate", type=float, default=50.0, metavar="R",
                     help="posts/s in the crash scenarios (default %(default)s)")
     ap.add_argument("--crash-seed", type=int, default=0, help="seeds the kill points (default %(default)s)")
+    ap.add_argument("--failover", action="store_true",
+                    help="after the rest: --workers (>= 2) workers in one group, one SIGKILLed mid-run and not "
+                         "restarted (--crash-posts posts at --crash-rate); takeover time, latency, duplicates")
+    ap.add_argument("--threads", type=int, default=0, help="--threads of each worker (default: cores / workers "
+                    "for --failover, all cores otherwise)")
+    ap.add_argument("--restart", type=int, default=0, metavar="ROUNDS",
+                    help="after the rest: time one worker from exec to its first stored post, ROUNDS times")
     args = ap.parse_args(argv)
     scenarios = [x.strip() for x in args.crash_scenarios.split(",") if x.strip()]
     unknown = [x for x in scenarios if x not in CRASH_SCENARIOS]
     if unknown:
         ap.error(f"unknown --crash-scenarios {unknown}; known: {', '.join(CRASH_SCENARIOS)}")
+    if (args.failover or args.restart) and args.no_workers:
+        ap.error("--failover / --restart start their own worker processes: not with --no-workers")
     if args.crash and args.no_workers:
         ap.error("--crash starts and kills its own worker processes: not with --no-workers")
 
@@ -513,7 +669,8 @@ def main(argv=None) -> int:
                 for k in range(args.workers):
                     log = open(tmp / f"worker{k}.log", "wb")
                     logs.append(log)
-                    workers.append(subprocess.Popen(worker_cmd(url, stream, args.group, f"bench{k}", prefix, args),
+                    extra = ["--threads", str(args.threads)] if args.threads else []
+                    workers.append(subprocess.Popen(worker_cmd(url, stream, args.group, f"bench{k}", prefix, args) + extra,
                                                     stdout=log, stderr=subprocess.STDOUT))
             # warm-up: one post per worker through the whole path before the clock starts
             t_ready = time.monotonic()
@@ -598,6 +755,30 @@ def main(argv=None) -> int:
                 print(json.dumps(x), flush=True)
             result["crash"]["passed"] = all(x["passed"] for x in result["crash"]["scenarios"])
             print(crash_table(result["crash"]["scenarios"]), flush=True)
+        if args.failover or args.restart:
+            if sampler is not None:
+                sampler.stop.set()
+                sampler.join()
+                result["lag_timeline"] = sampler.samples
+                sampler = None
+            stop_workers()
+            fo_ref = []
+
+            def fo_embedder():
+                if not fo_ref:
+                    from postembed_fast import Embedder
+
+                    fo_ref.append(Embedder(device=args.device))
+                return fo_ref[0]
+
+            if args.failover:
+                x = failover_scenario(r, url, args, texts, tmp, args.crash_seed, fo_embedder)
+                result["failover"] = x
+                print(json.dumps(x), flush=True)
+            if args.restart:
+                x = restart_times(r, url, args, texts, tmp, args.restart)
+                result["restart"] = x
+                print(json.dumps(x), flush=True)
     finally:
         if sampler is not None:
             sampler.stop.set()
@@ -616,6 +797,8 @@ def main(argv=None) -> int:
             redis_proc.wait(10)
         result["loadavg_end"] = os.getloadavg()
         crash_only = "-crash" if args.crash and not rates and not args.searchable else ""
+        if (args.failover or args.restart) and not rates and not args.searchable and not args.crash:
+            crash_only = "-failover"
         out = Path(args.json) if args.json else RESULTS / f"nearline{crash_only}-{args.device.replace(':', '')}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")

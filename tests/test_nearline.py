@@ -256,6 +256,77 @@ def test_two_workers_share_a_group(redis_server, stream_names, tmp_path):
     assert {c for _, c in out} == {"w1", "w2"}
 
 
+class SlowEmbedder:
+    """The real embedder, slower than --claim-min-idle-ms per batch (a worker on a loaded machine)."""
+
+    def __init__(self, embedder, delay_s):
+        self._embedder, self.delay_s = embedder, delay_s
+
+    def __getattr__(self, name):
+        return getattr(self._embedder, name)
+
+    def embed(self, *a, **k):
+        time.sleep(self.delay_s)
+        return self._embedder.embed(*a, **k)
+
+
+def test_a_slow_live_worker_keeps_its_entries(redis_server, embedder, stream_names):
+    """A batch that takes 5x --claim-min-idle-ms is not taken over: the worker's heartbeat keeps its
+    entries young, so the other worker's XAUTOCLAIM finds nothing and no post is embedded twice."""
+    import threading
+
+    r = redis_server.client()
+    produce(r, stream_names["stream"], POSTS[:6])
+    slow = make_worker(redis_server, SlowEmbedder(embedder, 2.5), stream_names, precision="int8", consumer="slow",
+                       claim_min_idle_ms=500)
+    fast = make_worker(redis_server, embedder, stream_names, precision="int8", consumer="fast",
+                       claim_min_idle_ms=500, claim_interval_s=0.05)
+    r.xgroup_create(stream_names["stream"], stream_names["group"], id="0")
+    t = threading.Thread(target=slow.step, daemon=True)
+    t.start()
+    wait_for(lambda: r.xpending(stream_names["stream"], stream_names["group"])["pending"] == 6, 30, "the slow read")
+    took = 0
+    while t.is_alive():
+        took += fast.step()
+    t.join()
+    assert took == 0 and slow.heartbeat.beats >= 3
+    out = [(f[b"id"].decode(), f[b"consumer"].decode()) for _, f in r.xrange(stream_names["out_stream"])]
+    assert out == [(f"p{i}", "slow") for i in range(6)]
+    assert r.xpending(stream_names["stream"], stream_names["group"])["pending"] == 0
+
+
+def test_killed_one_of_two_workers_the_other_takes_over(redis_server, embedder, stream_names, tmp_path):
+    """The deployment for availability: two workers in one group with the default claim settings; one is
+    SIGKILLed mid-run and not restarted; the other stores its pending entries and the rest, each once."""
+    r = redis_server.client()
+    args = ("--batch-max", "8", "--precision", "int8", "--threads", "1")
+    a, b = (spawn_worker(redis_server, stream_names, c, *args, log_path=tmp_path / f"{c}.log") for c in ("wa", "wb"))
+    try:
+        wait_for(lambda: group_consumers(r, stream_names) == {"wa", "wb"}, what="both workers reading", proc=a)
+        n = 80
+        for i in range(n):
+            produce(r, stream_names["stream"], [POSTS[i]], start=i)
+            time.sleep(0.01)
+            if i == 40:
+                wait_for(lambda: any(f[b"consumer"] == b"wa" for _, f in r.xrange(stream_names["out_stream"])),
+                         what="the first worker storing", proc=a, poll=0.005)
+                a.kill()
+                a.wait()
+        wait_for(lambda: all(r.exists(f"{stream_names['prefix']}p{i}") for i in range(n)) and
+                 r.xpending(stream_names["stream"], stream_names["group"])["pending"] == 0,
+                 what="all posts stored", proc=b)
+    finally:
+        for w in (a, b):
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM)
+                w.wait(30)
+    want = expected(embedder, [p["text"] for p in POSTS[:n]], "int8")
+    assert_rows_match(stored_rows(r, stream_names["prefix"], n, "int8"), want, "int8")
+    out = [(f[b"id"].decode(), f[b"consumer"].decode()) for _, f in r.xrange(stream_names["out_stream"])]
+    assert sorted({i for i, _ in out}) == sorted(f"p{i}" for i in range(n))
+    assert {c for _, c in out} == {"wa", "wb"}
+
+
 def test_redis_restart_and_sigterm(tmp_path, stream_names, start_redis):
     srv = start_redis(tmp_path, persistent=True)
     try:

@@ -34,8 +34,12 @@ The worker loop (one consumer of a consumer group; several workers share a group
      tombstone `{prefix}__deleted__:{id}` kept --tombstone-ttl seconds), is stale: acked, but nothing
      is written or announced, so a slow or redelivered worker never overwrites a newer version.
 Recovery: at start the consumer first re-reads its own pending entries (a restart under the same
-name), and at start and every --claim-interval-s it XAUTOCLAIMs entries pending longer than
---claim-min-idle-ms on any consumer (dead workers) and processes them. Redis unavailable: every
+name), and at start and every --claim-interval-s (0.5) it XAUTOCLAIMs entries pending longer than
+--claim-min-idle-ms (2,000) on any consumer (dead workers) and processes them. A live worker never
+loses its entries that way, however slow its batch: a heartbeat thread re-claims them to itself
+every claim-min-idle/3 while they are in flight (only those still its own), which keeps them young.
+So the deployment for availability is two or more workers in one group (--threads set so they share
+the cores): when one dies, the others store its pending entries within ~claim-min-idle + a batch. Redis unavailable: every
 call is retried with exponential backoff (0.1 s .. 5 s) and a log line; an embedded batch is kept
 in memory until its transaction succeeds. SIGTERM/SIGINT: the current batch is finished and acked,
 exit 0 (if Redis stays down, it gives up after --stop-timeout-s; those entries stay pending and
@@ -62,11 +66,11 @@ from dataclasses import dataclass, field
 
 from postembed_fast.cli_args import non_negative_int, positive_int
 from postembed_fast.nearline import store
+from postembed_fast.options import ModelOptions, add_model_args
 
 log = logging.getLogger("postembed_fast.nearline")
 
 PROG = "python -m postembed_fast.nearline"
-from postembed_fast.options import ModelOptions, add_model_args
 _DEAD_FIELD_MAX_BYTES = 16384  # longer values are truncated in the dead-letter copy (the reason says so)
 
 
@@ -91,15 +95,18 @@ class Config(ModelOptions):
     out_maxlen: int = 0  # 0: the output stream is not trimmed; else MAXLEN ~ N on each XADD
     dead_stream: str = "posts.dead"
     ttl: int = 0  # seconds; 0: no expiry
-    tombstone_ttl: int = 86400  # seconds a deleted post's tombstone refuses older (redelivered) upserts
+    tombstone_ttl: int = store.DEFAULT_TOMBSTONE_TTL_S  # seconds a delete's tombstone refuses older upserts
     max_text_chars: int = 20000
     max_deliveries: int = 5
-    claim_min_idle_ms: int = 60000
-    claim_interval_s: float = 15.0
+    # Failover: entries pending on a consumer for this long are taken over by the others (XAUTOCLAIM).
+    # Safe to keep short: a live worker's heartbeat keeps the entries it is working on younger than this.
+    claim_min_idle_ms: int = 2000
+    claim_interval_s: float = 0.5
     trim_maxlen: int = 0  # 0: no trimming
     trim_interval_s: float = 10.0
     trim_exact: bool = False
     metrics_port: int = 0
+    threads: int = 0  # torch/kernel threads of this worker; 0: torch's default (all cores)
     stop_timeout_s: float = 30.0
     backoff_min_s: float = 0.1
     backoff_max_s: float = 5.0
@@ -115,7 +122,7 @@ class Config(ModelOptions):
             max_text_chars=a.max_text_chars, max_deliveries=a.max_deliveries,
             claim_min_idle_ms=a.claim_min_idle_ms, claim_interval_s=a.claim_interval_s,
             trim_maxlen=a.trim_maxlen, trim_interval_s=a.trim_interval_s, trim_exact=a.trim_exact,
-            metrics_port=a.metrics_port, stop_timeout_s=a.stop_timeout_s)
+            metrics_port=a.metrics_port, threads=a.threads, stop_timeout_s=a.stop_timeout_s)
 
 
 def add_embed_arguments(p: argparse.ArgumentParser) -> None:
@@ -159,6 +166,9 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--trim-interval-s", type=float, default=d.trim_interval_s, metavar="S",
                    help="how often to trim (default %(default)s)")
     w.add_argument("--trim-exact", action="store_true", help="exact XTRIM instead of ~ (slower)")
+    w.add_argument("--threads", type=non_negative_int, default=d.threads, metavar="N",
+                   help="compute threads of this worker (default 0: all cores); with several workers on one "
+                        "machine give each its share, e.g. 1 each for 2 workers on 2 cores")
     w.add_argument("--metrics-port", type=non_negative_int, default=0, metavar="PORT",
                    help="serve Prometheus metrics on this port (default 0: off)")
     w.add_argument("--stop-timeout-s", type=float, default=d.stop_timeout_s, metavar="S",
@@ -276,6 +286,69 @@ class _Stop(Exception):
 # ---------------------------------------------------------------------------------------------
 # the worker
 # ---------------------------------------------------------------------------------------------
+# Refresh the idle time of entries this consumer still holds, and only those: XCLAIM to oneself
+# resets an entry's idle time (JUSTID: without counting a delivery), and XPENDING ... consumer first
+# checks it is still ours, so an entry another worker took over is never taken back. Atomic (a script).
+# KEYS: stream. ARGV: group, consumer, entry ids. Returns how many were refreshed.
+_HEARTBEAT_LUA = """
+local n = 0
+for i = 3, #ARGV do
+  local mine = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if #mine > 0 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    n = n + 1
+  end
+end
+return n
+"""
+
+
+class _Heartbeat:
+    """While a batch is in flight, a thread keeps its entries' idle time below --claim-min-idle-ms, so
+    the XAUTOCLAIM of the other workers takes over only the entries of a worker that stopped (crashed,
+    hung, lost its network), however long a live one takes over a batch."""
+
+    def __init__(self, r, cfg: "Config"):
+        self._script = r.register_script(_HEARTBEAT_LUA)
+        self._cfg = cfg
+        self._ids: list[str] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self.beats = 0
+        self._thread = threading.Thread(target=self._main, name="postembed-heartbeat", daemon=True)
+        self._thread.start()
+
+    @property
+    def interval_s(self) -> float:
+        return max(0.05, self._cfg.claim_min_idle_ms / 3000)
+
+    def hold(self, ids: list[str]) -> None:
+        with self._lock:
+            self._ids = list(ids)
+
+    def release(self) -> None:
+        with self._lock:
+            self._ids = []
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+
+    def _main(self) -> None:
+        while not self._closed:
+            self._wake.wait(self.interval_s)
+            with self._lock:
+                ids = list(self._ids)
+            if not ids or self._closed:
+                continue
+            try:
+                self._script(keys=[self._cfg.stream], args=[self._cfg.group, self._cfg.consumer, *ids])
+                self.beats += 1
+            except Exception as exc:  # noqa: BLE001 -- Redis away: the main loop retries and logs; next beat
+                log.debug("heartbeat failed: %s", exc)
+
+
 class Worker:
     def __init__(self, cfg: Config, embedder=None, client=None, metrics: Metrics | None = None):
         import redis
@@ -302,6 +375,7 @@ class Worker:
                                                 health_check_interval=30)
         self.metrics = metrics or Metrics(0)
         self._store_script = self.r.register_script(store.STORE_LUA)  # EVALSHA; loaded before each MULTI
+        self.heartbeat = _Heartbeat(self.r, cfg)
         self.stale = 0  # entries refused as older than the stored version (see store.STORE_LUA)
         self.stop_event = threading.Event()
         self._stop_deadline = None
@@ -336,6 +410,8 @@ class Worker:
         except _Stop:
             log.warning("stopping with Redis unavailable: entries read and not stored stay pending (another "
                         "worker, or this one restarted under the same name, processes them)")
+        finally:
+            self.heartbeat.close()
         log.info("worker %s stopped", self.cfg.consumer)
         return 0
 
@@ -559,6 +635,13 @@ class Worker:
         """Embed, store and ack one batch of (entry id, fields). Returns len(entries)."""
         if not entries:
             return 0
+        self.heartbeat.hold([e for e, _ in entries])  # not taken over while this worker is alive
+        try:
+            return self._process(entries, check_deliveries)
+        finally:
+            self.heartbeat.release()
+
+    def _process(self, entries, check_deliveries: bool) -> int:
         cfg = self.cfg
         self._test_entries_read += len(entries)  # for the test hook only (see __init__)
         self.metrics.batch_size.observe(len(entries))
@@ -710,6 +793,10 @@ def _dead_letter(entry_id: str, fields: dict, reason: str, cfg: Config) -> dict:
 # entry point
 # ---------------------------------------------------------------------------------------------
 def run_embed(cfg: Config) -> int:
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)  # the C++ kernels take torch's thread count too
     worker = Worker(cfg, metrics=Metrics(cfg.metrics_port))
 
     def on_signal(signum, _frame):
