@@ -96,10 +96,11 @@ def test_tag_phrase(tag, phrase):
 
 @pytest.mark.parametrize("content, message", [
     ("", "no posts"),
-    ('{"id": "a", "source": "s", "section": "x", "title": "t", "text": "u"}\nnot json\n', ":2: not a JSON object"),
+    ('{"id": "a", "source": "s", "section": "x", "title": "t", "text": "u"}\nnot json\n',
+     ":2: invalid JSON: Expecting value at character 1"),
     ('{"id": "a", "source": "s", "title": "t", "text": "u"}\n', ":1: missing field(s) section"),
     ('{"id": "a", "source": "s", "section": "x", "title": "t", "text": 5}\n', ":1: field(s) text must be strings"),
-    ('[1, 2]\n', ":1: expected a JSON object"),
+    ('[1, 2]\n', ":1: not a JSON object (list)"),
     ('{"id": "a", "source": "s", "section": "x", "title": "t", "text": "u", "tags": "x"}\n', ":1: tags must be a list"),
     ('{"id": "a", "source": "s", "section": "x", "title": "t", "text": "u"}\n' * 2, ":2: id 'a' repeats line 1"),
 ])

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 
+from postembed_fast import inputs
 from postembed_fast.kernels.precision import precision_spec
 
 
@@ -13,39 +14,24 @@ _REJECT_ROW_MAX = 2000  # characters of a rejected row kept in rejects.jsonl
 
 
 def parse_jsonl_line(raw: bytes):
-    """-> (record, None, the line as text) or (None, reason, the line as text for the rejects file)."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})", raw.decode("utf-8", "backslashreplace")
-    try:
-        return json.loads(line), None, line
-    except ValueError as exc:
-        return None, f"invalid JSON: {exc}", line
+    """-> (record, None, the line as text) or (None, reason, the line as text for the rejects file).
+    The parse and its reasons are inputs.parse_jsonl_line's, as for every command that reads JSONL."""
+    rec, reason = inputs.parse_jsonl_line(raw)
+    return rec, reason, raw.decode("utf-8", "backslashreplace")
 
 
 def check_row(rec, text_field: str, id_field: str) -> tuple[str | None, str | None, str | None]:
-    """One parsed record -> (id, text, reason it is rejected or None)."""
-    if not isinstance(rec, dict):
-        return None, None, f"not a JSON object ({type(rec).__name__})"
-    pid = rec.get(id_field)
-    if isinstance(pid, bool) or pid is None or not isinstance(pid, (str, int)):
-        reason = f"missing id ({id_field!r})" if pid is None else \
-            f"id ({id_field!r}) is {type(pid).__name__}, not a string or integer"
+    """One record -> (id as a string, text, reason it is rejected or None): inputs.check_post (its reasons),
+    plus the backfill's own rule that an id is a non-blank key."""
+    if not isinstance(rec, dict):  # a caller's record that did not come from parse_jsonl_line
+        return None, None, f"not a JSON object ({inputs.type_name(rec)})"
+    text, pid, reason = inputs.check_post(rec, text_field, id_field)
+    if pid is None:
         return None, None, reason
     pid = str(pid)
     if not pid.strip():
         return None, None, f"empty id ({id_field!r})"
-    text = rec.get(text_field)
-    if text is None:
-        return pid, None, f"missing text ({text_field!r})"
-    if not isinstance(text, str):
-        return pid, None, f"text ({text_field!r}) is {type(text).__name__}, not a string"
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:  # a lone surrogate from a JSON "\ud800" escape
-        return pid, None, f"text is not valid Unicode ({exc.reason} at character {exc.start})"
-    return pid, text, None
+    return pid, text, reason
 
 
 def embedding_type(precision: str, dim: int):

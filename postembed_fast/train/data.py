@@ -1,4 +1,5 @@
-"""Posts for training and evaluation: read and validate a JSONL(.gz) corpus, split it by source.
+"""Posts for training and evaluation: read and validate a corpus (JSONL, JSONL.gz or Parquet, read by
+postembed_fast.inputs as every command reads its input), split it by source.
 
 A post is a JSON object with `id`, `source`, `section`, `title`, `text` (strings) and `tags` (a list
 of Debtags such as `implemented-in::perl`; may be missing or empty). The split is by a hash of
@@ -7,11 +8,11 @@ between train and test.
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from postembed_fast.inputs import PostReader
 
 REQUIRED_FIELDS = ("id", "source", "section", "title", "text")
 # Share of sources per split, by hash bucket (of 100): test 15, validation 5, train 80.
@@ -71,49 +72,32 @@ def split_of(source: str) -> str:
     raise AssertionError("SPLITS shares must add up to 100")
 
 
-def _open(path: Path):
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rt", encoding="utf-8") if gz else open(path, encoding="utf-8")
-
-
 def read_posts(path) -> list[Post]:
-    """Every post of a JSONL(.gz) file, in file order. Raises ValueError naming the file and line of
-    the first bad record (not JSON, not an object, a missing or non-string field, bad tags, a repeated
-    id) and for a file without posts."""
+    """Every post of a JSONL(.gz) or Parquet file, in file order; blank lines are skipped. Raises
+    ValueError (inputs.InputError) naming the file and line (Parquet: row) of the first bad record
+    (not UTF-8, not JSON, not an object, a missing or non-string field, bad tags, a repeated id) and
+    for a file without posts. A name inputs.SUFFIXES does not know is read as JSONL."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data file {str(path)!r} does not exist")
     posts, seen = [], {}
-    try:
-        with _open(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{where}: not a JSON object ({exc.msg})") from None
-                if not isinstance(rec, dict):
-                    raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-                missing = [k for k in REQUIRED_FIELDS if k not in rec]
-                if missing:
-                    raise ValueError(f"{where}: missing field(s) {', '.join(missing)} "
-                                     f"(each post needs {', '.join(REQUIRED_FIELDS)}; tags optional)")
-                bad = [k for k in REQUIRED_FIELDS if not isinstance(rec[k], str)]
-                if bad:
-                    raise ValueError(f"{where}: field(s) {', '.join(bad)} must be strings")
-                tags = rec.get("tags") or []
-                if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-                    raise ValueError(f"{where}: tags must be a list of strings")
-                if rec["id"] in seen:
-                    raise ValueError(f"{where}: id {rec['id']!r} repeats line {seen[rec['id']]}")
-                seen[rec["id"]] = lineno
-                posts.append(Post(rec["id"], rec["source"], rec["section"], rec["title"], rec["text"],
-                                  tuple(t for t in tags if usable_tag(t))))
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as exc:
-        raise ValueError(f"{path}: cannot read as UTF-8 JSONL(.gz) ({type(exc).__name__}: {exc})") from None
+    with PostReader(str(path), sniff=False, skip_blank=True) as reader:
+        for number, rec in reader.records():
+            missing = [k for k in REQUIRED_FIELDS if k not in rec]
+            if missing:
+                raise reader.error(number, f"missing field(s) {', '.join(missing)} "
+                                           f"(each post needs {', '.join(REQUIRED_FIELDS)}; tags optional)")
+            bad = [k for k in REQUIRED_FIELDS if not isinstance(rec[k], str)]
+            if bad:
+                raise reader.error(number, f"field(s) {', '.join(bad)} must be strings")
+            tags = rec.get("tags") or []
+            if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+                raise reader.error(number, "tags must be a list of strings")
+            if rec["id"] in seen:
+                raise reader.error(number, f"id {rec['id']!r} repeats {reader.unit} {seen[rec['id']]}")
+            seen[rec["id"]] = number
+            posts.append(Post(rec["id"], rec["source"], rec["section"], rec["title"], rec["text"],
+                              tuple(t for t in tags if usable_tag(t))))
     if not posts:
         raise ValueError(f"{path}: no posts (the file is empty)")
     return posts
