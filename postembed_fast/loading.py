@@ -4,7 +4,9 @@ max_seq_length). Local folders only: nothing here touches a hub or the network.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,9 +163,34 @@ def read_model_folder(folder: Path) -> ModelFolder:
     return ModelFolder(encoder_folder, pooling, dense, max_len, bool(st_cfg.get("do_lower_case", False)))
 
 
-def load_tokenizer(folder: Path, max_seq_length: int):
-    """The Rust fast tokenizer (Hugging Face tokenizers) as transformers configures it,
-    truncating to max_seq_length tokens (special tokens included) with no padding."""
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def _tokenizer_cache_dir() -> Path:
+    root = os.environ.get("POSTEMBED_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "postembed_fast")
+    return Path(root) / "tokenizers"
+
+
+def _tokenizer_key(folder: Path) -> str | None:
+    """A hash of the folder's tokenizer files and of the transformers version that would read them, or
+    None without a tokenizer.json (then only transformers can build the tokenizer)."""
+    if not (folder / "tokenizer.json").is_file():
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        tf = version("transformers")
+    except PackageNotFoundError:
+        tf = "none"
+    h = hashlib.blake2b(f"transformers {tf}".encode(), digest_size=16)
+    for name in _TOKENIZER_FILES:
+        f = folder / name
+        h.update(name.encode() + b"\0" + (f.read_bytes() if f.is_file() else b"-") + b"\0")
+    return h.hexdigest()
+
+
+def _via_transformers(folder: Path):
     try:
         from transformers import AutoTokenizer
 
@@ -172,8 +199,37 @@ def load_tokenizer(folder: Path, max_seq_length: int):
         raise ValueError(f"{folder}: cannot load a fast tokenizer ({type(exc).__name__}: {exc})") from None
     if not getattr(hf, "is_fast", False):
         raise ValueError(f"{folder}: no fast (Rust) tokenizer available")
-    tok = hf.backend_tokenizer
-    tok.no_padding()
-    tok.enable_truncation(max_length=max_seq_length)
+    return hf.backend_tokenizer
+
+
+def load_tokenizer(folder: Path, max_seq_length: int):
+    """The Rust fast tokenizer (Hugging Face tokenizers) as transformers configures it,
+    truncating to max_seq_length tokens (special tokens included) with no padding.
+
+    transformers is the reference (it may adjust tokenizer.json from tokenizer_config.json), but importing
+    it and building its tokenizer takes ~2.5 s, most of a worker's restart. So the first load of a folder
+    compares transformers' tokenizer with tokenizer.json read directly by `tokenizers`; when they are the
+    same, a verdict is cached (keyed by a hash of the tokenizer files and the transformers version, under
+    $POSTEMBED_CACHE_DIR or ~/.cache/postembed_fast) and later loads read tokenizer.json directly (0.1 s)."""
+    import tokenizers
+
+    def configured(tok):
+        tok.no_padding()
+        tok.enable_truncation(max_length=max_seq_length)
+        return tok
+
+    key = _tokenizer_key(folder)
+    verdict = _tokenizer_cache_dir() / f"{key}.same" if key else None
+    if verdict is not None and verdict.is_file():
+        return configured(tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json")))
+    tok = configured(_via_transformers(folder))
+    if verdict is not None:
+        direct = configured(tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json")))
+        if direct.to_str() == tok.to_str():
+            try:
+                verdict.parent.mkdir(parents=True, exist_ok=True)
+                verdict.write_text(f"{folder}\n")
+            except OSError:  # a read-only home: no cache, every load goes through transformers
+                pass
     return tok
 
