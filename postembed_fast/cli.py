@@ -1,20 +1,21 @@
 """The `postembed-fast` command (also `python -m postembed_fast`).
 
     postembed-fast embed posts.jsonl.gz --output emb.npy [--precision int8] [--ids-field id]
+    postembed-fast serve | nearline embed | nearline index | backfill | train ...
 
-One function per subcommand (`cmd_<name>`), all hanging off `build_parser()`; a later
-subcommand (serve, train, nearline, backfill) adds a `_add_<name>(subparsers)` and a
-`cmd_<name>(args) -> int`, and reuses `cli_args.add_model_args` for the model/device/dtype flags.
+COMMANDS is the one table of subcommands: a name, its help, the function that adds its flags
+(imported when the parser is built, so it must import flags only) and the function that runs it,
+`run(args, prog) -> exit code` (imported when it runs, with the extra it needs checked first). A new
+subcommand is a new row; its model flags come from options.add_model_args.
 
 Exit codes: 0 done; 2 usage or input error (bad flag, unreadable input, bad line: nothing is
-written); 1 any other failure (e.g. the output directory is not writable); 130 interrupted.
+written; a missing extra); 1 any other failure (e.g. the output directory is not writable); 130
+interrupted.
 """
 from __future__ import annotations
 
 import argparse
-import codecs
-import gzip
-import io
+import importlib
 import itertools
 import json
 import os
@@ -22,27 +23,23 @@ import struct
 import sys
 import tempfile
 import time
-import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 # Importing the package itself is light (torch, no model); the model loads inside the subcommand.
 from postembed_fast import PRECISIONS, __version__
-from postembed_fast.cli_args import add_model_args, positive_int
+from postembed_fast.cli_args import missing_extra, positive_int
+from postembed_fast.inputs import FORMATS as INPUT_FORMATS
+from postembed_fast.inputs import InputError, PostReader
+from postembed_fast.options import ModelOptions, add_model_args
+
+__all__ = ["COMMANDS", "Command", "InputError", "PostReader", "UsageError", "build_parser", "main"]
 
 PROG = "postembed-fast"
-FORMATS = ("auto", "jsonl", "text")
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
-TEXT_SUFFIXES = (".txt",)
+FORMATS = ("auto", *INPUT_FORMATS)
 DEFAULT_CHUNK = {"cpu": 1024, "cuda": 8192}  # texts per embed_iter chunk (progress updates once per chunk)
-_SNIFF_MAX_LINES = 65536  # blank lines buffered while looking for the first non-blank one
 _ID_BLOCK = 65536  # ids converted to the .npy per block (memory stays flat)
-
-
-class InputError(Exception):
-    """A problem with the input, reported as `INPUT:LINE: message` (exit code 2)."""
-
-    def __init__(self, name: str, line: int | None, message: str):
-        super().__init__(f"{name}:{line}: {message}" if line is not None else f"{name}: {message}")
 
 
 class UsageError(Exception):
@@ -50,28 +47,52 @@ class UsageError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# parser
+# the subcommand table
 # ---------------------------------------------------------------------------------------------
-def _add_embed(sub) -> None:
-    p = sub.add_parser(
-        "embed", help="embed a JSONL / JSONL.gz / plain-text file of posts into a .npy file",
-        description="Embed every post of INPUT into OUT.npy, in input order: row i of the array is line\n"
-                    "i+1 of the input. Memory stays flat however long the input: posts stream through\n"
-                    "Embedder.embed_iter and the rows straight to disk. A summary line goes to stderr.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="""input formats:
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    run: Callable[[argparse.Namespace, str], int] | None = None  # (args, prog) -> exit code
+    description: str | None = None
+    epilog: str | None = None
+    missing_extra: Callable[[], str | None] | None = None  # a line saying what to install, or None
+    subcommands: tuple[Command, ...] = ()
+
+
+def _lazy(target: str) -> Callable:
+    """'module:function', imported on the first call: a subcommand's modules load only when needed."""
+    module, _, name = target.partition(":")
+
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.target = target
+    return call
+
+
+def _serve_missing_extra() -> str | None:
+    return missing_extra("serve", "orjson", "prometheus_client", "starlette", "uvicorn")
+
+
+EMBED_EPILOG = """input formats:
   JSONL     one JSON object per line; the post is the string in --text-field. Every line must
             be such an object: a blank line, invalid JSON, a non-object, a missing field or a
             non-string text is an error (exit 2, 'INPUT:LINE: ...' on stderr, no output file).
   text      one post per line, the whole line is the post: only the line ending ('\\n' or
             '\\r\\n') is removed, other whitespace is kept. An EMPTY LINE IS AN EMPTY POST (kept,
             so row i is always line i+1); a final line ending does not start another post.
-  Detection (--format auto): gzip by its magic bytes (any name, stdin too); then by name
-  (.jsonl/.ndjson[.gz] -> JSONL, .txt[.gz] -> text); otherwise JSONL if the first non-blank
-  line starts with '{', else text. Use --format text for plain text whose first post starts
-  with '{'. A UTF-8 BOM is ignored; any other undecodable UTF-8 is an error (exit 2).
+  Parquet   the post is the string column --text-field (--ids-field: a string or integer
+            column); row i of the output is row i of the file (needs pyarrow; files, not stdin).
+  Detection (--format auto): gzip by its magic bytes (any name, stdin too); Parquet by its magic
+  bytes; then by name (.jsonl/.ndjson/.json[.gz] -> JSONL, .txt[.gz] -> text, .parquet/.pq ->
+  Parquet); otherwise JSONL if the first non-blank line starts with '{', else text. Use --format
+  text for plain text whose first post starts with '{'. A UTF-8 BOM is ignored; any other
+  undecodable UTF-8 is an error (exit 2).
 
-ids (JSONL only, --ids-field FIELD):
+ids (JSONL and Parquet only, --ids-field FIELD):
   written beside the embeddings as OUT.ids.npy (OUT minus its .npy suffix, plus .ids.npy;
   --ids-output changes the path), one id per row: int64 if every id is an integer (within
   int64), else str (numpy '<U' array; integer ids then become their decimal string). Every
@@ -90,8 +111,12 @@ examples:
   postembed-fast embed posts.jsonl.gz --output emb.npy --ids-field id
   postembed-fast embed posts.txt --output emb.npy --precision binary --no-progress
   cat posts.txt | postembed-fast embed - --output emb.npy --device cpu
-""")
-    p.add_argument("input", metavar="INPUT", help="input file (JSONL, JSONL.gz, plain text, .gz), or - for stdin")
+"""
+
+
+def _add_embed_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", metavar="INPUT",
+                   help="input file (JSONL, JSONL.gz, plain text, .gz, Parquet), or - for stdin")
     p.add_argument("-o", "--output", required=True, metavar="OUT.npy", help="output .npy file (replaced if it exists)")
     p.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="output precision (default: float32; int8/uint8 use the ranges shipped for the "
@@ -102,239 +127,13 @@ examples:
                    help="posts embedded per step; memory grows with it, the progress bar moves once per step "
                         "(default: 1024 on CPU, 8192 on GPU)")
     p.add_argument("--format", default="auto", choices=FORMATS, help="input format (default: auto, see below)")
-    p.add_argument("--text-field", default="text", metavar="FIELD", help="JSONL field holding the post (default: text)")
+    p.add_argument("--text-field", default="text", metavar="FIELD",
+                   help="JSONL field (Parquet column) holding the post (default: text)")
     p.add_argument("--ids-field", default=None, metavar="FIELD",
-                   help="JSONL field holding an id per post, written to OUT.ids.npy (see below)")
+                   help="JSONL field (Parquet column) holding an id per post, written to OUT.ids.npy (see below)")
     p.add_argument("--ids-output", default=None, metavar="PATH", help="where --ids-field writes (default: OUT.ids.npy)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_model_args(p)
-    p.set_defaults(func=cmd_embed, parser=p)
-
-
-def _add_serve(sub) -> None:
-    from postembed_fast.serve.options import add_arguments  # flags only: no web framework imported
-
-    p = sub.add_parser(
-        "serve", help="serve embeddings over HTTP (OpenAI- and TEI-compatible; needs the serve extra)",
-        description="Serve embeddings over HTTP, the same as `python -m postembed_fast.serve`: POST /v1/embeddings\n"
-                    "(OpenAI), POST /embed (TEI), POST /tokenize, GET /health, /info, /metrics. Concurrent\n"
-                    "requests are merged into token-budget batches. SIGTERM drains and exits 0.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=cmd_serve, parser=p)
-
-
-def _add_nearline(sub) -> None:
-    from postembed_fast.nearline.worker import add_embed_arguments  # flags only: redis is imported by the worker
-
-    p = sub.add_parser(
-        "nearline", help="near-line embedding from a Redis stream (needs the nearline extra)",
-        description="Near-line embedding, the same as `python -m postembed_fast.nearline`: `embed` runs one\n"
-                    "consumer-group worker that embeds new posts of a Redis stream into Redis hashes; `index`\n"
-                    "keeps a searchable EmbeddingIndex of the worker's output stream (GET /search).",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    nsub = p.add_subparsers(dest="nearline_command", metavar="COMMAND", required=True)
-    e = nsub.add_parser("embed", help="embed new posts of a Redis stream into Redis (SIGTERM: finish the batch, exit 0)")
-    add_embed_arguments(e)
-    e.set_defaults(func=cmd_nearline_embed, parser=e)
-    from postembed_fast.nearline.index_updater import add_index_arguments  # flags only
-
-    i = nsub.add_parser("index", help="keep a searchable index of the output stream, GET /search (snapshots to "
-                                      "disk and resumes from them; SIGTERM: final snapshot, exit 0)")
-    add_index_arguments(i)
-    i.set_defaults(func=cmd_nearline_index, parser=i)
-
-
-def cmd_nearline_embed(args) -> int:
-    from postembed_fast.nearline.worker import missing_extra, run_from_args
-
-    problem = missing_extra()
-    if problem:
-        raise UsageError(problem)
-    return run_from_args(args, prog=f"{PROG} nearline embed")
-
-
-def cmd_nearline_index(args) -> int:
-    from postembed_fast.nearline.index_updater import missing_extra, run_from_args
-
-    problem = missing_extra()
-    if problem:
-        raise UsageError(problem)
-    return run_from_args(args, prog=f"{PROG} nearline index")
-
-
-def _add_backfill(sub) -> None:
-    from postembed_fast.backfill.job import add_arguments  # flags only: ray is imported by the job
-
-    p = sub.add_parser(
-        "backfill", help="embed a corpus of JSONL/Parquet files on Ray Data into Parquet (needs the backfill extra)",
-        description="Backfill, the same as `python -m postembed_fast.backfill`: embeds every input file not yet\n"
-                    "done into DIR/<input key>/part-*.parquet (id, embedding) on a pool of Ray Data actors,\n"
-                    "rejects bad rows into rejects.jsonl, and can load a finished output into Redis.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=cmd_backfill, parser=p)
-
-
-def cmd_backfill(args) -> int:
-    from postembed_fast.backfill.job import run_from_args
-
-    return run_from_args(args, prog=f"{PROG} backfill")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="postembed_fast: high-throughput post embeddings (padding-free BERT).",
-        epilog=f"'{PROG} COMMAND --help' describes a command.")
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_embed(sub)
-    _add_serve(sub)
-    _add_nearline(sub)
-    _add_backfill(sub)
-    return parser
-
-
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except UsageError as exc:
-        getattr(args, "parser", parser).error(str(exc))  # usage line + message, exit 2
-    except InputError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # writing the output (input errors are InputError)
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-
-
-# ---------------------------------------------------------------------------------------------
-# input
-# ---------------------------------------------------------------------------------------------
-_BOM = codecs.BOM_UTF8
-
-
-class PostReader:
-    """Streams (line_number, text, id) from a file or stdin; never holds more than one line
-    (plus, while sniffing, the leading blank lines)."""
-
-    def __init__(self, path: str, fmt: str = "auto", text_field: str = "text", ids_field: str | None = None):
-        self.name = "<stdin>" if path == "-" else path
-        if path == "-":
-            raw = sys.stdin.buffer
-        else:
-            try:
-                raw = open(path, "rb")  # noqa: SIM115 (closed in close())
-            except OSError as exc:
-                raise InputError(self.name, None, exc.strerror or str(exc)) from None
-        self._raw = raw
-        stream = raw if hasattr(raw, "peek") else io.BufferedReader(raw)
-        self.gzipped = stream.peek(2)[:2] == b"\x1f\x8b"
-        self._stream = gzip.GzipFile(fileobj=stream, mode="rb") if self.gzipped else stream
-        self.text_field, self.ids_field = text_field, ids_field
-        self._head: list[bytes] = []
-        self.sniffed = False  # True when the first line decided the format
-        if fmt == "auto":
-            fmt = self._format_from_name(path)
-            if fmt is None:
-                fmt, self.sniffed = self._sniff(), True
-        self.format = fmt
-
-    @staticmethod
-    def _format_from_name(path: str) -> str | None:
-        name = path.lower()
-        if name.endswith(".gz"):
-            name = name[:-3]
-        if name.endswith(JSONL_SUFFIXES):
-            return "jsonl"
-        if name.endswith(TEXT_SUFFIXES):
-            return "text"
-        return None
-
-    def _sniff(self) -> str:
-        """JSONL if the first non-blank line starts with '{'; lines read here are replayed later."""
-        try:
-            for raw in self._stream:
-                self._head.append(raw)
-                stripped = raw[len(_BOM):] if len(self._head) == 1 and raw.startswith(_BOM) else raw
-                if stripped.strip():
-                    return "jsonl" if stripped.lstrip().startswith(b"{") else "text"
-                if len(self._head) >= _SNIFF_MAX_LINES:
-                    break
-        except (OSError, EOFError, zlib.error) as exc:
-            raise InputError(self.name, None, f"cannot read: {exc}") from None
-        # no non-blank line: empty input (either format), or only blank lines (text; JSONL with ids)
-        return "jsonl" if self.ids_field is not None and not self._head else "text"
-
-    def _lines(self):
-        lines = itertools.chain(self._head, self._stream)
-        self._head = []
-        n = 0
-        try:
-            for n, raw in enumerate(lines, 1):
-                if n == 1 and raw.startswith(_BOM):
-                    raw = raw[len(_BOM):]
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise InputError(self.name, n, f"invalid UTF-8 at byte {exc.start} of the line "
-                                                   f"({raw[exc.start:exc.start + 4]!r}...)") from None
-                yield n, line
-        except (OSError, EOFError, zlib.error) as exc:
-            raise InputError(self.name, n + 1, f"cannot read: {exc}") from None
-
-    def __iter__(self):
-        """Yields (text, id): id is None without --ids-field."""
-        if self.format == "text":
-            for _, line in self._lines():
-                if line.endswith("\n"):
-                    line = line[:-2] if line.endswith("\r\n") else line[:-1]
-                yield line, None
-            return
-        field, ids_field = self.text_field, self.ids_field
-        hint = (" (the input was read as JSONL because its first non-blank line starts with '{'; "
-                "pass --format text for plain text)") if self.sniffed else ""
-        for n, line in self._lines():
-            if not line.strip():
-                raise InputError(self.name, n, "blank line; JSONL needs one JSON object per line")
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(self.name, n, f"invalid JSON: {exc}{hint}") from None
-            if not isinstance(obj, dict):
-                raise InputError(self.name, n, f"expected a JSON object, got {_json_type(obj)}{hint}")
-            if field not in obj:
-                raise InputError(self.name, n, f"no {field!r} field (--text-field); fields: "
-                                               f"{', '.join(map(repr, list(obj)[:10])) or 'none'}")
-            text = obj[field]
-            if not isinstance(text, str):
-                raise InputError(self.name, n, f"field {field!r} must be a string, got {_json_type(text)}")
-            if ids_field is None:
-                yield text, None
-                continue
-            if ids_field not in obj:
-                raise InputError(self.name, n, f"no {ids_field!r} field (--ids-field)")
-            id_ = obj[ids_field]
-            if isinstance(id_, bool) or not isinstance(id_, (str, int)):
-                raise InputError(self.name, n, f"id field {ids_field!r} must be a string or an integer, "
-                                               f"got {_json_type(id_)}")
-            yield text, id_
-
-    def close(self):
-        if self._raw is not sys.stdin.buffer:
-            self._raw.close()
-
-
-def _json_type(v) -> str:
-    if v is None:
-        return "null"
-    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
-            dict: "an object"}.get(type(v), type(v).__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,7 +257,7 @@ def default_ids_path(output: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # embed
 # ---------------------------------------------------------------------------------------------
-def cmd_embed(args) -> int:
+def cmd_embed(args, prog: str = PROG) -> int:
     out_path = Path(args.output)
     ids_path = Path(args.ids_output or default_ids_path(args.output)) if args.ids_field else None
     if args.ids_output and not args.ids_field:
@@ -471,10 +270,11 @@ def cmd_embed(args) -> int:
     if not out_path.parent.is_dir():
         raise UsageError(f"--output: directory {str(out_path.parent)!r} does not exist")
 
-    reader = PostReader(args.input, args.format, args.text_field, args.ids_field)
+    reader = PostReader(args.input, args.format, args.text_field, args.ids_field,
+                        sniff_hint="pass --format text for plain text")
     try:
-        if args.ids_field and reader.format != "jsonl":
-            raise UsageError("--ids-field needs JSONL input (this input is plain text; see --format)")
+        if args.ids_field and reader.format == "text":
+            raise UsageError("--ids-field needs JSONL or Parquet input (this input is plain text; see --format)")
         return _embed(args, reader, out_path, ids_path)
     finally:
         reader.close()
@@ -490,9 +290,9 @@ def _device_type(device) -> str:
 
 def _embed(args, reader: PostReader, out_path: Path, ids_path: Path | None) -> int:
     t0 = time.perf_counter()
-    chunk_size = args.chunk_size or DEFAULT_CHUNK[_device_type(args.device)]
+    model = ModelOptions.from_args(args)
+    chunk_size = args.chunk_size or DEFAULT_CHUNK[_device_type(model.device)]
     ids = IdsWriter(ids_path) if ids_path is not None else None
-    writer = None
     ok = False
     try:
         def texts():
@@ -508,11 +308,11 @@ def _embed(args, reader: PostReader, out_path: Path, ids_path: Path | None) -> i
         from postembed_fast import Embedder
 
         try:
-            emb = Embedder(args.model, device=args.device, dtype=args.dtype)
+            emb = Embedder(model.model, device=model.device, dtype=model.dtype)
         except (ValueError, TypeError, FileNotFoundError) as exc:
             raise UsageError(str(exc)) from None
         load_s = time.perf_counter() - t0
-        opts = dict(precision=args.precision, dimensions=args.dimensions, batch_tokens=args.batch_tokens)
+        opts = dict(precision=args.precision, dimensions=args.dimensions, batch_tokens=model.batch_tokens)
         try:
             template = emb.embed([], **opts)  # validates the options; dtype and width of the rows
         except (ValueError, TypeError) as exc:
@@ -567,14 +367,119 @@ def _run(args, emb, opts, template, texts, chunk_size, out_path, ids, load_s) ->
 # ---------------------------------------------------------------------------------------------
 # serve
 # ---------------------------------------------------------------------------------------------
-def cmd_serve(args) -> int:
-    from postembed_fast.serve.__main__ import missing_extra, serve
+def cmd_serve(args, prog: str = PROG) -> int:
+    from postembed_fast.serve.__main__ import serve
     from postembed_fast.serve.options import ServeConfig
 
-    problem = missing_extra()
-    if problem:
-        raise UsageError(problem)
     return serve(ServeConfig.from_args(args))
+
+
+# ---------------------------------------------------------------------------------------------
+# the table, the parser, main
+# ---------------------------------------------------------------------------------------------
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "embed", help="embed a JSONL / JSONL.gz / plain-text / Parquet file of posts into a .npy file",
+        description="Embed every post of INPUT into OUT.npy, in input order: row i of the array is line\n"
+                    "i+1 of the input. Memory stays flat however long the input: posts stream through\n"
+                    "Embedder.embed_iter and the rows straight to disk. A summary line goes to stderr.",
+        epilog=EMBED_EPILOG, add_arguments=_add_embed_arguments, run=cmd_embed),
+    Command(
+        "serve", help="serve embeddings over HTTP (OpenAI- and TEI-compatible; needs the serve extra)",
+        description="Serve embeddings over HTTP, the same as `python -m postembed_fast.serve`: POST /v1/embeddings\n"
+                    "(OpenAI), POST /embed (TEI), POST /tokenize, GET /health, /info, /metrics. Concurrent\n"
+                    "requests are merged into token-budget batches. SIGTERM drains and exits 0.",
+        add_arguments=_lazy("postembed_fast.serve.options:add_arguments"),
+        run=cmd_serve, missing_extra=_serve_missing_extra),
+    Command(
+        "nearline", help="near-line embedding from a Redis stream (needs the nearline extra)",
+        description="Near-line embedding, the same as `python -m postembed_fast.nearline`: `embed` runs one\n"
+                    "consumer-group worker that embeds new posts of a Redis stream into Redis hashes; `index`\n"
+                    "keeps a searchable EmbeddingIndex of the worker's output stream (GET /search).",
+        subcommands=(
+            Command("embed", help="embed new posts of a Redis stream into Redis (SIGTERM: finish the batch, exit 0)",
+                    add_arguments=_lazy("postembed_fast.nearline.worker:add_embed_arguments"),
+                    run=_lazy("postembed_fast.nearline.worker:run_from_args"),
+                    missing_extra=_lazy("postembed_fast.nearline.worker:missing_extra")),
+            Command("index", help="keep a searchable index of the output stream, GET /search (snapshots to disk "
+                                  "and resumes from them; SIGTERM: final snapshot, exit 0)",
+                    add_arguments=_lazy("postembed_fast.nearline.index_updater:add_index_arguments"),
+                    run=_lazy("postembed_fast.nearline.index_updater:run_from_args"),
+                    missing_extra=_lazy("postembed_fast.nearline.index_updater:missing_extra")),
+        )),
+    Command(
+        "backfill", help="embed a corpus of JSONL/Parquet files on Ray Data into Parquet (needs the backfill extra)",
+        description="Backfill, the same as `python -m postembed_fast.backfill`: embeds every input file not yet\n"
+                    "done into DIR/<input key>/part-*.parquet (id, embedding) on a pool of Ray Data actors,\n"
+                    "rejects bad rows into rejects.jsonl, and can load a finished output into Redis.",
+        # the extra is checked by the job: --load-into alone needs Redis, not Ray
+        add_arguments=_lazy("postembed_fast.backfill.job:add_arguments"),
+        run=_lazy("postembed_fast.backfill.job:run_from_args")),
+    Command(
+        "train", help="train the post-embedding model: multi-task contrastive fine-tuning to 50-d (needs the "
+                      "train extra)",
+        description="Train the post-embedding model, the same as `python -m postembed_fast.train`: fine-tunes\n"
+                    "the base encoder on the posts' labeling tasks into a sentence-transformers folder that\n"
+                    "Embedder loads, then prints the triplet-accuracy table of the new model and the base.",
+        add_arguments=_lazy("postembed_fast.train.__main__:add_arguments"),
+        run=_lazy("postembed_fast.train.__main__:run_from_args"),
+        missing_extra=_lazy("postembed_fast.train.__main__:missing_extra")),
+)
+
+
+def _entry(cmd: Command, path: tuple[str, ...]) -> Callable[[argparse.Namespace], int]:
+    """`args.func` of a row: checks its extra, then runs it under its full name ('postembed-fast nearline
+    index'); named cmd_<path> (cmd_nearline_index)."""
+    prog = " ".join((PROG, *path))
+
+    def func(args) -> int:
+        problem = cmd.missing_extra() if cmd.missing_extra else None
+        if problem:
+            raise UsageError(problem)
+        return cmd.run(args, prog)
+
+    func.__name__ = func.__qualname__ = "cmd_" + "_".join(path)
+    return func
+
+
+def _add_commands(sub, commands: tuple[Command, ...], path: tuple[str, ...] = ()) -> None:
+    for cmd in commands:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description, epilog=cmd.epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if cmd.subcommands:
+            nested = p.add_subparsers(dest=f"{cmd.name}_command", metavar="COMMAND", required=True)
+            _add_commands(nested, cmd.subcommands, (*path, cmd.name))
+            continue
+        cmd.add_arguments(p)
+        p.set_defaults(func=_entry(cmd, (*path, cmd.name)), cli_command=cmd, parser=p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="postembed_fast: high-throughput post embeddings (padding-free BERT).",
+        epilog=f"'{PROG} COMMAND --help' describes a command.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_commands(sub, COMMANDS)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        args.parser.error(str(exc))  # usage line + message, exit 2
+    except InputError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # writing the output (input errors are InputError)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

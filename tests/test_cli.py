@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -124,22 +125,23 @@ def test_empty_input(tmp_path):
 
 
 GOOD = json.dumps({"id": "a", "text": "a fine post"})
+# the reasons are postembed_fast.inputs' (the same for embed, backfill and train; tests/test_inputs.py)
 BAD_LINES = {
-    "invalid JSON": (GOOD + "\n" + GOOD + "\n" + '{"id": "c", "text": "unterminated\n').encode(),
-    "expected a JSON object": (GOOD + "\n" + GOOD + "\n" + '["text"]\n').encode(),
-    "no 'text' field": (GOOD + "\n" + GOOD + "\n" + '{"id": "c", "body": "x"}\n').encode(),
-    "must be a string, got null": (GOOD + "\n" + GOOD + "\n" + '{"id": "c", "text": null}\n').encode(),
-    "invalid UTF-8": (GOOD + "\n" + GOOD + "\n").encode() + b'{"id": "c", "text": "caf\xe9"}\n',
+    "invalid JSON: Unterminated string starting at character 21":
+        (GOOD + "\n" + GOOD + "\n" + '{"id": "c", "text": "unterminated\n').encode(),
+    "not a JSON object (list)": (GOOD + "\n" + GOOD + "\n" + '["text"]\n').encode(),
+    "missing text ('text'; fields: 'id', 'body')": (GOOD + "\n" + GOOD + "\n" + '{"id": "c", "body": "x"}\n').encode(),
+    "missing text ('text' is null)": (GOOD + "\n" + GOOD + "\n" + '{"id": "c", "text": null}\n').encode(),
+    "not valid UTF-8": (GOOD + "\n" + GOOD + "\n").encode() + b'{"id": "c", "text": "caf\xe9"}\n',
 }
 # the same checks, run in-process (cli.main) to keep the file quick
 MORE_BAD_LINES = {
     "blank line": (GOOD + "\n" + GOOD + "\n" + "  \n" + GOOD + "\n").encode(),
-    "id field 'id' must be a string or an integer, got a number":
-        (GOOD + "\n" + GOOD + "\n" + '{"id": 1.5, "text": "x"}\n').encode(),
-    "id field 'id' must be a string or an integer, got null":
-        (GOOD + "\n" + GOOD + "\n" + '{"id": null, "text": "x"}\n').encode(),
-    "no 'id' field (--ids-field)": (GOOD + "\n" + GOOD + "\n" + '{"text": "x"}\n').encode(),
-    "invalid UTF-8": b"ok\nfine\n\xff\n",  # gz, sniffed as text: the UTF-8 check is the same for both formats
+    "id ('id') is float, not a string or integer": (GOOD + "\n" + GOOD + "\n" + '{"id": 1.5, "text": "x"}\n').encode(),
+    "missing id ('id' is null)": (GOOD + "\n" + GOOD + "\n" + '{"id": null, "text": "x"}\n').encode(),
+    "missing id ('id')": (GOOD + "\n" + GOOD + "\n" + '{"text": "x"}\n').encode(),
+    "text ('text') is not valid Unicode": (GOOD + "\n" + GOOD + "\n" + '{"id": "c", "text": "\\ud800"}\n').encode(),
+    "not valid UTF-8": b"ok\nfine\n\xff\n",  # gz, sniffed as text: the UTF-8 check is the same for both formats
 }
 
 
@@ -154,7 +156,8 @@ def test_bad_lines_exit_2_with_line_number_no_output(tmp_path):
                                           "--ids-field", "id", "--no-progress"], {}))
     for (kind, p), (cwd, _, _) in zip(zip(BAD_LINES, run_all(calls)), calls):
         assert p.returncode == 2, (kind, stderr(p))
-        assert "in.jsonl:3: " in stderr(p) and kind in stderr(p), (kind, stderr(p))
+        assert f"in.jsonl:3: {kind}" in stderr(p), (kind, stderr(p))
+        assert not re.search(r"line \d+ column", stderr(p)), stderr(p)  # one line number: the file's
         assert sorted(x.name for x in cwd.iterdir()) == ["in.jsonl"], kind  # no output, no ids, no temp files
 
 
@@ -163,12 +166,12 @@ def test_more_bad_lines_in_process(tmp_path, capsys, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     for kind, data in MORE_BAD_LINES.items():
-        name = "in.jsonl" if kind != "invalid UTF-8" else "in.gz"
-        (tmp_path / name).write_bytes(data if kind != "invalid UTF-8" else gzip.compress(data))
-        ids = ["--ids-field", "id"] if kind != "invalid UTF-8" else []
+        name = "in.jsonl" if kind != "not valid UTF-8" else "in.gz"
+        (tmp_path / name).write_bytes(data if kind != "not valid UTF-8" else gzip.compress(data))
+        ids = ["--ids-field", "id"] if kind != "not valid UTF-8" else []
         assert main(["embed", name, "--output", "out.npy", "--device", "cpu", "--no-progress", *ids]) == 2, kind
         err = capsys.readouterr().err
-        assert f"{name}:3: " in err and kind in err, (kind, err)
+        assert f"{name}:3: {kind}" in err, (kind, err)
         assert sorted(x.name for x in tmp_path.iterdir()) == [name], kind
         (tmp_path / name).unlink()
 
@@ -181,7 +184,7 @@ def test_bad_line_after_first_chunk_leaves_no_output(tmp_path, rows):
     p = run(tmp_path, "embed", "-", "--output", "out.npy", "--device", "cpu", "--chunk-size", "4", "--no-progress",
             stdin=(tmp_path / "in.jsonl").read_bytes())
     assert p.returncode == 2, stderr(p)
-    assert "<stdin>:11: field 'text' must be a string, got a number" in stderr(p)
+    assert "<stdin>:11: text ('text') is int, not a string" in stderr(p)
     assert (tmp_path / "out.npy").read_bytes() == b"old"
     assert sorted(x.name for x in tmp_path.iterdir()) == ["in.jsonl", "out.npy"]
 
@@ -200,12 +203,14 @@ def test_usage_errors_help_version(tmp_path):
     ])
     assert bad_precision.returncode == 2 and "invalid choice: 'int4'" in stderr(bad_precision)
     assert all(v in stderr(bad_precision) for v in PRECISIONS)
-    assert ids_on_text.returncode == 2 and "--ids-field needs JSONL input" in stderr(ids_on_text)
+    assert ids_on_text.returncode == 2 and "--ids-field needs JSONL or Parquet input" in stderr(ids_on_text)
     assert missing.returncode == 2 and "missing.jsonl: No such file" in stderr(missing)
     assert sorted(x.name for x in tmp_path.iterdir()) == ["in.txt"]
 
     assert version.returncode == 0 and version.stdout.decode().strip() == f"postembed-fast {__version__}"
-    assert help_.returncode == 0 and "embed" in help_.stdout.decode()
+    assert help_.returncode == 0
+    for name in ("embed", "serve", "nearline", "backfill", "train"):
+        assert name in help_.stdout.decode(), name
     out = embed_help.stdout.decode()
     assert embed_help.returncode == 0
     for flag in ("--output", "--model", "--precision", "--dimensions", "--device", "--dtype", "--batch-tokens",
@@ -221,4 +226,130 @@ def test_nearline_subcommand_parses_the_worker_flags():
     args = build_parser().parse_args(["nearline", "embed", "--stream", "s", "--group", "g", "--consumer", "c",
                                       "--precision", "binary", "--batch-max", "7", "--device", "cpu"])
     assert args.func.__name__ == "cmd_nearline_embed"
+    assert args.cli_command.name == "embed" and args.parser.prog == "postembed-fast nearline embed"
     assert (args.stream, args.group, args.consumer, args.precision, args.batch_max) == ("s", "g", "c", "binary", 7)
+
+
+# ---- one table of subcommands, one ModelOptions ---------------------------------------------------
+_HELP_SCRIPT = """
+import contextlib, io, json, sys
+from postembed_fast.cli import COMMANDS, main
+
+def leaves(commands, path=()):
+    for c in commands:
+        yield from leaves(c.subcommands, path + (c.name,)) if c.subcommands else [path + (c.name,)]
+
+helps = {}
+for path in leaves(COMMANDS):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            main([*path, "--help"])
+        except SystemExit as exc:
+            assert exc.code == 0, (path, exc.code)
+    helps[" ".join(path)] = out.getvalue()
+heavy = ("sentence_transformers", "datasets", "accelerate", "transformers", "redis", "ray", "starlette", "uvicorn",
+         "pyarrow", "orjson")
+loaded = [m for m in heavy if m in sys.modules]
+sys.modules["sentence_transformers"] = None  # the train extra, as if not installed
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    try:
+        code = main(["train", "--data", "posts.jsonl", "--out", "model"])
+    except SystemExit as exc:
+        code = exc.code
+print(json.dumps({"helps": helps, "loaded": loaded, "train_code": code, "train_err": err.getvalue()}))
+"""
+
+
+def test_every_subcommand_helps_without_its_extra_and_train_says_what_to_install(tmp_path):
+    """Every row of the table (train too) prints its --help in a fresh process without importing any
+    extra or the model; train without its extra exits 2 naming the pip extra."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "-c", _HELP_SCRIPT], cwd=tmp_path, capture_output=True, timeout=300, env=env)
+    assert p.returncode == 0, stderr(p)
+    got = json.loads(p.stdout)
+    assert sorted(got["helps"]) == ["backfill", "embed", "nearline embed", "nearline index", "serve", "train"]
+    for name, flags in {"embed": ["--output", "--format", "--batch-tokens"], "serve": ["--max-batch-tokens"],
+                        "nearline embed": ["--stream", "--batch-tokens"], "nearline index": ["--snapshot"],
+                        "backfill": ["--input", "--load-into", "--batch-tokens"],
+                        "train": ["--data", "--out", "--base", "--device"]}.items():
+        assert f"usage: postembed-fast {name}" in got["helps"][name], name
+        for flag in ("--model", "--device", "--dtype") if name != "train" else ():
+            assert flag in got["helps"][name], (name, flag)
+        for flag in flags:
+            assert flag in got["helps"][name], (name, flag)
+    assert "--dtype" not in got["helps"]["train"]  # train takes only --device of the model flags
+    assert got["loaded"] == [], got["loaded"]
+    assert got["train_code"] == 2
+    assert ("sentence_transformers is not installed; install with: pip install 'postembed_fast[train]'"
+            in got["train_err"]), got["train_err"]
+    assert got["train_err"].startswith("usage: postembed-fast train"), got["train_err"]
+
+
+def test_every_config_is_a_model_options_built_from_the_same_flags():
+    from dataclasses import FrozenInstanceError, replace
+
+    from postembed_fast.backfill.job import Config as BackfillConfig
+    from postembed_fast.backfill.job import config_from_args
+    from postembed_fast.cli import build_parser
+    from postembed_fast.nearline.index_updater import IndexConfig
+    from postembed_fast.nearline.worker import Config as WorkerConfig
+    from postembed_fast.options import MODEL_FLAGS, ModelOptions
+    from postembed_fast.serve.options import ServeConfig
+
+    flags = ["--model", "my-model", "--device", "cpu", "--dtype", "bfloat16", "--batch-tokens", "512"]
+    parser = build_parser()
+    configs = {
+        "serve": ServeConfig.from_args(parser.parse_args(["serve", *flags[:6]])),  # no --batch-tokens (below)
+        "nearline embed": WorkerConfig.from_args(parser.parse_args(["nearline", "embed", *flags])),
+        "nearline index": IndexConfig.from_args(parser.parse_args(["nearline", "index", "--snapshot", "d", *flags])),
+        "backfill": config_from_args(parser.parse_args(["backfill", "--output", "o", *flags])),
+    }
+    want = ModelOptions(model="my-model", device="cpu", dtype="bfloat16", batch_tokens=512)
+    for name, cfg in configs.items():
+        assert isinstance(cfg, ModelOptions), name
+        expected = replace(want, batch_tokens=None) if name == "serve" else want
+        assert ModelOptions(**{f: getattr(cfg, f) for f in MODEL_FLAGS}) == expected, name
+        with pytest.raises(FrozenInstanceError):
+            cfg.device = "cuda"
+    for cls in (ServeConfig, WorkerConfig, IndexConfig, BackfillConfig):  # declared once, in ModelOptions
+        for f in MODEL_FLAGS:
+            assert cls.__dataclass_fields__[f] is ModelOptions.__dataclass_fields__[f], (cls, f)
+    # serve: forward batches are the engine's default; its own token budget is how much it merges per call
+    serve = ServeConfig.from_args(parser.parse_args(["serve", "--max-batch-tokens", "64"]))
+    assert (serve.max_batch_tokens, serve.batch_tokens) == (64, None)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--batch-tokens", "64"])
+    train = parser.parse_args(["train", "--data", "d", "--out", "o", "--device", "cpu"])
+    assert ModelOptions.from_args(train) == ModelOptions(device="cpu")  # the flags train does not take: None
+    # the old import path of the model flags still works, with a warning naming the new one
+    with pytest.warns(DeprecationWarning, match=r"cli_args\.add_model_args moved to postembed_fast\.options"):
+        from postembed_fast.cli_args import add_model_args
+    from postembed_fast.options import add_model_args as new
+
+    assert add_model_args is new
+
+
+def test_parquet_input_with_int_ids(tmp_path, rows, embedder, monkeypatch, capsys):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from postembed_fast import inputs
+    from postembed_fast.cli import FORMATS, main
+
+    assert FORMATS == ("auto", *inputs.FORMATS)  # --format takes the reader's formats
+
+    texts = [r["text"] for r in rows]
+    pq.write_table(pa.table({"n": pa.array(range(500, 510), pa.int64()), "body": texts}), tmp_path / "in.parquet",
+                   row_group_size=4)
+    monkeypatch.chdir(tmp_path)
+    assert main(["embed", "in.parquet", "-o", "out.npy", "--device", "cpu", "--text-field", "body",
+                 "--ids-field", "n", "--chunk-size", "3", "--no-progress"]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), embedder.embed(texts), rtol=0, atol=1e-6)
+    assert np.load(tmp_path / "out.ids.npy").tolist() == list(range(500, 510))
+    pq.write_table(pa.table({"body": ["fine", None]}), tmp_path / "bad.parquet")
+    assert main(["embed", "bad.parquet", "-o", "bad.npy", "--device", "cpu", "--text-field", "body",
+                 "--no-progress"]) == 2
+    assert "bad.parquet: row 2: missing text ('body' is null)" in capsys.readouterr().err
+    assert not (tmp_path / "bad.npy").exists()

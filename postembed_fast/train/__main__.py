@@ -13,7 +13,9 @@ import json
 import sys
 from pathlib import Path
 
+from postembed_fast.cli_args import missing_extra as missing
 from postembed_fast.cli_args import positive_int
+from postembed_fast.options import ModelOptions, add_model_args
 from postembed_fast.train.data import read_posts, split_posts
 from postembed_fast.train.tasks import TRAIN_TASKS
 
@@ -39,12 +41,17 @@ def _dim(s: str):
         raise argparse.ArgumentTypeError(f"--dim must be a positive integer or 'none': {exc}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from postembed_fast.train.recipe import Recipe
+def missing_extra() -> str | None:
+    return missing("train", "sentence_transformers", "datasets", "accelerate")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of the train command (also `postembed-fast train`): they import no part of the extra."""
+    from postembed_fast.train.recipe import Recipe  # the defaults; sentence-transformers loads in train()
 
     d = Recipe()
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="posts, JSONL or JSONL.gz (fields id, source, section, title, text, tags)")
+    p.add_argument("--data", required=True,
+                   help="posts, JSONL(.gz) or Parquet (fields id, source, section, title, text, tags)")
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument("--base", default=None, help="base encoder folder (default: all-MiniLM-L6-v2)")
     p.add_argument("--tasks", type=_tasks, default=d.tasks, help=f"comma-separated (default {','.join(d.tasks)})")
@@ -55,43 +62,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-length", type=int, default=None, help=f"training truncation (default {d.max_seq_length})")
     p.add_argument("--freeze-layers", type=int, default=None, help=f"lower encoder layers not trained (default {d.freeze_layers})")
     p.add_argument("--learning-rate", type=float, default=None, help=f"default {d.learning_rate}")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    add_model_args(p, only=("device",))  # the base model is --base; the training dtype is the trainer's
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--full", action="store_true",
                    help="the GPU-size recipe: all layers, 256 tokens, batch 128, 1,500 steps per task")
     p.add_argument("--no-eval", action="store_true", help="skip the triplet evaluation at the end")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder at --out")
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
     return p
 
 
-def recipe_from_args(a, parser):
+def _exit_usage(prog: str, message: str):
+    """A bad option, bad data, a missing extra: `prog: error: message`, exit 2 (as argparse's own errors)."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def recipe_from_args(a):
+    """The Recipe of the parsed flags; ValueError for a bad combination."""
     from postembed_fast.train.recipe import Recipe
 
-    kw = {"tasks": a.tasks, "dim": a.dim, "device": a.device, "seed": a.seed}
+    kw = {"tasks": a.tasks, "dim": a.dim, "device": ModelOptions.from_args(a).device, "seed": a.seed}
     for name in ("batch_size", "max_seq_length", "freeze_layers", "learning_rate"):
         if getattr(a, name) is not None:
             kw[name] = getattr(a, name)
     r = Recipe.full(**kw) if a.full else Recipe(**kw)
     if a.steps is not None:
         if a.steps < len(r.tasks):
-            parser.error(f"--steps must be >= the number of tasks ({len(r.tasks)}), got {a.steps}")
+            raise ValueError(f"--steps must be >= the number of tasks ({len(r.tasks)}), got {a.steps}")
         r.steps_per_task = -(-a.steps // len(r.tasks))
     r.eval_every = min(r.eval_every, r.steps)
     r.warmup_steps = min(r.warmup_steps, r.steps // 10)
-    try:
-        r.check()
-    except ValueError as exc:
-        parser.error(str(exc))
+    r.check()
     return r
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    a = parser.parse_args(argv)
-    recipe = recipe_from_args(a, parser)
+def run_from_args(a, prog: str = PROG) -> int:
+    """Train from parsed add_arguments() flags (this module's main and `postembed-fast train`). A bad
+    option, bad data or a missing extra: `prog: error: ...` and SystemExit(2)."""
+    problem = missing_extra()
+    if problem:
+        _exit_usage(prog, problem)
+    try:
+        recipe = recipe_from_args(a)
+    except ValueError as exc:
+        _exit_usage(prog, str(exc))
     out = Path(a.out)
     if (out / "modules.json").exists() and not a.overwrite:
-        parser.error(f"{out} already holds a model; pass --overwrite to replace it")
+        _exit_usage(prog, f"{out} already holds a model; pass --overwrite to replace it")
     try:
         posts = read_posts(a.data)
         from postembed_fast.train import recipe as rc  # needs the train extra
@@ -101,7 +123,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         record = rc.train(recipe, splits, out, base=a.base, log=lambda m: print(m, file=sys.stderr))
     except (ValueError, ImportError) as exc:
-        parser.exit(2, f"{PROG}: error: {exc}\n")
+        _exit_usage(prog, str(exc))
     print(f"saved {out} ({record['train_seconds']} s, {record['seconds_per_step']} s/step); validation loss per task:",
           file=sys.stderr)
     for task, v in record["validation_loss"].items():
@@ -113,13 +135,17 @@ def main(argv=None) -> int:
         by_id = {p.id: p for p in posts}
         summaries = []
         for name, path in (("base", a.base or "all-MiniLM-L6-v2"), (out.name, str(out))):
-            info, correct = ev.score_model(path, triplets, by_id, device=a.device)
+            info, correct = ev.score_model(path, triplets, by_id, device=recipe.device)
             summaries.append(ev.summarize(name, info, correct))
         table = ev.format_table(summaries)
         print(table)
         record["evaluation"] = summaries
         (out / rc.RECIPE_FILE).write_text(json.dumps(record, indent=1))
     return 0
+
+
+def main(argv=None, prog: str = PROG) -> int:
+    return run_from_args(build_parser(prog).parse_args(argv), prog)
 
 
 if __name__ == "__main__":
