@@ -245,16 +245,157 @@ def cos():
     return cosines
 
 
-@pytest.fixture(params=[True, False], ids=["avx2-if-cpu-has-it", "baseline-isa"])
-def cpu_isa(request):
-    """Run a C++ CPU kernel test with its AVX2+FMA build (where the CPU has it) and its baseline build."""
+CPU_ISA_IDS = {True: "avx2-if-cpu-has-it", False: "baseline-isa"}
+
+
+@contextlib.contextmanager
+def cpu_avx2_allowed(allowed: bool):
+    """The C++ CPU kernels' AVX2+FMA build allowed (where the CPU has it) or not (the baseline build)."""
     from postembed_fast.kernels import _ext
 
     if _ext._C is None:
         pytest.skip(f"compiled extension unavailable: {_ext.UNAVAILABLE_REASON}")
-    prev = _ext._C._set_cpu_avx2_allowed(request.param)
-    yield request.param
-    _ext._C._set_cpu_avx2_allowed(prev)
+    prev = _ext._C._set_cpu_avx2_allowed(allowed)
+    try:
+        yield allowed
+    finally:
+        _ext._C._set_cpu_avx2_allowed(prev)
+
+
+@pytest.fixture(params=list(CPU_ISA_IDS), ids=list(CPU_ISA_IDS.values()))
+def cpu_isa(request):
+    """Run a C++ CPU kernel test with its AVX2+FMA build (where the CPU has it) and its baseline build."""
+    with cpu_avx2_allowed(request.param):
+        yield request.param
+
+
+# ---- kernel backends: a test of an op runs once per backend (kernels/dispatch.py decides which run here) ----
+#
+#     @pytest.mark.backends("add_layernorm")                      # -> arguments `backend`, `device`
+#     @pytest.mark.backends("varlen_attention", cpu_isa=True)     # "cpp" twice: AVX2 and baseline builds
+#     @pytest.mark.backends(op, "n, dtype", CASES, keep=takes)    # x CASES, where keep(backend, device, *case)
+#
+# Every backend of the op is listed; one that cannot run here is skipped with dispatch's reason. Each runs
+# on its own device: torch and cpp on the CPU; triton on the GPU where there is one, else on the CPU
+# under the Triton interpreter (TRITON_INTERPRET=1, set above), orders of magnitude slower: tests give
+# backend == "triton" on device == "cpu" small sizes (their keep=). device="cpu" / "cuda" in the mark
+# puts every backend on that device, device=("cpu", "cuda") runs every backend on each.
+
+def _triton_kernels_interpreted() -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from postembed_fast.kernels import attention
+
+    # triton.jit picks the interpreter when a kernel is decorated, i.e. at the first import of the kernels
+    return isinstance(attention._varlen_attention_kernel, InterpretedFunction)
+
+
+def backend_unavailable(op: str, backend: str, device: str) -> str | None:
+    """None if `op` runs with `backend` on `device` here, else why not (dispatch's words)."""
+    from postembed_fast.kernels import _ext, dispatch
+
+    if device == "cuda" and not HAS_CUDA:
+        return "no CUDA GPU on this machine"
+    if backend == "cpp" and not _ext.has_cpu_ext():
+        return _ext.UNAVAILABLE_REASON  # no "cpp" implementation is registered then
+    try:
+        dispatch.choose(op, torch.device(device), backend)
+    except RuntimeError as exc:  # not implemented for this device, or unavailable, with the reason
+        return str(exc)
+    if backend == "triton" and device == "cpu" and not _triton_kernels_interpreted():
+        return ("the Triton kernels are not interpreted (TRITON_INTERPRET is not 1, or postembed_fast.kernels "
+                "was imported before conftest.py set it)")
+    return None
+
+
+def _backends_of(op: str) -> list[str]:
+    """The backends `op` has (dispatch.implemented), "cpp" included where the compiled module is missing."""
+    from postembed_fast.kernels import _ext, dispatch
+
+    have = dispatch.implemented()[op]
+    return [b for b in ("torch", "cpp", "triton") if b in have or (b == "cpp" and not _ext.has_cpu_ext())]
+
+
+def available_backends(op: str, device: str = "cpu") -> list[str]:
+    """The backends of `op` that run on `device` here."""
+    return [b for b in _backends_of(op) if backend_unavailable(op, b, device) is None]
+
+
+def backends_for(op: str, device: str | None = None, cpu_isa: bool = False) -> list:
+    """pytest params (backend, device) for every backend of `op`, skipped with the reason where it cannot
+    run; cpu_isa=True runs "cpp" on the CPU in both builds (marked cpu_avx2(True) / cpu_avx2(False))."""
+    params = []
+    for backend in _backends_of(op):
+        dev = device or ("cuda" if backend == "triton" and HAS_CUDA else "cpu")
+        reason = backend_unavailable(op, backend, dev)
+        marks = [pytest.mark.skip(reason=f"{op} backend={backend} on {dev}: {reason}")] if reason else []
+        name = backend if dev == "cpu" else f"{backend}-{dev}"
+        if backend == "cpp" and cpu_isa and dev == "cpu":
+            params += [pytest.param(backend, dev, marks=[*marks, pytest.mark.cpu_avx2(avx2)], id=f"{name}-{isa}")
+                       for avx2, isa in CPU_ISA_IDS.items()]
+        else:
+            params.append(pytest.param(backend, dev, marks=marks, id=name))
+    return params
+
+
+def _case_id(value) -> str:
+    if isinstance(value, torch.dtype):
+        return str(value).split(".")[-1]
+    return str(value)
+
+
+def _with_cases(backends: list, cases, keep) -> list:
+    """cases x backends (tuples, or pytest.param with an id), where keep(backend, device, *case); the
+    backends of one case run one after another (a test may cache what they share, e.g. a reference)."""
+    out = []
+    for case in cases:
+        for b in backends:
+            values, marks, cid = (case.values, list(case.marks), case.id) if hasattr(case, "values") else \
+                (tuple(case), [], None)
+            if keep is not None and not keep(*b.values, *values):
+                continue
+            cid = cid or "-".join(map(_case_id, values))
+            out.append(pytest.param(*b.values, *values, marks=[*b.marks, *marks], id=f"{b.id}-{cid}"))
+    return out
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "backends(op, argnames=None, cases=(), *, device=None, cpu_isa=False, "
+                                       "keep=None): run once per backend of the kernel op `op` (tests/conftest.py)")
+    config.addinivalue_line("markers", "cpu_avx2(allowed): the C++ kernels' AVX2+FMA build allowed or not")
+
+
+def pytest_generate_tests(metafunc):
+    mark = metafunc.definition.get_closest_marker("backends")
+    if mark is None:
+        return
+    op, *rest = mark.args
+    argnames, cases = (rest + [None, ()][len(rest):])[:2]
+    devices = mark.kwargs.get("device")
+    backends = [b for dev in (devices if isinstance(devices, (list, tuple)) else [devices])
+                for b in backends_for(op, dev, mark.kwargs.get("cpu_isa", False))]
+    keep = mark.kwargs.get("keep")
+    if argnames is None:
+        metafunc.parametrize("backend, device", [b for b in backends if keep is None or keep(*b.values)])
+    else:
+        metafunc.parametrize(f"backend, device, {argnames}", _with_cases(backends, cases, keep))
+
+
+@pytest.fixture(autouse=True)
+def _cpu_build_of_the_param(request):
+    """A test param marked cpu_avx2(flag) (backends_for(cpu_isa=True)) runs in that C++ build."""
+    mark = request.node.get_closest_marker("cpu_avx2")
+    if mark is None:
+        yield
+        return
+    with cpu_avx2_allowed(mark.args[0]):
+        yield
+
+
+@pytest.fixture(scope="session")
+def kernel_backends():
+    """available_backends(op, device="cpu") -> the backends of `op` that run on `device` here."""
+    return available_backends
 
 
 def pack_for_encoder(seqs, device="cpu"):

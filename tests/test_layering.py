@@ -285,7 +285,7 @@ def test_checker_reports_a_cycle_and_an_engine_to_system_edge():
         "postembed_fast.kernels": "from . import dispatch\n",
         "postembed_fast.kernels.dispatch": "from .. import search\n",  # relative, two levels up
         "postembed_fast.search": "from postembed_fast import kernels\n",
-        "postembed_fast.loading": "def g():\n    from postembed_fast import model\n    from postembed_fast import head\n",
+        "postembed_fast.loading": "def g():\n    from postembed_fast import model, head\n",
         "postembed_fast.graphs": "import importlib\nrecipe = importlib.import_module('postembed_fast.train.recipe')\n",
     }, packages=("postembed_fast", "postembed_fast.kernels", "postembed_fast.search"))
     cycles = import_cycles(imports, set(tree))
@@ -309,7 +309,8 @@ def test_checker_ignores_lazy_imports_and_packages_already_being_imported():
         "postembed_fast.embedder": "from postembed_fast import model\n",
         "postembed_fast.model": "def f():\n    from postembed_fast.embedder import Embedder\n",
         "postembed_fast.search": "from postembed_fast.search.index import EmbeddingIndex\n",
-        "postembed_fast.search.index": "from postembed_fast.search import helpers\nfrom postembed_fast import embedder\n",
+        "postembed_fast.search.index": "from postembed_fast.search import helpers\n"
+                                       "from postembed_fast import embedder\n",
         "postembed_fast.search.helpers": "",
     }, packages=("postembed_fast", "postembed_fast.search"))
     assert import_cycles(imports, set(tree)) == []
