@@ -1,6 +1,10 @@
-"""Exact top-k scans (kernels/hamming_topk.py, int8_topk.py, float_topk.py) against a numpy reference:
-every backend (torch reference, C++ in both ISA builds, Triton under the interpreter with
-sentinel-poisoned buffers), awkward sizes, ties, allow masks, bad input."""
+"""The exact top-k scans (kernels/hamming_topk.py, int8_topk.py, float_topk.py, sign_dot_topk.py) on
+every backend (torch reference, C++ in both ISA builds, Triton under the interpreter) against a numpy
+reference: sizes at the kernels' block edges, ties (broken by the lower row), allow masks that leave
+fewer than k candidates, the kernels' outputs written into garbage-filled buffers, bad input.
+
+Each scan runs on every backend at the sizes the old per-backend tests used; the interpreted Triton
+(slow) at its small ones only, the C++ scan additionally in both builds."""
 from __future__ import annotations
 
 import importlib
@@ -9,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from postembed_fast.kernels import dispatch, float_topk, hamming_topk, int8_topk
+from postembed_fast.kernels import cpp_ops, float_topk, hamming_topk, int8_topk
 
 INT_LOWEST = -(2**31)
 _POP = np.array([bin(i).count("1") for i in range(256)], np.int64)
@@ -62,30 +66,39 @@ def make_data(kind, nq, n, dim, seed, ties=True):
     return q, x
 
 
+def raw_scan(kind, backend, qt, xt, k, at, zero, out):
+    """The backend's kernel called straight into caller buffers `out`, as the launcher calls it (Triton
+    also poisons its internal partial buffers)."""
+    ht, it, ft = (importlib.import_module(f"postembed_fast.kernels.{m}")
+                  for m in ("hamming_topk", "int8_topk", "float_topk"))
+    poison = {"poison": -99} if backend == "triton" else {}
+    if kind == "binary":
+        fn = cpp_ops.hamming_topk_cpp if backend == "cpp" else ht.hamming_topk_triton
+        return fn(qt, xt, k, at, out=out, **poison)
+    if kind == "int8":
+        fn = cpp_ops.int8_topk_cpp if backend == "cpp" else it.int8_topk_triton
+        s, i = fn(qt, xt, k, at, it.int8_row_bias(xt, zero), out=out, **poison)
+        return it._finish(s, i, qt, zero)
+    fn = cpp_ops.float_topk_cpp if backend == "cpp" else ft.float_topk_triton
+    return fn(qt, xt, k, at, out=out, **poison)
+
+
 def run(kind, backend, q, x, k, allow=None, zero=None, poison=False):
     qt, xt = torch.from_numpy(q), torch.from_numpy(x)
     at = None if allow is None else torch.from_numpy(allow)
-    if backend == "triton" and poison:
-        import importlib
-
-        ht, it, ft = (importlib.import_module(f"postembed_fast.kernels.{m}")
-                      for m in ("hamming_topk", "int8_topk", "float_topk"))
-
+    zt = None if zero is None else torch.from_numpy(zero)
+    if poison and backend != "torch":  # the kernel must write every element of buffers full of garbage
         sd = torch.float32 if kind == "float32" else torch.int32
         out = (torch.full((len(q), k), 7, dtype=sd), torch.full((len(q), k), -77, dtype=torch.int64))
-        if kind == "binary":
-            s, i = ht.hamming_topk_triton(qt, xt, k, at, out=out, poison=-99)
-        elif kind == "int8":
-            bias = it.int8_row_bias(xt, None if zero is None else torch.from_numpy(zero))
-            s, i = it.int8_topk_triton(qt, xt, k, at, bias, out=out, poison=-99)
-            s, i = it._finish(s, i, qt, None if zero is None else torch.from_numpy(zero))
-        else:
-            s, i = ft.float_topk_triton(qt, xt, k, at, out=out, poison=-99)
+        s, i = raw_scan(kind, backend, qt, xt, k, at, zt, out)
+        if kind != "int8":  # int8 scores get the per-query constant added afterwards (a new tensor)
+            assert s.data_ptr() == out[0].data_ptr()
+        assert i.data_ptr() == out[1].data_ptr()
         return s.numpy(), i.numpy()
     if kind == "binary":
         s, i = hamming_topk(qt, xt, k, at, backend=backend)
     elif kind == "int8":
-        s, i = int8_topk(qt, xt, k, None if zero is None else torch.from_numpy(zero), at, backend=backend)
+        s, i = int8_topk(qt, xt, k, zt, at, backend=backend)
     else:
         s, i = float_topk(qt, xt, k, at, backend=backend)
     return s.numpy(), i.numpy()
@@ -104,41 +117,56 @@ KINDS = ("binary", "int8", "float32")
 DIMS = {"binary": (48, 50, 128, 384), "int8": (48, 50, 384), "float32": (48, 50, 128)}
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("n", [1, 7, 1000, 4097])
-def test_cpp_exact(kind, n, cpu_isa):
+def interpreted(backend, device):
+    return backend == "triton" and device == "cpu"
+
+# The three scans have the same backends: the marks name hamming_topk for all of them. Their tests
+# build numpy inputs, so every backend runs on CPU tensors (Triton: the interpreter).
+
+
+def block_edge_sizes(backend, device, n):
+    """Not for the interpreted Triton (its sizes: the poisoned-buffer tests), nor the torch reference
+    past 1,000 rows (slow there; the compiled scan is what has block edges at 4,096)."""
+    return not interpreted(backend, device) and (backend != "torch" or n <= 1000)
+
+
+@pytest.mark.backends("hamming_topk", "kind, n", [(kind, n) for kind in KINDS for n in (1, 7, 1000, 4097)],
+                      device="cpu", cpu_isa=True,
+                      keep=lambda backend, device, kind, n: block_edge_sizes(backend, device, n))
+def test_exact_at_block_edges(backend, device, kind, n):
+    """1, 7, 1000 and 4097 rows in every width; k = 1, 10 and every row; few queries; a sparse allow."""
     for dim in DIMS[kind]:
         q, x = make_data(kind, 9, n, dim, seed=n + dim)
         zero = np.random.default_rng(dim).integers(-128, 128, dim, dtype=np.int8) if kind == "int8" else None
         for k in sorted({1, min(10, n), n}):
-            check(kind, "cpp", q, x, k, zero=zero)
-        check(kind, "cpp", q[:2], x, min(10, n), zero=zero)  # few queries: binary scores rows in place
+            check(kind, backend, q, x, k, zero=zero)
+        check(kind, backend, q[:2], x, min(10, n), zero=zero)  # few queries: binary scores rows in place
         allow = np.random.default_rng(n).random(n) < 0.3
-        check(kind, "cpp", q, x, min(10, n), allow=allow, zero=zero)  # may leave fewer than k: padded
+        check(kind, backend, q, x, min(10, n), allow=allow, zero=zero)  # may leave fewer than k: padded
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("n", [7, 1000])
-def test_torch_reference_exact(kind, n):
-    dim = 50
-    q, x = make_data(kind, 5, n, dim, seed=3)
-    zero = np.arange(-25, 25, dtype=np.int8) if kind == "int8" else None
-    for k in (1, n):
-        check(kind, "torch", q, x, k, zero=zero)
-    check(kind, "torch", q, x, 5, allow=np.arange(n) % 4 == 1, zero=zero)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("n,dim,k", [(1, 50, 1), (7, 48, 7), (300, 50, 10), (300, 128, 300), (70, 384, 3)])
-def test_triton_exact(kind, n, dim, k):
-    if dispatch.unavailable_reason("triton", "cpu") is not None:
-        pytest.skip(dispatch.unavailable_reason("triton", "cpu"))
+@pytest.mark.backends("hamming_topk", "kind, n, dim, k",
+                      [(kind, n, dim, k) for kind in KINDS
+                       for n, dim, k in [(1, 50, 1), (7, 48, 7), (300, 50, 10), (300, 128, 300), (70, 384, 3)]],
+                      device="cpu")
+def test_exact_into_poisoned_buffers(backend, device, kind, n, dim, k):
     if kind == "int8" and dim > 128 or kind == "float32" and dim > 128:
         dim = 128
     q, x = make_data(kind, 18, n, dim, seed=n * 7 + dim)
     zero = np.random.default_rng(1).integers(-128, 128, dim, dtype=np.int8) if kind == "int8" else None
-    check(kind, "triton", q, x, k, zero=zero, poison=True)
-    check(kind, "triton", q, x, min(k, 4), allow=np.random.default_rng(2).random(n) < 0.5, zero=zero, poison=True)
+    check(kind, backend, q, x, k, zero=zero, poison=True)
+    check(kind, backend, q, x, min(k, 4), allow=np.random.default_rng(2).random(n) < 0.5, zero=zero, poison=True)
+
+
+@pytest.mark.backends("hamming_topk", "kind, n", [(kind, n) for kind in KINDS for n in (7, 1000)], device="cpu",
+                      keep=lambda backend, device, kind, n: n <= 7 or not interpreted(backend, device))
+def test_exact_with_a_zero_point_and_a_strided_allow(backend, device, kind, n):
+    dim = 50
+    q, x = make_data(kind, 5, n, dim, seed=3)
+    zero = np.arange(-25, 25, dtype=np.int8) if kind == "int8" else None
+    for k in (1, n):
+        check(kind, backend, q, x, k, zero=zero)
+    check(kind, backend, q, x, 5, allow=np.arange(n) % 4 == 1, zero=zero)
 
 
 def test_scan_is_blocked_not_full_matrix(monkeypatch):
@@ -151,9 +179,10 @@ def test_scan_is_blocked_not_full_matrix(monkeypatch):
     check("binary", "torch", q, x, 1000)
 
 
-def test_large_k_and_many_queries_cpp():
+@pytest.mark.backends("hamming_topk", device="cpu", keep=lambda backend, device: backend == "cpp")
+def test_large_k_and_many_queries(backend, device):
     q, x = make_data("binary", 300, 4097, 384, seed=11)
-    check("binary", "cpp", q, x, 4097)
+    check("binary", backend, q, x, 4097)
 
 
 @pytest.mark.parametrize("fn,dt", [(hamming_topk, torch.int8), (int8_topk, torch.int8), (float_topk, torch.float32)])
@@ -201,12 +230,12 @@ def make_sign_data(nq, n, dim, seed, dtype):
 
 
 def check_sign(backend, q, codes, k, allow=None, poison=False):
-    sd = importlib.import_module("postembed_fast.kernels.sign_dot_topk")  # the module (the package exports the function)
+    sd = importlib.import_module("postembed_fast.kernels.sign_dot_topk")  # the module (the package has the function)
 
     want_s, want_i = np_topk(np_sign_scores(q, codes), k, allow)
     qt, xt = torch.from_numpy(q), torch.from_numpy(codes)
     at = None if allow is None else torch.from_numpy(allow)
-    if poison:  # the kernel writes every element of caller buffers full of garbage
+    if poison and backend != "torch":  # the kernel writes every element of caller buffers full of garbage
         out = (torch.full((len(q), k), 7, dtype=torch.int32), torch.full((len(q), k), -77, dtype=torch.int64))
         sd.sign_dot_topk(qt, xt, 1)  # argument checks as the launcher does them
         if backend == "cpp":
@@ -222,27 +251,37 @@ def check_sign(backend, q, codes, k, allow=None, poison=False):
     np.testing.assert_array_equal(s.astype(np.int64), want_s)
 
 
-@pytest.mark.parametrize("n", [1, 7, 1000, 4097])
-@pytest.mark.parametrize("dtype", [np.int8, np.uint8], ids=["binary", "ubinary"])
-def test_sign_dot_cpp_exact(n, dtype, cpu_isa):
+SIGN_CODES = [(np.int8,), (np.uint8,)]  # binary, ubinary
+
+
+def _codes_id(dtype):
+    return "binary" if dtype is np.int8 else "ubinary"
+
+
+@pytest.mark.backends("sign_dot_topk", "n, dtype", [pytest.param(n, d, id=f"{n}-{_codes_id(d)}")
+                                                     for n in (1, 7, 1000, 4097) for (d,) in SIGN_CODES],
+                      device="cpu", cpu_isa=True,
+                      keep=lambda backend, device, n, dtype: block_edge_sizes(backend, device, n))
+def test_sign_dot_exact_at_block_edges(backend, device, n, dtype):
     for dim in (48, 64, 384, 1024):
         q, codes = make_sign_data(9, n, dim, seed=n + dim, dtype=dtype)
         for k in sorted({1, min(10, n), n}):
-            check_sign("cpp", q, codes, k)
-        check_sign("cpp", q[:1], codes, min(10, n))
+            check_sign(backend, q, codes, k)
+        check_sign(backend, q[:1], codes, min(10, n))
         allow = np.random.default_rng(n).random(n) < 0.3
-        check_sign("cpp", q, codes, min(10, n), allow=allow)  # may leave fewer than k: padded with -1
-        check_sign("cpp", q, codes, min(10, n), allow=allow, poison=True)
-        check_sign("cpp", q, codes, n, poison=True)
+        check_sign(backend, q, codes, min(10, n), allow=allow)  # may leave fewer than k: padded with -1
+        check_sign(backend, q, codes, min(10, n), allow=allow, poison=True)
+        check_sign(backend, q, codes, n, poison=True)
 
 
-@pytest.mark.parametrize("n", [1, 7, 1000])
-@pytest.mark.parametrize("dtype", [np.int8, np.uint8], ids=["binary", "ubinary"])
-def test_sign_dot_torch_reference_exact(n, dtype):
+@pytest.mark.backends("sign_dot_topk", "n, dtype", [pytest.param(n, d, id=f"{n}-{_codes_id(d)}")
+                                                     for n in (1, 7, 1000) for (d,) in SIGN_CODES],
+                      device="cpu", keep=lambda backend, device, n, dtype: n <= 7 or not interpreted(backend, device))
+def test_sign_dot_exact_with_a_strided_allow(backend, device, n, dtype):
     q, codes = make_sign_data(5, n, 64, seed=4, dtype=dtype)
     for k in sorted({1, n}):
-        check_sign("torch", q, codes, k)
-    check_sign("torch", q, codes, min(5, n), allow=np.arange(n) % 4 == 1)
+        check_sign(backend, q, codes, k)
+    check_sign(backend, q, codes, min(5, n), allow=np.arange(n) % 4 == 1)
 
 
 def test_sign_dot_reference_is_blocked(monkeypatch):
@@ -255,25 +294,15 @@ def test_sign_dot_reference_is_blocked(monkeypatch):
     check_sign("torch", q, codes, 300)
 
 
-@pytest.mark.parametrize("n,dim,k", [(1, 48, 1), (7, 64, 7), (300, 64, 10), (100, 48, 100), (70, 384, 3)])
-@pytest.mark.parametrize("dtype", [np.int8, np.uint8], ids=["binary", "ubinary"])
-def test_sign_dot_triton_exact(n, dim, k, dtype):
-    if dispatch.unavailable_reason("triton", "cpu") is not None:
-        pytest.skip(dispatch.unavailable_reason("triton", "cpu"))
+@pytest.mark.backends("sign_dot_topk", "n, dim, k, dtype",
+                      [pytest.param(n, dim, k, d, id=f"{n}-{dim}-{k}-{_codes_id(d)}")
+                       for n, dim, k in [(1, 48, 1), (7, 64, 7), (300, 64, 10), (100, 48, 100), (70, 384, 3)]
+                       for (d,) in SIGN_CODES], device="cpu")
+def test_sign_dot_exact_into_poisoned_buffers(backend, device, n, dim, k, dtype):
     q, codes = make_sign_data(18, n, dim, seed=n * 7 + dim, dtype=dtype)
-    check_sign("triton", q, codes, k, poison=True)
-    check_sign("triton", q, codes, min(k, 4), allow=np.random.default_rng(2).random(n) < 0.5, poison=True)
-    check_sign("triton", q[:3], codes, k)  # through the launcher and the dispatcher
-
-
-def test_sign_dot_gpu_dispatch():
-    """CUDA tensors get the Triton kernel where Triton imports, else the torch reference (never the CPU-only C++)."""
-    sd = importlib.import_module("postembed_fast.kernels.sign_dot_topk")  # the module (the package exports the function)
-
-    want = sd.sign_dot_topk_torch if dispatch.TRITON_IMPORT_ERROR else sd.sign_dot_topk_triton
-    assert dispatch.choose("sign_dot_topk", torch.device("cuda"), None) is want
-    with pytest.raises(RuntimeError, match="not implemented"):
-        dispatch.choose("sign_dot_topk", torch.device("cuda"), "cpp")
+    check_sign(backend, q, codes, k, poison=True)
+    check_sign(backend, q, codes, min(k, 4), allow=np.random.default_rng(2).random(n) < 0.5, poison=True)
+    check_sign(backend, q[:3], codes, k)  # through the launcher and the dispatcher
 
 
 def test_sign_dot_bad_input():
