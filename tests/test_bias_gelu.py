@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from postembed_fast.kernels import bias_gelu
 
 FLOAT_TOLS = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 2e-2}  # on ||out - ref|| / ||ref||
+# Triton compiled for a GPU (its erf and casts are the device's), as measured there when it was written
+GPU_TOLS = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 SHAPES = [(1, 1536), (97, 250), (7, 1), (1, 1), (7, 128), (33, 250), (5, 1536)]  # (rows, features)
 
 
@@ -34,12 +36,13 @@ def test_matches_float64_reference(backend, device, n, f, with_bias, dtype):
     x = (torch.randn(n, f) * 3).to(dtype).to(device)
     bias = torch.randn(f).to(dtype).to(device) if with_bias else None
     ref = definition64(x, bias)
+    tol = (GPU_TOLS if device == "cuda" else FLOAT_TOLS)[dtype]
     buf = torch.full((n, f), float("nan"), dtype=dtype, device=device)
     out = bias_gelu(x, bias, backend=backend, out=buf)
     assert out is buf and out.dtype == dtype
-    assert rel_err(out, ref) < FLOAT_TOLS[dtype]
+    assert rel_err(out, ref) < tol
     fresh = bias_gelu(x, bias, backend=backend)
-    assert fresh.dtype == dtype and fresh.shape == (n, f) and rel_err(fresh, ref) < FLOAT_TOLS[dtype]
+    assert fresh.dtype == dtype and fresh.shape == (n, f) and rel_err(fresh, ref) < tol
 
 
 @pytest.mark.backends("bias_gelu")
