@@ -19,6 +19,7 @@ import importlib
 import itertools
 import json
 import os
+import stat
 import struct
 import sys
 import tempfile
@@ -40,6 +41,7 @@ PROG = "postembed-fast"
 FORMATS = ("auto", *INPUT_FORMATS)
 DEFAULT_CHUNK = {"cpu": 1024, "cuda": 8192}  # texts per embed_iter chunk (progress updates once per chunk)
 _ID_BLOCK = 65536  # ids converted to the .npy per block (memory stays flat)
+NPY_SUFFIX = ".npy"  # what --output and --ids-output must end in (any case)
 
 
 class UsageError(Exception):
@@ -80,7 +82,8 @@ def _serve_missing_extra() -> str | None:
 EMBED_EPILOG = """input formats:
   JSONL     one JSON object per line; the post is the string in --text-field. Every line must
             be such an object: a blank line, invalid JSON, a non-object, a missing field or a
-            non-string text is an error (exit 2, 'INPUT:LINE: ...' on stderr, no output file).
+            non-string text is an error (exit 2, 'INPUT:LINE: ...' on stderr, no output file), found
+            before embedding in a file, as it streams from stdin (see INPUT).
   text      one post per line, the whole line is the post: only the line ending ('\\n' or
             '\\r\\n') is removed, other whitespace is kept. An EMPTY LINE IS AN EMPTY POST (kept,
             so row i is always line i+1); a final line ending does not start another post.
@@ -98,7 +101,7 @@ ids (JSONL and Parquet only, --ids-field FIELD):
   int64), else str (numpy '<U' array; integer ids then become their decimal string). Every
   line needs the field, and each id must be a string or an integer.
 
-output:
+output (OUT and --ids-output must end in .npy, any case; exit 2 otherwise):
   A standard .npy file (numpy.load / mmap_mode='r'): float32 (N, D), float16 (N, D), int8 /
   uint8 (N, D), binary / ubinary (N, ceil(D/8)) packed sign bits; D = --dimensions or the
   model's dimension. Written to a temporary file in OUT's folder and renamed at the end, so
@@ -114,10 +117,22 @@ examples:
 """
 
 
+def npy_path(value: str) -> str:
+    """An output name of embed (--output, --ids-output): the file written is a .npy, and its name says so."""
+    if not value.lower().endswith(NPY_SUFFIX):
+        raise argparse.ArgumentTypeError(f"must end in {NPY_SUFFIX} (a .npy file is written there), not {value!r}")
+    return value
+
+
 def _add_embed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", metavar="INPUT",
-                   help="input file (JSONL, JSONL.gz, plain text, .gz, Parquet), or - for stdin")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.npy", help="output .npy file (replaced if it exists)")
+                   help="input file (JSONL, JSONL.gz, plain text, .gz, Parquet), or - for stdin. A file is read "
+                        "twice: every line is checked first, so a bad line stops the command (exit 2, its line "
+                        "number) before the model loads or any post is embedded. stdin (or a pipe) is read once "
+                        "and checked as it streams: a bad line stops it there, with its line number, maybe after "
+                        "the posts before it were embedded; nothing is written")
+    p.add_argument("-o", "--output", required=True, type=npy_path, metavar="OUT.npy",
+                   help="output file, a name ending in .npy (replaced if it exists)")
     p.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="output precision (default: float32; int8/uint8 use the ranges shipped for the "
                         "default model)")
@@ -131,7 +146,8 @@ def _add_embed_arguments(p: argparse.ArgumentParser) -> None:
                    help="JSONL field (Parquet column) holding the post (default: text)")
     p.add_argument("--ids-field", default=None, metavar="FIELD",
                    help="JSONL field (Parquet column) holding an id per post, written to OUT.ids.npy (see below)")
-    p.add_argument("--ids-output", default=None, metavar="PATH", help="where --ids-field writes (default: OUT.ids.npy)")
+    p.add_argument("--ids-output", default=None, type=npy_path, metavar="PATH",
+                   help="where --ids-field writes, a name ending in .npy (default: OUT.ids.npy)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_model_args(p)
 
@@ -251,7 +267,9 @@ def _umask() -> int:
 
 
 def default_ids_path(output: str) -> str:
-    return (output[:-4] if output.endswith(".npy") else output) + ".ids.npy"
+    """OUT.npy -> OUT.ids.npy (the suffix matched in any case, as npy_path checks it)."""
+    stem = output[: -len(NPY_SUFFIX)] if output.lower().endswith(NPY_SUFFIX) else output
+    return stem + ".ids.npy"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,14 +288,51 @@ def cmd_embed(args, prog: str = PROG) -> int:
     if not out_path.parent.is_dir():
         raise UsageError(f"--output: directory {str(out_path.parent)!r} does not exist")
 
+    total = None
+    if rereadable(args.input):  # the whole file is checked before the model loads
+        with _open_input(args) as reader:
+            total = check_posts(reader, progress=not args.no_progress)
+    with _open_input(args) as reader:  # stdin, a pipe: checked as it streams (the output is written atomically)
+        return _embed(args, reader, out_path, ids_path, total)
+
+
+def _open_input(args) -> PostReader:
     reader = PostReader(args.input, args.format, args.text_field, args.ids_field,
                         sniff_hint="pass --format text for plain text")
-    try:
-        if args.ids_field and reader.format == "text":
-            raise UsageError("--ids-field needs JSONL or Parquet input (this input is plain text; see --format)")
-        return _embed(args, reader, out_path, ids_path)
-    finally:
+    if args.ids_field and reader.format == "text":
         reader.close()
+        raise UsageError("--ids-field needs JSONL or Parquet input (this input is plain text; see --format)")
+    return reader
+
+
+def rereadable(path: str) -> bool:
+    """A regular file, which a second open reads from the start again. Not stdin, nor a pipe or another
+    device (`<(zcat posts.gz)` is /dev/fd/N: opened again, it would read on from where the first read
+    stopped). A path that cannot be stat'ed is left to PostReader to report."""
+    if path == "-":
+        return False
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def check_posts(reader: PostReader, progress: bool = False) -> int:
+    """Reads every post of `reader` with the reader's own checks, keeping none (memory stays flat): the
+    first bad line raises its InputError. Returns the number of posts (the progress bar's total)."""
+    posts = reader
+    if progress:
+        from tqdm import tqdm
+
+        posts = tqdm(reader, unit=" posts", desc="checking", file=sys.stderr, dynamic_ncols=True)
+    n = 0
+    try:
+        for n, _ in enumerate(posts, 1):
+            pass
+    finally:
+        if posts is not reader:
+            posts.close()
+    return n
 
 
 def _device_type(device) -> str:
@@ -288,7 +343,7 @@ def _device_type(device) -> str:
     return "cuda" if str(device).startswith("cuda") else "cpu"
 
 
-def _embed(args, reader: PostReader, out_path: Path, ids_path: Path | None) -> int:
+def _embed(args, reader: PostReader, out_path: Path, ids_path: Path | None, total: int | None) -> int:
     t0 = time.perf_counter()
     model = ModelOptions.from_args(args)
     chunk_size = args.chunk_size or DEFAULT_CHUNK[_device_type(model.device)]
@@ -302,7 +357,8 @@ def _embed(args, reader: PostReader, out_path: Path, ids_path: Path | None) -> i
                 yield text
 
         stream = texts()
-        # The first chunk is read before the model loads: a bad line there fails fast.
+        # The first chunk is read before the model loads: a bad line there fails fast (stdin; a file is
+        # already checked).
         first = list(itertools.islice(stream, chunk_size))
 
         from postembed_fast import Embedder
@@ -317,19 +373,20 @@ def _embed(args, reader: PostReader, out_path: Path, ids_path: Path | None) -> i
             template = emb.embed([], **opts)  # validates the options; dtype and width of the rows
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from None
-        ok = _run(args, emb, opts, template, itertools.chain(first, stream), chunk_size, out_path, ids, load_s)
+        ok = _run(args, emb, opts, template, itertools.chain(first, stream), chunk_size, out_path, ids, load_s,
+                  total)
         return 0
     finally:
         if not ok and ids is not None:
             ids.abort()
 
 
-def _run(args, emb, opts, template, texts, chunk_size, out_path, ids, load_s) -> bool:
+def _run(args, emb, opts, template, texts, chunk_size, out_path, ids, load_s, total) -> bool:
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(unit=" posts", desc="embedding", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=total, unit=" posts", desc="embedding", file=sys.stderr, dynamic_ncols=True)
 
     writer = None
     ok = False

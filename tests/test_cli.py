@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -189,6 +190,111 @@ def test_bad_line_after_first_chunk_leaves_no_output(tmp_path, rows):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["in.jsonl", "out.npy"]
 
 
+def _far_bad_line(tmp_path, name="in.jsonl", bad_at=2501) -> Path:
+    """A JSONL file, good posts up to `bad_at` (well past the first chunk, 1024 on CPU) then a bad line."""
+    lines = [json.dumps({"id": i, "text": f"post number {i}"}) for i in range(1, bad_at)]
+    lines += [json.dumps({"id": bad_at, "text": 5})] + [json.dumps({"id": 0, "text": "after"})] * 3
+    path = tmp_path / name
+    data = ("\n".join(lines) + "\n").encode()
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    return path
+
+
+def test_a_file_is_checked_before_the_model_loads(tmp_path):
+    """A bad line far into a file: exit 2 naming that line, and nothing embedded or written. --model is a
+    folder that does not exist: the error reported is the line's, so the check ran before the model
+    loaded; the same model flag on a good file is the model's error (the flag would have failed)."""
+    bad = _far_bad_line(tmp_path, "in.jsonl.gz")
+    (tmp_path / "good.jsonl").write_text(json.dumps({"id": 1, "text": "fine"}) + "\n", encoding="utf-8")
+    (tmp_path / "out.npy").write_bytes(b"old")
+    flags = ["--output", "out.npy", "--ids-field", "id", "--device", "cpu", "--chunk-size", "4",
+             "--model", tmp_path / "no-such-model"]
+    bad_run, good_run = run_all([(tmp_path, ["embed", bad.name, *flags], {}),
+                                 (tmp_path, ["embed", "good.jsonl", *flags], {})])
+    assert bad_run.returncode == 2, stderr(bad_run)
+    assert "in.jsonl.gz:2501: text ('text') is int, not a string" in stderr(bad_run)
+    assert "no-such-model" not in stderr(bad_run) and "embedding" not in stderr(bad_run)
+    assert "checking" in stderr(bad_run)  # the checking pass's progress bar
+    assert good_run.returncode == 2 and "no-such-model" in stderr(good_run), stderr(good_run)
+    assert (tmp_path / "out.npy").read_bytes() == b"old"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["good.jsonl", "in.jsonl.gz", "out.npy"]  # no ids, temps
+
+
+def test_a_pipe_is_read_once_as_it_streams(tmp_path, rows, embedder):
+    """A named pipe (as `<(zcat posts.gz)` is) cannot be read twice: it streams like stdin, every post
+    embedded; a bad line in it is reported with its number."""
+    texts = [r["text"] for r in rows]
+    fifo = tmp_path / "posts.fifo"
+    os.mkfifo(fifo)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def embed_from_fifo(data: bytes, out: str):
+        proc = subprocess.Popen([sys.executable, "-m", "postembed_fast", "embed", fifo.name, "-o", out,
+                                 "--format", "jsonl", "--device", "cpu", "--no-progress"],
+                                cwd=tmp_path, stderr=subprocess.PIPE, env=env)
+        try:
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and time.monotonic() < deadline:  # until the command opens it to read
+                try:
+                    fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                except OSError:  # ENXIO: no reader yet
+                    time.sleep(0.05)
+                    continue
+                os.set_blocking(fd, True)
+                with open(fd, "wb") as f:
+                    f.write(data)
+                break
+            _, err = proc.communicate(timeout=120)  # opening it a second time would wait for a writer forever
+        finally:
+            proc.kill()
+        return proc.returncode, err.decode("utf-8", "replace")
+
+    good = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+    code, err = embed_from_fifo(good, "out.npy")
+    assert code == 0, err
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), embedder.embed(texts), rtol=0, atol=1e-6)
+    code, err = embed_from_fifo(good + b'{"text": null}\n', "bad.npy")
+    assert code == 2 and "posts.fifo:11: missing text ('text' is null)" in err, err
+    assert not (tmp_path / "bad.npy").exists()
+
+
+def test_rereadable_inputs_are_regular_files(tmp_path):
+    from postembed_fast.cli import rereadable
+
+    (tmp_path / "f.jsonl").write_bytes(b"")
+    os.mkfifo(tmp_path / "p")
+    assert rereadable(str(tmp_path / "f.jsonl"))
+    assert not rereadable("-") and not rereadable(str(tmp_path / "p")) and not rereadable(str(tmp_path))
+    assert not rereadable(str(tmp_path / "missing.jsonl"))  # PostReader reports it
+
+
+def test_output_names_must_end_in_npy(tmp_path, capsys, monkeypatch):
+    """-o / --ids-output name .npy files: another ending is a usage error naming the flag (exit 2, nothing
+    written, the input not even read); .NPY is fine, and its ids go to OUT.ids.npy."""
+    from postembed_fast.cli import default_ids_path, main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": i, "text": f"post {i}"}) + "\n" for i in (1, 2)),
+                                       encoding="utf-8")
+    for flags, flag, value in ((["-o", "out.txt"], "-o/--output", "out.txt"),
+                               (["--output", "out"], "-o/--output", "out"),
+                               (["-o", "out.npy", "--ids-field", "id", "--ids-output", "ids.txt"], "--ids-output",
+                                "ids.txt")):
+        with pytest.raises(SystemExit) as exc:
+            main(["embed", "in.jsonl", *flags, "--device", "cpu", "--no-progress"])
+        assert exc.value.code == 2, flags
+        err = capsys.readouterr().err
+        assert f"argument {flag}: must end in .npy" in err and repr(value) in err, err
+        assert sorted(x.name for x in tmp_path.iterdir()) == ["in.jsonl"], flags
+
+    assert default_ids_path("d/OUT.NPY") == "d/OUT.ids.npy" and default_ids_path("emb.npy") == "emb.ids.npy"
+    assert main(["embed", "in.jsonl", "-o", "OUT.NPY", "--ids-field", "id", "--device", "cpu"]) == 0
+    assert np.load(tmp_path / "OUT.NPY").shape == (2, 384)
+    assert np.load(tmp_path / "OUT.ids.npy").tolist() == [1, 2]
+    err = capsys.readouterr().err
+    assert "checking" in err and "2/2" in err, err  # the checking pass gives the embedding bar its total
+
+
 def test_usage_errors_help_version(tmp_path):
     from postembed_fast import PRECISIONS, __version__
 
@@ -217,6 +323,11 @@ def test_usage_errors_help_version(tmp_path):
                  "--chunk-size", "--text-field", "--ids-field", "--ids-output", "--no-progress", "--format"):
         assert flag in out, flag
     assert "EMPTY LINE IS AN EMPTY POST" in out and "OUT.ids.npy" in out
+    words = " ".join(out.split())  # argparse wraps the help text
+    assert "A file is read twice: every line is checked first" in words  # INPUT's help: a file, and stdin
+    assert "before the model loads or any post is embedded" in words
+    assert "stdin (or a pipe) is read once and checked as it streams" in words
+    assert "a name ending in .npy" in words
 
 
 def test_nearline_subcommand_parses_the_worker_flags():
