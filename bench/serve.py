@@ -168,8 +168,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         emb.embed(posts)
         inproc[(size, c)] = len(posts) / (time.perf_counter() - t0)
-        _, offsets = emb.tokenizer.encode(posts)
-        avg_tokens[(size, c)] = float(np.diff(offsets).mean())
+        avg_tokens[(size, c)] = float(emb.tokenize_flat(posts).lengths.mean())
         print(f"in-process {size} c={c}: {len(posts)} posts, {inproc[(size, c)]:.1f} posts/s", flush=True)
 
     if args.ab_rounds:

@@ -23,6 +23,7 @@ if _util.find_spec(__name__ + ".kernels") is None:
 from postembed_fast.embedder import DeviceUnavailableError, Embedder, fast_embed  # noqa: E402
 from postembed_fast.kernels import quantize_embeddings  # noqa: E402
 from postembed_fast.kernels.precision import PRECISIONS  # noqa: E402
+from postembed_fast.tokenization import TokenizedTexts  # noqa: E402
 
 
 def info() -> dict:
@@ -57,6 +58,6 @@ def __getattr__(name):  # EmbeddingIndex is a system part: imported on first use
     raise AttributeError(f"module 'postembed_fast' has no attribute {name!r}")
 
 
-__all__ = ["fast_embed", "Embedder", "EmbeddingIndex", "itq_rotation", "info", "quantize_embeddings", "PRECISIONS",
+__all__ = ["fast_embed", "Embedder", "TokenizedTexts", "EmbeddingIndex", "itq_rotation", "info", "quantize_embeddings", "PRECISIONS",
            "DeviceUnavailableError",
            "__version__"]
