@@ -229,7 +229,7 @@ def worker_cmd(url, stream, group, consumer, prefix, args) -> list[str]:
 # The crash scenarios. The worker stores a batch's hashes + output entries and XACKs its input entries in ONE
 # MULTI/EXEC, so "between the store and the ack" does not exist literally; the closest points are right before
 # the EXEC (embedded, nothing stored, not acked) and right after it (stored and acked, before the next read).
-# The worker's test hook (POSTEMBED_TEST_SIGKILL_{BEFORE,AFTER}_EXEC, postembed_fast/nearline.py) kills it there.
+# The worker's test hook (POSTEMBED_TEST_SIGKILL_{BEFORE,AFTER}_EXEC, postembed_fast/nearline/worker.py) kills it there.
 CRASH_SCENARIOS = {
     "kill9_random": "SIGKILL from outside at a seeded random time while posts are being produced",
     "kill9_before_exec": "the worker SIGKILLs itself after embedding a batch, right before its MULTI/EXEC store+ack",

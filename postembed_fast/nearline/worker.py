@@ -3,7 +3,7 @@
     python -m postembed_fast.nearline embed --redis redis://127.0.0.1:6379/0 --stream posts \\
         --group embedders --consumer w1 --precision int8 --batch-max 256 --batch-wait-ms 50
     python -m postembed_fast.nearline index --redis redis://127.0.0.1:6379/0 --stream posts.embedded \\
-        --snapshot DIR --port 8081      # the searchable index of the output stream: nearline_index.py
+        --snapshot DIR --port 8081      # the searchable index of the output stream: index_updater.py
 
 Input: a Redis stream (default `posts`) of entries with fields `id` (post id), `text`, `created_ms`
 (the producer's clock, ms since the epoch; the entry id's time is used when it is missing or not an
