@@ -239,11 +239,9 @@ CRASH_SCENARIOS = {
 
 def _decode_vec(raw: bytes, precision: str):
     import numpy as np
-
     from postembed_fast.kernels.precision import precision_spec
 
-    dt = precision_spec(precision).numpy_dtype
-    return np.frombuffer(raw, dtype=dt.newbyteorder("<") if dt.itemsize > 1 else dt)
+    return np.frombuffer(raw, dtype=precision_spec(precision).wire_dtype)
 
 
 def compare_vectors(got, want, precision) -> dict:

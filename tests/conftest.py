@@ -240,6 +240,36 @@ def cosines(a, b):
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
+def run_into_poisoned_buffers(fn, shape, precision, device="cpu"):
+    """Run fn(out) into two differently poisoned buffers of `precision`'s dtype; both must come back
+    fully overwritten (and equal). Returns the first."""
+    from postembed_fast.kernels.precision import TABLE
+
+    dtype = TABLE[precision].torch_dtype
+    outs = []
+    for fill in (0x00, 0xFF):
+        out = torch.empty(shape, dtype=dtype, device=device)
+        if dtype.is_floating_point:
+            out.fill_(float("nan") if fill else 12345.0)
+        else:
+            out.view(torch.uint8).fill_(fill)
+        res = fn(out)
+        assert res is out
+        outs.append(out.clone())
+    a, b = outs
+    if dtype.is_floating_point:
+        assert not torch.isnan(a).any() and not (b == 12345.0).any() and not torch.isnan(b).any()
+    assert torch.equal(a.view(torch.uint8) if not dtype.is_floating_point else a,
+                       b.view(torch.uint8) if not dtype.is_floating_point else b), "some elements were not written"
+    return a
+
+
+@pytest.fixture
+def poisoned_runs():
+    """run_into_poisoned_buffers(fn, shape, precision, device): a kernel's out= buffer fully written."""
+    return run_into_poisoned_buffers
+
+
 @pytest.fixture
 def cos():
     return cosines

@@ -129,27 +129,6 @@ def check_all(out, p64, precision, ranges, normalize, dim):
         assert_bits(out, p64, precision)
 
 
-def poisoned_runs(fn, shape, precision, device="cpu"):
-    """Run fn(out=...) into two differently poisoned buffers; both must be fully overwritten."""
-    dtype = TABLE[precision].torch_dtype
-    outs = []
-    for fill in (0x00, 0xFF):
-        out = torch.empty(shape, dtype=dtype, device=device)
-        if dtype.is_floating_point:
-            out.fill_(float("nan") if fill else 12345.0)
-        else:
-            out.view(torch.uint8).fill_(fill)
-        res = fn(out)
-        assert res is out
-        outs.append(out.clone())
-    a, b = outs
-    if dtype.is_floating_point:
-        assert not torch.isnan(a).any() and not (b == 12345.0).any() and not torch.isnan(b).any()
-    assert torch.equal(a.view(torch.uint8) if not dtype.is_floating_point else a,
-                       b.view(torch.uint8) if not dtype.is_floating_point else b), "some elements were not written"
-    return a
-
-
 def kernel_into(backend):
     """The backend's kernel with an out= buffer (as the launcher calls it), or None: the torch reference
     allocates its own result."""
@@ -173,7 +152,8 @@ def interpreter_sizes(backend, device, batch, dim, dtype, mode, normalize):
 @pytest.mark.backends("pool_normalize", "batch, dim, dtype, mode, normalize",
                       [(b, d, t, m, n) for b in LENGTH_SETS for d in DIMS for t in DTYPES for m in ("mean", "cls")
                        for n in (True, False)], keep=interpreter_sizes)
-def test_matches_float64_reference_at_every_precision(backend, device, batch, dim, dtype, mode, normalize):
+def test_matches_float64_reference_at_every_precision(backend, device, batch, dim, dtype, mode, normalize,
+                                                        poisoned_runs):
     lengths = LENGTH_SETS[batch]
     hidden, cu = make_batch(lengths, dim, dtype, seed=dim + len(lengths), device=device)
     B = len(lengths)
@@ -280,7 +260,7 @@ def test_row_strided_inputs_are_read_in_place_and_transposed_ones_copied(backend
 @needs_cuda
 @pytest.mark.parametrize("dim", [384, 250, 768, 1])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-def test_cuda_pool_normalize_matches_cpu(dim, dtype):
+def test_cuda_pool_normalize_matches_cpu(dim, dtype, poisoned_runs):
     lengths = LENGTH_SETS["many"]
     hidden, cu = make_batch(lengths, dim, dtype, seed=dim)
     hd, cud = hidden.cuda(), cu.cuda()

@@ -33,32 +33,11 @@ def kernel_into(backend):
     return {"cpp": cpp_ops.quantize_cpp, "triton": getattr(quantize, "quantize_triton", None)}.get(backend)
 
 
-def poisoned_runs(fn, shape, precision, device="cpu"):
-    """Run fn(out=...) into two differently poisoned buffers; both must be fully overwritten."""
-    dtype = TABLE[precision].torch_dtype
-    outs = []
-    for fill in (0x00, 0xFF):
-        out = torch.empty(shape, dtype=dtype, device=device)
-        if dtype.is_floating_point:
-            out.fill_(float("nan") if fill else 12345.0)
-        else:
-            out.view(torch.uint8).fill_(fill)
-        res = fn(out)
-        assert res is out
-        outs.append(out.clone())
-    a, b = outs
-    if dtype.is_floating_point:
-        assert not torch.isnan(a).any() and not (b == 12345.0).any() and not torch.isnan(b).any()
-    assert torch.equal(a.view(torch.uint8) if not dtype.is_floating_point else a,
-                       b.view(torch.uint8) if not dtype.is_floating_point else b), "some elements were not written"
-    return a
-
-
 def interpreted(backend, device):
     return backend == "triton" and device == "cpu"
 
 
-def run(backend, device, x, precision, ranges, poisoned=True):
+def run(poisoned_runs, backend, device, x, precision, ranges, poisoned=True):
     """quantize x on `backend`: into poisoned buffers where the kernel takes one, else via the launcher."""
     kernel = kernel_into(backend)
     if kernel is None or not poisoned:
@@ -72,7 +51,7 @@ def run(backend, device, x, precision, ranges, poisoned=True):
 
 @pytest.mark.backends("quantize_embeddings")
 @pytest.mark.parametrize("dim", [384, 250, 1])
-def test_formula_is_bit_exact(backend, device, dim):
+def test_formula_is_bit_exact(backend, device, dim, poisoned_runs):
     g = torch.Generator().manual_seed(dim)
     x = torch.randn(300, dim, generator=g) * 0.1
     if interpreted(backend, device):
@@ -87,17 +66,18 @@ def test_formula_is_bit_exact(backend, device, dim):
     assert q.dtype == np.float32
     x = x.to(device)
     for precision in ("uint8", "int8"):
-        out = run(backend, device, x, precision, ranges)
+        out = run(poisoned_runs, backend, device, x, precision, ranges)
         want = q.astype(np.uint8) if precision == "uint8" else (q.astype(np.int16) - 128).astype(np.int8)
         np.testing.assert_array_equal(out.cpu().numpy(), want)
     for precision in ("ubinary", "binary"):
-        out = run(backend, device, x, precision, None)
+        out = run(poisoned_runs, backend, device, x, precision, None)
         want = np.packbits(xn > 0, axis=1)
         got = out.cpu().numpy()
         got = got if precision == "ubinary" else (got.astype(np.int16) + 128).astype(np.uint8)
         np.testing.assert_array_equal(got, want)
     for precision in ("float32", "float16"):  # a rounding cast
-        torch.testing.assert_close(run(backend, device, x, precision, None), x.to(TABLE[precision].torch_dtype),
+        torch.testing.assert_close(run(poisoned_runs, backend, device, x, precision, None),
+                                   x.to(TABLE[precision].torch_dtype),
                                    atol=0, rtol=0)
 
 

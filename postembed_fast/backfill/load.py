@@ -15,6 +15,7 @@ from postembed_fast.backfill.layout import (
     read_settings,
 )
 from postembed_fast.backfill.rows import from_embedding_column
+from postembed_fast.cli_args import missing_extra
 from postembed_fast.kernels.precision import precision_spec
 from postembed_fast.nearline import store
 
@@ -61,9 +62,7 @@ def load_into(out_dir, redis_url: str, prefix: str = "emb:", batch: int = 1000, 
     tombstones of deletes that old may have expired, so the load could resurrect deleted posts.
     `announce_stream`: also XADD each stored post to that stream (the worker's output stream), so the
     index updater sees it; meant for small loads. Only inputs with a _SUCCESS.json are loaded."""
-    from postembed_fast.nearline.worker import missing_extra
-
-    problem = missing_extra()
+    problem = missing_extra("nearline", "redis")
     if problem:
         raise BackfillError(problem)
     import pyarrow.parquet as pq

@@ -108,7 +108,7 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
                    help="snapshot folder: loaded at start (resume), written every --snapshot-every s and at exit")
     i.add_argument("--snapshot-every", type=non_negative_float, default=d.snapshot_every_s, metavar="S",
                    help="seconds between snapshots (default %(default)s; 0: only at exit)")
-    i.add_argument("--precision", default=None, choices=("float32", "float16", "int8", "binary"),
+    i.add_argument("--precision", default=None, choices=tuple(dict.fromkeys(INDEX_PRECISION.values())),
                    help="index precision (default: the snapshot's, else what the first stream entry carries)")
     i.add_argument("--max-k", type=positive_int, default=d.max_k, metavar="N",
                    help="largest k a search may ask for (default %(default)s)")
@@ -331,7 +331,7 @@ class IndexUpdater:
         if dim != self.index.dim:
             self._skip(entry_id, pid, f"dim {dim}, the index has {self.index.dim}")
             return None
-        if ip == "int8" and precision in ("int8", "uint8") and not self._ranges_match(model):
+        if TABLE[precision].needs_ranges and not self._ranges_match(model):
             self._skip(entry_id, pid, "its int8 codes were made with other ranges than the query model's")
             return None
         return vec
