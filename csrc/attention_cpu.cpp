@@ -202,13 +202,7 @@ __attribute__((target("avx2,fma"))) void task_avx2(const AttnArgs& a, int64_t t0
                                                    float* scratch) {
   attend_any(a, t0, L, h, scratch);
 }
-bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
 #endif
-
-bool g_avx2_allowed = true;
 
 TaskFn pick_task() {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -218,21 +212,6 @@ TaskFn pick_task() {
 }
 
 }  // namespace
-
-// The CPU-feature switch shared by this file and layernorm_cpu.cpp.
-bool avx2_enabled() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  return g_avx2_allowed && cpu_has_avx2();
-#else
-  return false;
-#endif
-}
-
-bool set_avx2_allowed(bool allowed) {
-  const bool prev = g_avx2_allowed;
-  g_avx2_allowed = allowed;
-  return prev;
-}
 
 void varlen_attention_cpu(const AttnArgs& a) {
   const TaskFn task = pick_task();

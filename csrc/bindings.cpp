@@ -387,9 +387,25 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("cpu_avx2", &postembed::avx2_enabled,
         "True if the CPU attention and add_layernorm kernels run their AVX2+FMA builds");
-  m.def("_set_cpu_avx2_allowed", &postembed::set_avx2_allowed, py::arg("allowed"),
-        "Testing hook: allow/forbid the AVX2 builds of attention and add_layernorm (not thread-safe);\n"
-        "returns the previous setting");
+  // The ISA level table's C++ side (csrc/cpu_isa.h; Python mirror kernels/cpu_isa.py).
+  m.def("cpu_isa", [] { return static_cast<int>(postembed::cpu_isa()); },
+        "The ISA level the CPU kernels use now: 0 baseline, 1 avx2, 2 avx512, 3 amx (detected, capped)");
+  m.def("cpu_isa_detected", [] { return static_cast<int>(postembed::cpu_isa_detected()); },
+        "The best ISA level this CPU and OS support (0 baseline, 1 avx2, 2 avx512, 3 amx)");
+  m.def("_set_cpu_isa_cap", [](int cap) {
+          if (cap < 0 || cap >= postembed::kIsaLevels) throw std::invalid_argument("ISA cap must be 0..3");
+          return static_cast<int>(postembed::set_cpu_isa_cap(static_cast<postembed::Isa>(cap)));
+        }, py::arg("cap"),
+        "Cap the ISA level of every CPU kernel (POSTEMBED_CPU_ISA; tests); returns the previous cap. Not thread-safe");
+  m.def("cpu_features", [] {
+          py::dict d;
+          d["avx512_bf16"] = postembed::cpu_has_avx512_bf16();
+          d["avx512_vnni"] = postembed::cpu_has_avx512_vnni();
+          d["avx512_vpopcntdq"] = postembed::cpu_has_avx512_vpopcntdq();
+          d["amx_bf16"] = postembed::cpu_has_amx_bf16();
+          d["amx_int8"] = postembed::cpu_has_amx_int8();
+          return d;
+        }, "Sub-features the kernels may use at the current ISA level (each false when capped below it)");
   m.def("varlen_attention_cpu", &py_attention_cpu,
         "float32 softmax(q k^T * scale) v over packed sequences; q/k/v/out: data_ptr() integers with\n"
         "(token, head) strides in elements (head_dim contiguous); cu: int32 [B+1] ending at total_tokens.",

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "cpu_isa.h"
+
 namespace postembed {
 
 // hidden: [total_tokens, D] rows ld elements apart (ld >= D), dtype by code;
@@ -100,10 +102,9 @@ void topk_cpu(const TopkArgs& a);
 void pool_normalize_cpu(const PoolArgs& a);
 void add_layernorm_cpu(const LayerNormArgs& a);
 void varlen_attention_cpu(const AttnArgs& a);
-// AVX2+FMA builds of the CPU attention and add_layernorm when the CPU has it (runtime
-// check) unless disallowed; tests turn it off to exercise the baseline-ISA builds.
+// True when cpu_isa() (cpu_isa.h) admits the AVX2+FMA+POPCNT builds; tests cap the level to
+// exercise the baseline builds.
 bool avx2_enabled();
-bool set_avx2_allowed(bool allowed);  // returns the previous setting
 // CPU float32 -> float16 uses F16C when the CPU has it (runtime check) unless
 // disallowed; tests turn it off to exercise the portable conversion too.
 bool f16c_enabled();

@@ -9,6 +9,9 @@ import importlib
 try:
     _C = importlib.import_module("postembed_fast._C")
     UNAVAILABLE_REASON = None
+    from postembed_fast.kernels import cpu_isa as _cpu_isa
+
+    _cpu_isa.apply_isa_env(_C)  # POSTEMBED_CPU_ISA caps every C++ kernel from the first call on
 except ImportError as exc:  # a source checkout without a build, or a broken wheel
     _C = None
     UNAVAILABLE_REASON = f"postembed_fast._C could not be imported: {exc}"

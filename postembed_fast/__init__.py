@@ -31,7 +31,7 @@ def info() -> dict:
     import torch
 
     from postembed_fast import tokenization
-    from postembed_fast.kernels import _ext, dispatch
+    from postembed_fast.kernels import _ext, cpu_isa, dispatch
 
     return {
         "version": __version__,
@@ -41,6 +41,7 @@ def info() -> dict:
         "cuda_ext": _ext.has_cuda_ext(),
         "cuda_ext_compiled": bool(_ext._C is not None and _ext._C.cuda_compiled()),
         "cpu_avx2": bool(_ext._C is not None and _ext._C.cpu_avx2()),  # C++ attention/LayerNorm build
+        "cpu": cpu_isa.info(),  # model, flags, ISA build of the C++ kernels, default CPU compute dtype + why
         "triton": dispatch.TRITON_IMPORT_ERROR is None,
         "triton_error": dispatch.TRITON_IMPORT_ERROR,
         "triton_interpret": dispatch.triton_interpret(),

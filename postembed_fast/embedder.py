@@ -21,7 +21,7 @@ import torch
 from postembed_fast import pipeline
 from postembed_fast.graphs import GraphCaptureError, GraphRunner, graphs_enabled
 from postembed_fast.head import HeadOptions, PoolingHead
-from postembed_fast.kernels import _ext
+from postembed_fast.kernels import _ext, cpu_isa
 from postembed_fast.kernels.checks import QuantRanges
 from postembed_fast.kernels.precision import precision_spec
 from postembed_fast.loading import model_tag, read_model_folder, resolve_model
@@ -66,8 +66,8 @@ def resolve_device(device) -> torch.device:
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype is None:  # CUDA: float16; CPU: the capability table (bf16 where the CPU has native bf16)
+        return torch.float16 if device.type == "cuda" else cpu_isa.compute_dtype()[0]
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
     if dtype in (torch.float32, torch.float16, torch.bfloat16):

@@ -71,10 +71,17 @@ def embedder():
 
 # ---- which device a test means ------------------------------------------------------------
 # fast_embed() / Embedder() / get_embedder() without device= run on CUDA in float16 where a GPU is
-# visible, else on the CPU in float32 (README). A test meant for "whatever the default is" takes
+# visible, else on the CPU in the capability table's dtype (README: bfloat16 where the CPU has AMX or
+# AVX512-BF16, float32 elsewhere). A test meant for "whatever the default is" takes
 # `default_device` / `default_dtype` and compares with that dtype's tolerance, so the same lines
 # decide what is expected here and on a GPU machine; a test meant for one device names it.
-DEFAULT_DTYPE_OF = {"cpu": torch.float32, "cuda": torch.float16}  # the documented contract
+def _default_cpu_dtype() -> torch.dtype:
+    from postembed_fast.kernels import cpu_isa
+
+    return cpu_isa.compute_dtype()[0]  # the CPU capability table: bfloat16 with AMX/AVX512-BF16
+
+
+DEFAULT_DTYPE_OF = {"cpu": _default_cpu_dtype(), "cuda": torch.float16}  # the documented contract
 DEFAULT_DEVICE = "cuda" if HAS_CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
 
@@ -275,27 +282,47 @@ def cos():
     return cosines
 
 
-CPU_ISA_IDS = {True: "avx2-if-cpu-has-it", False: "baseline-isa"}
+def cpu_isa_unavailable(level: str) -> str | None:
+    """Why the C++ kernels' `level` build cannot run here, or None."""
+    from postembed_fast.kernels import _ext, cpu_isa
+
+    if _ext._C is None:
+        return f"compiled extension unavailable: {_ext.UNAVAILABLE_REASON}"
+    if cpu_isa.ISA_LEVELS.index(level) > _ext._C.cpu_isa_detected():
+        return f"this CPU's best ISA level is {cpu_isa.detected_level()}; {level} needs {cpu_isa.LEVEL_FLAGS[level]}"
+    return None
 
 
 @contextlib.contextmanager
-def cpu_avx2_allowed(allowed: bool):
-    """The C++ CPU kernels' AVX2+FMA build allowed (where the CPU has it) or not (the baseline build)."""
-    from postembed_fast.kernels import _ext
+def cpu_isa_capped(level: str):
+    """Every C++ CPU kernel runs its `level` build (skip where the CPU has not got it)."""
+    from postembed_fast.kernels import _ext, cpu_isa
 
-    if _ext._C is None:
-        pytest.skip(f"compiled extension unavailable: {_ext.UNAVAILABLE_REASON}")
-    prev = _ext._C._set_cpu_avx2_allowed(allowed)
+    reason = cpu_isa_unavailable(level)
+    if reason:
+        pytest.skip(reason)
+    prev = _ext._C._set_cpu_isa_cap(cpu_isa.ISA_LEVELS.index(level))
     try:
-        yield allowed
+        yield level
     finally:
-        _ext._C._set_cpu_avx2_allowed(prev)
+        _ext._C._set_cpu_isa_cap(prev)
 
 
-@pytest.fixture(params=list(CPU_ISA_IDS), ids=list(CPU_ISA_IDS.values()))
+def cpu_avx2_allowed(allowed: bool):
+    """The AVX2 build (allowed) or the baseline build: cpu_isa_capped in the older two-build terms."""
+    return cpu_isa_capped("avx2" if allowed else "baseline")
+
+
+def _isa_levels() -> tuple[str, ...]:
+    from postembed_fast.kernels import cpu_isa
+
+    return cpu_isa.ISA_LEVELS
+
+
+@pytest.fixture(params=_isa_levels())
 def cpu_isa(request):
-    """Run a C++ CPU kernel test with its AVX2+FMA build (where the CPU has it) and its baseline build."""
-    with cpu_avx2_allowed(request.param):
+    """Run a C++ CPU kernel test in each ISA build (baseline, avx2, avx512, amx), skipped above this CPU's."""
+    with cpu_isa_capped(request.param):
         yield request.param
 
 
@@ -353,7 +380,8 @@ def available_backends(op: str, device: str = "cpu") -> list[str]:
 
 def backends_for(op: str, device: str | None = None, cpu_isa: bool = False) -> list:
     """pytest params (backend, device) for every backend of `op`, skipped with the reason where it cannot
-    run; cpu_isa=True runs "cpp" on the CPU in both builds (marked cpu_avx2(True) / cpu_avx2(False))."""
+    run; cpu_isa=True runs "cpp" on the CPU in every ISA build (marked cpu_isa_level(level)), the builds above
+    this CPU's skipped with the reason."""
     params = []
     for backend in _backends_of(op):
         dev = device or ("cuda" if backend == "triton" and HAS_CUDA else "cpu")
@@ -361,8 +389,10 @@ def backends_for(op: str, device: str | None = None, cpu_isa: bool = False) -> l
         marks = [pytest.mark.skip(reason=f"{op} backend={backend} on {dev}: {reason}")] if reason else []
         name = backend if dev == "cpu" else f"{backend}-{dev}"
         if backend == "cpp" and cpu_isa and dev == "cpu":
-            params += [pytest.param(backend, dev, marks=[*marks, pytest.mark.cpu_avx2(avx2)], id=f"{name}-{isa}")
-                       for avx2, isa in CPU_ISA_IDS.items()]
+            params += [pytest.param(backend, dev, id=f"{name}-{level}", marks=[
+                *marks, pytest.mark.cpu_isa_level(level),
+                *([pytest.mark.skip(reason=why)] if not marks and (why := cpu_isa_unavailable(level)) else [])])
+                for level in _isa_levels()]
         else:
             params.append(pytest.param(backend, dev, marks=marks, id=name))
     return params
@@ -392,7 +422,7 @@ def _with_cases(backends: list, cases, keep) -> list:
 def pytest_configure(config):
     config.addinivalue_line("markers", "backends(op, argnames=None, cases=(), *, device=None, cpu_isa=False, "
                                        "keep=None): run once per backend of the kernel op `op` (tests/conftest.py)")
-    config.addinivalue_line("markers", "cpu_avx2(allowed): the C++ kernels' AVX2+FMA build allowed or not")
+    config.addinivalue_line("markers", "cpu_isa_level(level): the C++ CPU kernels capped at that ISA build")
 
 
 def pytest_generate_tests(metafunc):
@@ -413,12 +443,12 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture(autouse=True)
 def _cpu_build_of_the_param(request):
-    """A test param marked cpu_avx2(flag) (backends_for(cpu_isa=True)) runs in that C++ build."""
-    mark = request.node.get_closest_marker("cpu_avx2")
+    """A test param marked cpu_isa_level(level) (backends_for(cpu_isa=True)) runs in that C++ build."""
+    mark = request.node.get_closest_marker("cpu_isa_level")
     if mark is None:
         yield
         return
-    with cpu_avx2_allowed(mark.args[0]):
+    with cpu_isa_capped(mark.args[0]):
         yield
 
 

@@ -200,7 +200,7 @@ def test_folder_ranges_serve_int8_without_calibrate(trained, posts):
     emb = Embedder(str(folder), device="cpu", dtype="float32")
     np.testing.assert_array_equal(emb.quantization_ranges, ranges)
     texts = [p.text for p in posts[:30]]
-    codes = fast_embed(texts, model=str(folder), device="cpu", precision="int8")
+    codes = fast_embed(texts, model=str(folder), device="cpu", dtype="float32", precision="int8")
     assert codes.dtype == np.int8 and codes.shape == (30, 16)
     np.testing.assert_array_equal(codes, emb.embed(texts, precision="int8", ranges=ranges))
 
