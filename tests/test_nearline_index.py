@@ -244,6 +244,9 @@ def test_cli_wiring():
                                                                                         "posts.embedded")
     args = nearline_parser().parse_args(["index", "--snapshot", "d", "--precision", "binary"])
     assert args.command == "index" and IndexConfig.from_args(args).precision == "binary"
+    assert IndexConfig.from_args(args).from_backfill is None
+    args = nearline_parser().parse_args(["index", "--snapshot", "d", "--from-backfill", "out/bf"])
+    assert IndexConfig.from_args(args).from_backfill == "out/bf"
     with pytest.raises(SystemExit):
         nearline_parser().parse_args(["index", "--port", "9"])  # --snapshot is required
 

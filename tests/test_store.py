@@ -199,3 +199,79 @@ def test_load_flags_through_the_command(redis_server, embedder, stream_names, tm
     assert job.main([*args, "--snapshot-ms", str(now - 5000), "--announce", stream_names["out_stream"]]) == 0
     assert "2 stored" in capsys.readouterr().err
     assert [f[b"id"] for _, f in r.xrange(stream_names["out_stream"])] == [b"p0", b"p1"]
+
+
+def test_index_from_backfill_then_the_stream_newer_entries_win(redis_server, embedder, stream_names, tmp_path):
+    """`nearline index --from-backfill DIR`: the index starts from a backfill output and follows the stream;
+    a stream entry made from an input entry older than a post's backfill snapshot does not replace it, also
+    after a restart from the index's own snapshot."""
+    from postembed_fast.nearline.index_updater import IndexConfig, IndexUpdater
+
+    r = redis_server.client()
+    precision = "float16"
+    for i in range(4):  # p0..p3 created and embedded now, then p2 deleted
+        r.xadd(stream_names["stream"], {"id": f"p{i}", "text": TEXTS[i]})
+    w = make_worker(redis_server, embedder, stream_names, precision)
+    assert w.run_until_idle() == 4
+    r.xadd(stream_names["stream"], {"id": "p2", "op": "delete"})
+    w.run_until_idle()
+    now_ms = int(time.time() * 1000)
+    # a very late edit of p5 made two hours ago (older than the snapshot): the worker stores it (Redis has no
+    # p5: the backfill is not loaded there) and puts it on the output stream
+    late = dict(stream_names, stream=stream_names["stream"] + ".late")
+    r.xadd(late["stream"], {"id": "p5", "text": TEXTS[5]}, id=f"{now_ms - 2 * HOUR_MS}-0")
+    assert make_worker(redis_server, embedder, late, precision).run_until_idle() == 1
+    ids = ["p0", "p1", "p2", "p4", "p5"]
+    old_rows = write_backfill_output(tmp_path / "bf", embedder, ids, [OLD[0], OLD[1], OLD[2], OLD[4], OLD[5]],
+                                     precision, now_ms - HOUR_MS)
+    fresh = embedder.embed(TEXTS[:4], precision="float32")
+
+    def updater():
+        cfg = IndexConfig(redis_url=redis_server.url, stream=stream_names["out_stream"], prefix=stream_names["prefix"],
+                          snapshot_dir=str(tmp_path / "snap"), device="cpu", block_ms=50,
+                          from_backfill=str(tmp_path / "bf"))
+        u = IndexUpdater(cfg, embedder=embedder)
+        while u.poll_once() == u.cfg.read_count:
+            pass
+        return u
+
+    def best(u, row):
+        scores, got = u.index.search(np.asarray(row, np.float32)[None], k=1)
+        return u.post_ids[int(got[0, 0])], float(scores[0, 0])
+
+    u = updater()
+    assert sorted(u.post_ids.values()) == ["p0", "p1", "p3", "p4", "p5"]  # p2: deleted after the snapshot
+    assert u.skipped_older == 1 and u.skipped == 0  # the late p5 entry
+    for pid, row in [("p0", fresh[0]), ("p1", fresh[1]), ("p3", fresh[3]),
+                     ("p4", old_rows[3]), ("p5", old_rows[4])]:
+        got, score = best(u, row)
+        assert got == pid and score > 0.999, (pid, got, score)
+    assert u.info()["backfilled"] == 2  # p4, p5 still guarded by their snapshot time
+    u.snapshot()
+
+    # a restart resumes from the index's snapshot (the backfill is not read again) and keeps the guard
+    r.xadd(late["stream"], {"id": "p4", "text": TEXTS[4]}, id=f"{now_ms - 2 * HOUR_MS}-1")
+    assert make_worker(redis_server, embedder, late, precision).run_until_idle() == 1
+    u2 = updater()
+    assert len(u2.post_ids) == 5 and u2.skipped_older == 1
+    got, score = best(u2, old_rows[3])
+    assert got == "p4" and score > 0.999
+    # a new edit of p4 replaces it
+    r.xadd(stream_names["stream"], {"id": "p4", "text": TEXTS[4]})
+    assert w.run_until_idle() == 1
+    while u2.poll_once() == u2.cfg.read_count:
+        pass
+    got, score = best(u2, embedder.embed([TEXTS[4]], precision="float32")[0])
+    assert got == "p4" and score > 0.999 and u2.info()["backfilled"] == 1
+
+
+def test_index_from_backfill_of_another_model_is_refused(redis_server, embedder, stream_names, tmp_path):
+    from postembed_fast.nearline.index_updater import IndexConfig, IndexUpdater
+
+    write_backfill_output(tmp_path / "bf", embedder, ["p0"], [OLD[0]], "float16", int(time.time() * 1000))
+    settings = json.loads((tmp_path / "bf" / SETTINGS_FILE).read_text())
+    (tmp_path / "bf" / SETTINGS_FILE).write_text(json.dumps(dict(settings, model="other-model@0000")))
+    cfg = IndexConfig(redis_url=redis_server.url, stream=stream_names["out_stream"], snapshot_dir=str(tmp_path / "s"),
+                      device="cpu", from_backfill=str(tmp_path / "bf"))
+    with pytest.raises(ValueError, match="other-model@0000"):
+        IndexUpdater(cfg, embedder=embedder)

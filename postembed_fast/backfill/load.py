@@ -13,6 +13,7 @@ from postembed_fast.backfill.layout import (
     SUCCESS_FILE,
     BackfillError,
     read_settings,
+    snapshot_ms_of,
 )
 from postembed_fast.backfill.rows import from_embedding_column
 from postembed_fast.cli_args import missing_extra
@@ -37,15 +38,6 @@ class LoadReport:
     def summary(self) -> str:
         return (f"{self.written} stored, {self.skipped} skipped ({self.skipped_newer} newer in the store, "
                 f"{self.skipped_deleted} deleted after the snapshot, {self.already_loaded} already loaded)")
-
-
-def snapshot_ms_of(success: dict) -> int:
-    """The snapshot time of an input (ms): its file's mtime as recorded in its _SUCCESS.json: the posts
-    it holds are as of that time at the latest."""
-    if "mtime_ns" not in success:
-        raise BackfillError(f"{success.get('input', '?')}: its {SUCCESS_FILE} records no mtime_ns; "
-                            "give --snapshot-ms")
-    return int(success["mtime_ns"]) // 1_000_000
 
 
 def load_into(out_dir, redis_url: str, prefix: str = "emb:", batch: int = 1000, *, snapshot_ms: int | None = None,

@@ -62,6 +62,7 @@ from postembed_fast.options import ModelOptions, add_model_args
 log = logging.getLogger("postembed_fast.nearline.index")
 
 SNAPSHOT_FORMAT = "postembed_fast.nearline.index/1"
+BACKFILL_VERSIONS_FILE = "backfill_versions.npy"  # [2, n] int64: ids, backfill snapshot ms (optional)
 # stream precision -> the index precision holding it as is (the precision table's)
 INDEX_PRECISION = {name: spec.index_precision for name, spec in TABLE.items()}
 
@@ -87,12 +88,14 @@ class IndexConfig(ModelOptions):
     max_k: int = 1000
     max_query_chars: int = 2000
     log_level: str = "info"
+    from_backfill: str | None = None  # a backfill output folder seeding an index that has no snapshot yet
 
     @classmethod
     def from_args(cls, a) -> "IndexConfig":
         return super().from_args(a, redis_url=a.redis, stream=a.stream, snapshot_dir=a.snapshot, host=a.host,
                                  port=a.port, snapshot_every_s=a.snapshot_every, precision=a.precision,
-                                 prefix=a.prefix, max_k=a.max_k, log_level=a.log_level)
+                                 prefix=a.prefix, max_k=a.max_k, log_level=a.log_level,
+                                 from_backfill=a.from_backfill)
 
 
 def add_index_arguments(p: argparse.ArgumentParser) -> None:
@@ -110,6 +113,10 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds between snapshots (default %(default)s; 0: only at exit)")
     i.add_argument("--precision", default=None, choices=tuple(dict.fromkeys(INDEX_PRECISION.values())),
                    help="index precision (default: the snapshot's, else what the first stream entry carries)")
+    i.add_argument("--from-backfill", default=None, metavar="DIR",
+                   help="build the index from this backfill output (`postembed-fast backfill -o DIR`) when "
+                        "--snapshot holds none, then follow the stream; a stream entry older than a post's "
+                        "backfill snapshot (its input's mtime) does not replace it. The path for a model switch")
     i.add_argument("--max-k", type=positive_int, default=d.max_k, metavar="N",
                    help="largest k a search may ask for (default %(default)s)")
     h = p.add_argument_group("http")
@@ -122,9 +129,11 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------------------
 # snapshots
 # ---------------------------------------------------------------------------------------------
-def save_snapshot(folder, index, post_ids: dict[int, str], last_id: str, meta: dict) -> Path:
+def save_snapshot(folder, index, post_ids: dict[int, str], last_id: str, meta: dict,
+                  backfill_ms: dict[int, int] | None = None) -> Path:
     """Write a snapshot into a new folder under `folder` and point DIR/CURRENT at it (atomically).
-    Returns the new snapshot's folder."""
+    `backfill_ms`: {int id: snapshot ms} of posts seeded from a backfill (kept so that an older stream
+    entry read after a restart still does not replace them). Returns the new snapshot's folder."""
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
     name = f"snap-{last_id.replace('-', '_')}-{time.time_ns()}"
@@ -135,6 +144,8 @@ def save_snapshot(folder, index, post_ids: dict[int, str], last_id: str, meta: d
                  count=len(rows), post_ids=rows, has_index=index is not None)
     if index is not None:
         index.save(tmp / "index")
+    if backfill_ms:
+        np.save(tmp / BACKFILL_VERSIONS_FILE, np.array([list(backfill_ms), list(backfill_ms.values())], np.int64))
     (tmp / "state.json").write_text(json.dumps(state) + "\n")
     _fsync_tree(tmp)
     final = root / name
@@ -193,6 +204,10 @@ def load_snapshot(folder, device=None):
     post_ids = state["post_ids"]
     if len(post_ids) != len(ids) or any(store.post_key(p) != i for p, i in zip(post_ids, ids)):
         raise ValueError(f"{snap}: the post ids do not match the index ids (a corrupt or hand-edited snapshot)")
+    versions = snap / BACKFILL_VERSIONS_FILE
+    if versions.exists():
+        keys, ms = np.load(versions)
+        state["backfill_ms"] = dict(zip(keys.tolist(), ms.tolist()))
     return index, dict(zip(ids, post_ids)), state["last_id"], state
 
 
@@ -230,6 +245,10 @@ class IndexUpdater:
         self.last_snapshot_ms: int | None = None
         self._ranges_checked: set[str] = set()
         self._trim_checked = False
+        # Posts seeded from a backfill: {int id: its input's snapshot ms}. A stream entry made from an input
+        # entry older than that (its source_id) is older than the backfilled vector and does not replace it.
+        self.backfill_ms: dict[int, int] = {}
+        self.skipped_older = 0
         loaded = load_snapshot(cfg.snapshot_dir)
         if loaded is not None:
             index, post_ids, last_id, state = loaded
@@ -244,11 +263,16 @@ class IndexUpdater:
                 raise ValueError(f"the snapshot's index precision is {index.precision}, --precision is "
                                  f"{cfg.precision}: drop --precision, or use a new --snapshot folder")
             self.index, self.post_ids, self.last_id = index, post_ids, last_id
+            self.backfill_ms = state.get("backfill_ms", {})
             self.last_snapshot_ms = state.get("saved_ms")
             log.info("loaded snapshot of %s: %d posts, resuming after stream id %s", cfg.snapshot_dir,
                      len(post_ids), last_id)
+            if cfg.from_backfill:
+                log.info("--from-backfill %s not read: the snapshot already holds the index", cfg.from_backfill)
         if self.index is None and cfg.precision:
             self.index = self._new_index(cfg.precision)
+        if loaded is None and cfg.from_backfill:
+            self.seed_from_backfill(cfg.from_backfill)
 
     def _new_index(self, precision: str):
         from postembed_fast.search import EmbeddingIndex
@@ -256,6 +280,69 @@ class IndexUpdater:
         if precision == "int8" and self.embedder.quantization_ranges is None:
             raise ValueError(f"an int8 index needs quantization ranges and model {self.model_tag} has none")
         return EmbeddingIndex.for_embedder(self.embedder, precision=precision)
+
+    def seed_from_backfill(self, out_dir) -> int:
+        """Add every post of a finished backfill output (postembed_fast.backfill.layout) to the index, each
+        versioned by its input's snapshot time; the stream is then read from its start. Returns the count."""
+        from postembed_fast.backfill import layout
+
+        settings = layout.require_settings(out_dir)
+        if settings["model"] != self.model_tag:
+            raise ValueError(f"--from-backfill {out_dir} holds vectors of model {settings['model']!r}, the query "
+                             f"model is {self.model_tag!r}: pass the backfill's --model")
+        precision = settings["precision"]
+        if precision not in INDEX_PRECISION:
+            raise ValueError(f"--from-backfill {out_dir}: unknown precision {precision!r}")
+        if self.index is None:
+            self.index = self._new_index(INDEX_PRECISION[precision])
+        ip = self.index.precision
+        if not TABLE[precision].is_float and INDEX_PRECISION[precision] != ip:
+            raise ValueError(f"--from-backfill {out_dir}: {precision} codes cannot go into a {ip} index")
+        if TABLE[precision].needs_ranges and not np.array_equal(
+                np.asarray(settings.get("ranges"), np.float32).reshape(self.index.ranges.shape), self.index.ranges):
+            raise ValueError(f"--from-backfill {out_dir}: its int8 codes were made with other ranges than the "
+                             "query model's")
+        seeded = 0
+        for _, done, ids, vecs in layout.iter_finished(out_dir):
+            ms = layout.snapshot_ms_of(done)
+            kept = self._upsert(ids, vecs, entry_id=f"backfill:{Path(out_dir).name}")
+            self.backfill_ms.update((store.post_key(pid), ms) for pid in kept)
+            seeded += len(kept)
+        self.dirty = True
+        log.info("seeded %d posts from backfill %s (index precision %s)", seeded, out_dir, ip)
+        return seeded
+
+    def _upsert(self, pids, vecs, entry_id: str) -> list[str]:
+        """Upsert rows (post ids, vectors the index takes); a post whose 63-bit id another post holds is
+        skipped. Returns the post ids added."""
+        ups, ups_vecs, owner_of = [], [], {}
+        for pid, vec in zip(pids, vecs):
+            key = store.post_key(pid)
+            owner = self.post_ids.get(key) or owner_of.setdefault(key, pid)
+            if owner != pid:
+                self._skip(entry_id, pid, f"its 63-bit id {key} is taken by post {owner!r} (hash collision)")
+                continue
+            ups.append((key, pid))
+            ups_vecs.append(vec)
+        if ups:
+            with self.lock:
+                self.index.add(np.stack(ups_vecs), ids=np.asarray([k for k, _ in ups], np.int64), upsert=True)
+                self.post_ids.update(ups)
+        return [pid for _, pid in ups]
+
+    def _older_than_backfill(self, pid: str, f: dict) -> bool:
+        """True when this entry was made from an input entry older than the post's backfilled vector."""
+        if not self.backfill_ms:
+            return False
+        ms = self.backfill_ms.get(store.post_key(pid))
+        source = store.as_str(f.get("source_id", b""))
+        if ms is None or not source[:1].isdigit():
+            return False
+        if store.id_tuple(source) < store.id_tuple(store.snapshot_version(ms)):
+            self.skipped_older += 1
+            return True
+        del self.backfill_ms[store.post_key(pid)]  # a newer entry replaced it: plain stream rules from now on
+        return False
 
     # ---- reading -------------------------------------------------------------------------
     def poll_once(self, block_ms: int | None = None) -> int:
@@ -358,6 +445,8 @@ class IndexUpdater:
             if not pid:
                 self._skip(entry_id, pid, "no id")
                 continue
+            if op in ("upsert", "delete") and self._older_than_backfill(pid, f):
+                continue
             if op == "delete":
                 final[pid] = ("delete", entry_id, None)
             elif op == "upsert":
@@ -400,7 +489,8 @@ class IndexUpdater:
         meta = {"stream": self.cfg.stream, "model_tag": self.model_tag,
                 "precision": None if self.index is None else self.index.precision}
         t0 = time.perf_counter()
-        path = save_snapshot(self.cfg.snapshot_dir, self.index, dict(self.post_ids), self.last_id, meta)
+        path = save_snapshot(self.cfg.snapshot_dir, self.index, dict(self.post_ids), self.last_id, meta,
+                             {k: v for k, v in self.backfill_ms.items() if k in self.post_ids})
         self.dirty = False
         self.last_snapshot_ms = int(time.time() * 1000)
         log.info("snapshot %s: %d posts up to stream id %s (%.2f s)", path.name, len(self.post_ids), self.last_id,
@@ -447,6 +537,7 @@ class IndexUpdater:
         return {"stream": self.cfg.stream, "model": self.model_tag, "dim": self.embedder.dim,
                 "precision": None if self.index is None else self.index.precision, "count": len(self.post_ids),
                 "last_id": self.last_id, "applied": self.applied, "skipped": self.skipped,
+                "skipped_older_than_backfill": self.skipped_older, "backfilled": len(self.backfill_ms),
                 "last_skip_reason": self.last_skip_reason, "caught_up": self.caught_up,
                 "snapshot_dir": str(self.cfg.snapshot_dir), "last_snapshot_ms": self.last_snapshot_ms}
 
