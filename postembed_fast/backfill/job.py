@@ -318,7 +318,8 @@ def run_backfill(cfg: Config, log=print) -> dict:
                 ctx.execution_options.preserve_order = True  # output rows in input order (ids are kept anyway)
                 ctx.enable_progress_bars = bool(cfg.progress)
                 plan = plan_workers(cfg, ray.cluster_resources(), ray.nodes())
-                log(f"backfill: {len(todo)} input files, model {settings['model']}, {cfg.precision}, "
+                compute = cfg.dtype or "default dtype (each actor's: its CPU's capability table, float16 on GPU)"
+                log(f"backfill: {len(todo)} input files, model {settings['model']}, {compute}, {cfg.precision}, "
                     f"{plan['workers']} {plan['device']} actor(s) x {plan['threads']} threads ({plan['cpus']:g} CPU declared)"
                     + (f" x {plan['gpus']:g} GPU" if plan["gpus"] else ""))
                 t0 = time.perf_counter()

@@ -401,8 +401,9 @@ class Worker:
             self.stop_event.set()
 
     def run(self) -> int:
-        log.info("worker %s: stream %s group %s, model %s, precision %s, batch <= %d / %d ms",
-                 self.cfg.consumer, self.cfg.stream, self.cfg.group, self.model_tag, self.cfg.precision,
+        log.info("worker %s: stream %s group %s, model %s on %s in %s, precision %s, batch <= %d / %d ms",
+                 self.cfg.consumer, self.cfg.stream, self.cfg.group, self.model_tag, self.embedder.device,
+                 str(self.embedder.dtype).removeprefix("torch."), self.cfg.precision,
                  self.cfg.batch_max, self.cfg.batch_wait_ms)
         try:
             while not self.stop_event.is_set():
