@@ -557,6 +557,80 @@ def redis_server(tmp_path_factory, start_redis):
     return start_redis(tmp_path_factory.mktemp("redis"))
 
 
+SERVE_PYTHON = os.environ.get("POSTEMBED_SERVE_PYTHON") or sys.executable  # CI: a fresh venv with the wheel
+SERVE_START_TIMEOUT_S = 120
+
+
+class ServeProcess:
+    """`python -m postembed_fast.serve --device cpu --port <free> ARGS` (the embedding server, a real
+    process), logs in a temporary file. With POSTEMBED_SERVE_PYTHON (CI: the python of a fresh venv
+    holding only the built wheel + the serve extra) it runs the installed wheel, else this interpreter."""
+
+    def __init__(self, *args: str, env: dict | None = None):
+        import subprocess
+        import tempfile
+
+        self.port = free_port_number()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="postembed-serve-", suffix=".log", delete=False)
+        full_env = {k: v for k, v in os.environ.items() if k != "POSTEMBED_API_KEY"}
+        full_env.update(env or {})
+        cmd = [SERVE_PYTHON, "-m", "postembed_fast.serve", "--device", "cpu", "--host", "127.0.0.1",
+               "--port", str(self.port), "--log-level", "warning", *args]
+        # cwd: not the repo root, whose source folder is not an importable package
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=full_env,
+                                     cwd=tempfile.gettempdir())
+        self.seen: list[int] = []  # /health statuses observed while starting
+
+    def logs(self) -> str:
+        with open(self.log.name, encoding="utf-8", errors="replace") as f:
+            return f.read()[-5000:]
+
+    def wait_ready(self, timeout: float = SERVE_START_TIMEOUT_S) -> "ServeProcess":
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode} while starting:\n{self.logs()}")
+            try:
+                status = httpx.get(f"{self.url}/health", timeout=2).status_code
+            except httpx.TransportError:
+                time.sleep(0.02)
+                continue
+            self.seen.append(status)
+            if status == 200:
+                return self
+            time.sleep(0.02)
+        self.stop()
+        pytest.fail(f"server not healthy after {timeout} s:\n{self.logs()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if not self.log.closed:
+            self.log.close()
+            os.unlink(self.log.name)
+
+
+@pytest.fixture(scope="session")
+def serve_process():
+    """serve_process(*ARGS, env=None) -> a started (not yet ready: .wait_ready()) ServeProcess; any
+    still running at the end of the session is killed."""
+    started = []
+
+    def start(*args, env=None):
+        started.append(ServeProcess(*args, env=env))
+        return started[-1]
+
+    yield start
+    for s in started:
+        s.stop()
+
+
 _STREAM_NAMES = iter(range(10**6))
 
 

@@ -1,5 +1,6 @@
 """End-to-end tests of the HTTP server (postembed_fast/serve/): real server processes on free
-loopback ports, real HTTP clients (httpx, the official openai client).
+loopback ports (conftest's serve_process), real HTTP clients (httpx, the official openai client;
+tests/test_clients.py runs the other common clients).
 
 The servers are started with POSTEMBED_SERVE_PYTHON if set (CI: the python of a fresh venv that has
 only the built wheel + the serve extra installed), else with this interpreter; the reference
@@ -8,12 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 
@@ -24,75 +20,32 @@ pytest.importorskip("starlette", reason="the serve extra (starlette) is not inst
 pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
 httpx = pytest.importorskip("httpx", reason="httpx is needed to talk to the server")
 
-SERVE_PYTHON = os.environ.get("POSTEMBED_SERVE_PYTHON") or sys.executable
-START_TIMEOUT_S = 120
 API_KEY = "test-secret-key"
 LONG = "Excited to share our new paper on padding-free encoders for feed retrieval and ranking! " * 12
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`python -m postembed_fast.serve --device cpu --port <free> ARGS`, logs in a temporary file."""
-
-    def __init__(self, *args: str, env: dict | None = None):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="postembed-serve-", suffix=".log", delete=False)
-        full_env = {k: v for k, v in os.environ.items() if k != "POSTEMBED_API_KEY"}
-        full_env.update(env or {})
-        cmd = [SERVE_PYTHON, "-m", "postembed_fast.serve", "--device", "cpu", "--host", "127.0.0.1",
-               "--port", str(self.port), "--log-level", "warning", *args]
-        # cwd: not the repo root, whose source folder is not an importable package
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=full_env,
-                                     cwd=tempfile.gettempdir())
-        self.seen: list[int] = []  # /health statuses observed while starting
-
-    def logs(self) -> str:
-        with open(self.log.name, encoding="utf-8", errors="replace") as f:
-            return f.read()[-5000:]
-
-    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> ServerProcess:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited with {self.proc.returncode} while starting:\n{self.logs()}")
-            try:
-                status = httpx.get(f"{self.url}/health", timeout=2).status_code
-            except httpx.TransportError:
-                time.sleep(0.02)
-                continue
-            self.seen.append(status)
-            if status == 200:
-                return self
-            time.sleep(0.02)
-        self.stop()
-        pytest.fail(f"server not healthy after {timeout} s:\n{self.logs()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.log.close()
-        os.unlink(self.log.name)
+ALIASES = ("mini", "text-embedding-3-small")
 
 
 @pytest.fixture(scope="module")
-def server():
-    s = ServerProcess("--max-client-batch-size", "64", "--max-input-chars", "2000",
+def server(serve_process):
+    s = serve_process("--max-client-batch-size", "64", "--max-input-chars", "2000",
                       "--max-payload-bytes", "200000").wait_ready()
     yield s
     s.stop()
 
 
 @pytest.fixture(scope="module")
-def tight_server():
-    """Auth on, one request admitted at a time."""
-    s = ServerProcess("--max-concurrent-requests", "1", "--api-key", API_KEY).wait_ready()
+def tight_server(serve_process):
+    """Auth on, one request admitted at a time, any model name accepted."""
+    s = serve_process("--max-concurrent-requests", "1", "--api-key", API_KEY, "--accept-any-model").wait_ready()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def named_server(serve_process):
+    """Served as two names (--served-model-name, repeated)."""
+    args = [a for name in ALIASES for a in ("--served-model-name", name)]
+    s = serve_process(*args).wait_ready()
     yield s
     s.stop()
 
@@ -161,7 +114,8 @@ def test_openai_embeddings_http(server, texts, reference):
     assert all(d["object"] == "embedding" for d in body["data"])
     assert_cos([d["embedding"] for d in body["data"]], reference)
     assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > len(texts)
-    r = post(server, "/v1/embeddings", {"input": texts[0], "model": "m", "encoding_format": "base64"})
+    r = post(server, "/v1/embeddings", {"input": texts[0], "encoding_format": "base64"})  # no model: the default
+    assert r.json()["model"] == "all-MiniLM-L6-v2"
     row = np.frombuffer(base64.b64decode(r.json()["data"][0]["embedding"]), dtype="<f4")
     assert_cos(row[None], reference[:1])
 
@@ -206,6 +160,122 @@ def test_tokenize(server, embedder, texts):
     assert post(server, "/tokenize", {"inputs": "hello world"}).json() == embedder.tokenize(["hello world"])
 
 
+def test_root_route_is_tei_embed(server, texts, reference):
+    """POST / takes /embed's body (TEI answers its root route; huggingface_hub's InferenceClient posts there)."""
+    before = metric(server, 'postembed_requests_total{endpoint="/",status="200"}')
+    r = post(server, "/", {"inputs": texts})
+    assert r.status_code == 200, r.text
+    assert_cos(r.json(), reference)
+    assert r.json() == post(server, "/embed", {"inputs": texts}).json()
+    assert post(server, "/", {"inputs": texts[0], "dimensions": 32}).json() == \
+        post(server, "/embed", {"inputs": texts[0], "dimensions": 32}).json()
+    assert metric(server, 'postembed_requests_total{endpoint="/",status="200"}') == before + 2
+    assert httpx.get(f"{server.url}/").status_code == 405
+
+
+def model_not_found(r: httpx.Response, name: str) -> None:
+    """OpenAI's answer to a model it does not serve: 404, this exact envelope."""
+    assert r.status_code == 404, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert (err["type"], err["param"], err["code"]) == ("invalid_request_error", "model", "model_not_found")
+    assert repr(name) in err["message"]
+
+
+def test_models_routes(server):
+    created = None
+    for path in ("/v1/models", "/models"):
+        r = httpx.get(f"{server.url}{path}")
+        assert r.status_code == 200
+        body = r.json()
+        assert body["object"] == "list" and [m["id"] for m in body["data"]] == ["all-MiniLM-L6-v2"]
+        m = body["data"][0]
+        assert m["object"] == "model" and m["owned_by"] == "postembed_fast"
+        assert isinstance(m["created"], int) and abs(m["created"] - time.time()) < 3600
+        created = created or m["created"]
+        assert m["created"] == created
+    r = httpx.get(f"{server.url}/v1/models/all-MiniLM-L6-v2")
+    assert r.status_code == 200 and r.json() == {**m, "id": "all-MiniLM-L6-v2"}
+    model_not_found(httpx.get(f"{server.url}/v1/models/text-embedding-ada-002"), "text-embedding-ada-002")
+    model_not_found(httpx.get(f"{server.url}/v1/models/org/name"), "org/name")  # ids with a slash reach it too
+
+
+def test_unknown_model_is_404_and_no_model_gets_the_default(server, texts, reference):
+    for name in ("text-embedding-3-small", "text-embedding-ada-002", ""):
+        model_not_found(post(server, "/v1/embeddings", {"input": "hi", "model": name}), name)
+        model_not_found(post(server, "/embeddings", {"input": "hi", "model": name}), name)
+    r = post(server, "/v1/embeddings", {"input": texts[:2], "encoding_format": "float"})
+    assert r.status_code == 200 and r.json()["model"] == "all-MiniLM-L6-v2"
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.embeddings.create(model="text-embedding-3-small", input="hi")
+    assert exc.value.code == "model_not_found" and exc.value.param == "model"
+    assert [m.id for m in client.models.list()] == ["all-MiniLM-L6-v2"]
+    assert client.models.retrieve("all-MiniLM-L6-v2").owned_by == "postembed_fast"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("text-embedding-3-small")
+
+
+def test_served_model_names(named_server, texts, reference):
+    s = named_server
+    assert [m["id"] for m in httpx.get(f"{s.url}/v1/models").json()["data"]] == list(ALIASES)
+    for name in ALIASES:
+        assert httpx.get(f"{s.url}/v1/models/{name}").json()["id"] == name
+        r = post(s, "/v1/embeddings", {"input": texts[:3], "model": name, "encoding_format": "float"})
+        assert r.status_code == 200 and r.json()["model"] == name
+        assert_cos([d["embedding"] for d in r.json()["data"]], reference[:3])
+    r = post(s, "/v1/embeddings", {"input": texts[0]})
+    assert r.json()["model"] == ALIASES[0]  # no model: the first served name
+    model_not_found(post(s, "/v1/embeddings", {"input": "hi", "model": "all-MiniLM-L6-v2"}), "all-MiniLM-L6-v2")
+    model_not_found(httpx.get(f"{s.url}/v1/models/all-MiniLM-L6-v2"), "all-MiniLM-L6-v2")
+    info = httpx.get(f"{s.url}/info").json()
+    assert info["model"] == ALIASES[0] and info["served_model_names"] == list(ALIASES)
+    assert info["accept_any_model"] is False
+
+
+def test_accept_any_model_and_models_behind_auth(tight_server):
+    s, auth = tight_server, {"authorization": f"Bearer {API_KEY}"}
+    for path in ("/v1/models", "/v1/models/all-MiniLM-L6-v2", "/models"):
+        r = httpx.get(f"{s.url}{path}")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert [m["id"] for m in httpx.get(f"{s.url}/v1/models", headers=auth).json()["data"]] == ["all-MiniLM-L6-v2"]
+    for name in ("text-embedding-ada-002", "anything/at-all"):
+        r = post(s, "/v1/embeddings", {"input": "hi", "model": name}, headers=auth)
+        assert r.status_code == 200 and r.json()["model"] == name  # accepted and echoed
+        assert httpx.get(f"{s.url}/v1/models/{name}", headers=auth).json()["id"] == name
+    assert httpx.get(f"{s.url}/info", headers=auth).json()["accept_any_model"] is True
+
+
+def test_error_messages_name_the_field_sent(server):
+    """Each route's messages name its own field (OpenAI's `input`, TEI's `inputs`) and suggest only
+    what that route takes."""
+    cases = [("/v1/embeddings", "input", b'{"input": ["fine", "\\ud800"]}'),
+             ("/embed", "inputs", b'{"inputs": ["fine", "\\ud800"]}'),
+             ("/", "inputs", b'{"inputs": ["fine", "\\ud800"]}'),
+             ("/v1/embeddings", "input", {"input": ["ok", 3]}),
+             ("/embed", "inputs", {"inputs": ["ok", 3]}),
+             ("/v1/embeddings", "input", {"input": ["ok", "x" * 2001]}),
+             ("/embed", "inputs", {"inputs": ["ok", "x" * 2001]}),
+             ("/", "inputs", {"inputs": ["ok", "x" * 2001]}),
+             ("/tokenize", "inputs", {"inputs": ["ok", "x" * 2001]})]
+    for path, field, body in cases:
+        r = post(server, path, body)
+        assert r.status_code in (413, 422), (path, r.text)
+        err = r.json()["error"]
+        assert f"'{field}[1]'" in err["message"] and "texts" not in err["message"], (path, err)
+        assert err["param"] == field, (path, err)
+        if r.status_code == 413:
+            assert ('"truncate": true' in err["message"]) == (path != "/v1/embeddings"), (path, err)
+    r = post(server, "/v1/embeddings", {"input": "x" * 2001, "truncate": True})  # what the old hint led to
+    assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_field"
+    assert r.json()["error"]["param"] == "truncate"
+    r = post(server, "/v1/embeddings", {"input": ["a"] * 65})
+    assert r.status_code == 413 and "'input'" in r.json()["error"]["message"]
+    r = post(server, "/embed", {"inputs": ["a"] * 65})
+    assert r.status_code == 413 and "'inputs'" in r.json()["error"]["message"]
+
+
 def test_concurrent_clients_get_their_own_rows(server, texts, reference):
     results, errors = {}, []
 
@@ -240,7 +310,7 @@ BAD = [
     ("/v1/embeddings", {"input": 5}, 422, "invalid_type"),
     ("/v1/embeddings", {"input": ["ok", 3]}, 422, "invalid_type"),
     ("/v1/embeddings", {"input": [[101, 102]]}, 422, "invalid_type"),
-    ("/v1/embeddings", {"model": "m"}, 422, "missing_field"),
+    ("/v1/embeddings", {"model": "all-MiniLM-L6-v2"}, 422, "missing_field"),
     ("/v1/embeddings", ["a"], 422, "invalid_type"),
     ("/v1/embeddings", {"input": "a", "colour": "blue"}, 422, "unknown_field"),
     ("/v1/embeddings", {"input": "a", "encoding_format": "int8"}, 422, "invalid_encoding_format"),
@@ -320,8 +390,8 @@ def test_auth(tight_server, server):
             model="m", input="hi")
 
 
-def test_env_api_key():
-    s = ServerProcess(env={"POSTEMBED_API_KEY": "from-env"})
+def test_env_api_key(serve_process):
+    s = serve_process(env={"POSTEMBED_API_KEY": "from-env"})
     try:
         s.wait_ready()
         assert post(s, "/tokenize", {"inputs": "a"}).status_code == 401
@@ -361,16 +431,38 @@ def test_overload_gives_429_and_recovers(tight_server):
 
 
 # ---- lifecycle ------------------------------------------------------------------------------
-def test_health_503_until_warm_then_graceful_sigterm():
-    s = ServerProcess()
+def test_sigterm_drains_with_the_listener_open(serve_process):
+    """SIGTERM: /health 503 draining and new requests 503 `draining` (on new connections, and on a
+    kept-alive one: the listener stays open, nobody is refused), /metrics readable, the request in
+    flight answered 200, then exit 0 and the port closed."""
+    s = serve_process()
     try:
         s.wait_ready()
         assert 503 in s.seen  # the port is open while the model loads and warms: not ready yet
         assert s.seen[-1] == 200
-        t, out = _in_flight_big_request(s, 32)
-        s.proc.send_signal(signal.SIGTERM)
-        t.join(120)
-        assert out["response"].status_code == 200 and len(out["response"].json()) == 32
+        with httpx.Client(timeout=30) as kept:
+            assert kept.get(f"{s.url}/info").status_code == 200  # a connection opened before the signal
+            t, out = _in_flight_big_request(s, 192)  # seconds of work on a 2-core CPU
+            s.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while (health := httpx.get(f"{s.url}/health", timeout=5)).status_code == 200:  # each a new connection
+                assert time.monotonic() < deadline, "/health never turned 503 after SIGTERM"
+                time.sleep(0.01)
+            assert health.status_code == 503 and health.json() == {"status": "draining"}
+            for path, body in (("/v1/embeddings", {"input": "too late"}), ("/embed", {"inputs": "too late"}),
+                               ("/", {"inputs": "too late"}), ("/tokenize", {"inputs": "too late"})):
+                r = post(s, path, body, timeout=10)
+                assert r.status_code == 503, (path, r.text)
+                assert r.json()["error"]["code"] == "draining" and r.json()["error"]["type"] == "server_error"
+                assert r.headers["retry-after"] == "1" and r.headers["connection"] == "close"
+            assert httpx.get(f"{s.url}/v1/models", timeout=10).json()["error"]["code"] == "draining"
+            r = kept.post(f"{s.url}/embed", json={"inputs": "kept-alive"})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "draining"
+            assert httpx.get(f"{s.url}/metrics", timeout=10).status_code == 200
+            assert t.is_alive(), "the request in flight ended before the drain was checked: make it bigger"
+            t.join(120)
+        assert not t.is_alive()
+        assert out["response"].status_code == 200 and len(out["response"].json()) == 192
         assert s.proc.wait(60) == 0, s.logs()
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{s.url}/health", timeout=2)
@@ -378,10 +470,10 @@ def test_health_503_until_warm_then_graceful_sigterm():
         s.stop()
 
 
-def test_model_that_fails_to_load_exits_1(tmp_path):
-    s = ServerProcess("--model", str(tmp_path / "no-such-model"))
+def test_model_that_fails_to_load_exits_1(tmp_path, serve_process):
+    s = serve_process("--model", str(tmp_path / "no-such-model"))
     try:
-        assert s.proc.wait(START_TIMEOUT_S) == 1
+        assert s.proc.wait(120) == 1
         assert "no-such-model" in s.logs()
     finally:
         s.stop()
@@ -395,5 +487,23 @@ def test_cli_has_serve_subcommand(capsys):
     assert exc.value.code == 0
     help_text = capsys.readouterr().out
     for flag in ("--max-batch-tokens", "--max-wait-ms", "--max-concurrent-requests", "--max-client-batch-size",
-                 "--max-input-chars", "--api-key", "--log-level", "--host", "--port", "--model"):
+                 "--max-input-chars", "--api-key", "--log-level", "--host", "--port", "--model",
+                 "--served-model-name", "--accept-any-model"):
         assert flag in help_text
+
+
+def test_model_name_flags():
+    from postembed_fast.cli import build_parser
+    from postembed_fast.serve.options import ServeConfig
+
+    def cfg(*argv):
+        return ServeConfig.from_args(build_parser().parse_args(["serve", *argv]))
+
+    assert cfg().model_names == ("all-MiniLM-L6-v2",) and cfg().accept_any_model is False
+    assert cfg("--model", "/models/my-encoder/").model_names == ("my-encoder",)
+    c = cfg("--served-model-name", "a", "--served-model-name", "b/c", "--served-model-name", "a", "--accept-any-model")
+    assert c.model_names == ("a", "b/c") and c.model_name == "a" and c.accept_any_model is True
+    for bad in ("", " a", "a "):
+        with pytest.raises(SystemExit) as exc:
+            cfg("--served-model-name", bad)
+        assert exc.value.code == 2

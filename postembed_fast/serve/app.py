@@ -1,13 +1,21 @@
 """The embedding server's routes, on the HTTP shell (serve/http.py: error envelope, auth, metrics,
-404/405). Every route answers JSON; every refusal is an OpenAI-style error {"error": {"message",
-"type", "code"}}. The work runs on the batcher's threads; a handler only parses, waits on its future
-(or on its client going away) and serializes."""
+404/405, the drain). Every route answers JSON; every refusal is an OpenAI-style error {"error":
+{"message", "type", "param", "code"}}. The work runs on the batcher's threads; a handler only parses,
+waits on its future (or on its client going away) and serializes.
+
+    POST /v1/embeddings, /embeddings     OpenAI (`input`, `model` one of the served names)
+    GET  /v1/models, /v1/models/{id}     OpenAI's model list / one model (also without /v1)
+    POST /embed, /                       TEI (`inputs`; TEI answers its root route for embedding
+                                         models, which huggingface_hub's InferenceClient posts to)
+    POST /tokenize, GET /health, /info   (and GET /metrics, from the shell)
+"""
 from __future__ import annotations
 
 import asyncio
 import base64
 import contextlib
 import logging
+import re
 import time
 from typing import Callable
 
@@ -24,6 +32,7 @@ from postembed_fast.serve.metrics import Metrics
 from postembed_fast.serve.options import ServeConfig
 
 log = logging.getLogger("postembed_fast.serve")
+OWNED_BY = "postembed_fast"  # /v1/models' `owned_by`
 
 
 # ---- model loading --------------------------------------------------------------------------
@@ -67,10 +76,17 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def _submit(request: Request, kind: str, texts: list[str], options: tuple = ()):
+def _refused_text(exc: Exception, field: str) -> ApiError:
+    """A text the tokenizer refuses (e.g. a lone surrogate): its message names `texts[i]` (the
+    engine's argument); the client sent `field` (input, inputs), so that is the name it reads."""
+    message = re.sub(r"\btexts\[(\d+)\]", lambda m: f"'{field}[{m.group(1)}]'", str(exc), count=1)
+    return schemas.invalid(message, "invalid_input", param=field)
+
+
+async def _submit(request: Request, kind: str, texts: list[str], field: str, options: tuple = ()):
+    """Runs one request's texts (sent as `field`) on the batcher. A request already running when a
+    drain starts is finished (the shell refuses the ones that arrive after)."""
     state = request.app.state
-    if state.draining:
-        raise ApiError(503, "server is shutting down", "server_error", "draining", {"Retry-After": "1"})
     loop = asyncio.get_running_loop()
     job = Job(kind, texts, loop, loop.create_future(), options)
     batcher: Batcher = state.batcher
@@ -92,7 +108,7 @@ async def _submit(request: Request, kind: str, texts: list[str], options: tuple 
         try:
             return job.future.result()
         except (ValueError, TypeError) as exc:  # a text the tokenizer refuses (e.g. a lone surrogate)
-            raise schemas.invalid(str(exc), "invalid_input") from None
+            raise _refused_text(exc, field) from None
         except NotReady as exc:
             raise ApiError(503, str(exc), "server_error", "not_ready", {"Retry-After": "1"}) from None
     finally:
@@ -114,7 +130,7 @@ async def openai_embeddings(request: Request) -> Response:
     emb = _embedder(request)
     body = await _read_json(request, state.cfg.max_payload_bytes)
     req = schemas.parse_openai(body, state.cfg, emb.dim)
-    result = await _submit(request, EMBED, req.texts, req.options)
+    result = await _submit(request, EMBED, req.texts, "input", req.options)
     rows = result.embeddings
     if req.encoding_format == "base64":
         little = rows.astype("<f4", copy=False)
@@ -122,21 +138,41 @@ async def openai_embeddings(request: Request) -> Response:
     else:
         items = list(rows)
     data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(items)]
-    return json_response({"object": "list", "data": data, "model": req.model or state.cfg.model_name,
+    return json_response({"object": "list", "data": data, "model": req.model,
                           "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens}})
 
 
-@endpoint("/embed")
-async def tei_embed(request: Request) -> Response:
+def _model_object(request: Request, name: str) -> dict:
+    return {"id": name, "object": "model", "created": request.app.state.created, "owned_by": OWNED_BY}
+
+
+@endpoint("/v1/models")
+async def list_models(request: Request) -> Response:
+    cfg: ServeConfig = request.app.state.cfg
+    return json_response({"object": "list", "data": [_model_object(request, n) for n in cfg.model_names]})
+
+
+@endpoint("/v1/models/{id}")
+async def get_model(request: Request) -> Response:
+    name = request.path_params["model_id"]
+    schemas.check_model(name, request.app.state.cfg)
+    return json_response(_model_object(request, name))
+
+
+async def _tei_embed(request: Request) -> Response:
     state = request.app.state
     emb = _embedder(request)
     body = await _read_json(request, state.cfg.max_payload_bytes)
     req = schemas.parse_tei(body, state.cfg, emb.dim, state.precisions)
-    result = await _submit(request, EMBED, req.texts, req.options)
+    result = await _submit(request, EMBED, req.texts, "inputs", req.options)
     out = result.embeddings
     if out.dtype == np.float16:
         out = out.astype(np.float32)
     return json_response(out)
+
+
+tei_embed = endpoint("/embed")(_tei_embed)
+tei_root = endpoint("/")(_tei_embed)  # the same body and answer; its own metrics label
 
 
 @endpoint("/tokenize")
@@ -145,10 +181,10 @@ async def tokenize(request: Request) -> Response:
     _embedder(request)
     body = await _read_json(request, state.cfg.max_payload_bytes)
     texts = schemas.parse_tokenize(body, state.cfg)
-    return json_response(await _submit(request, TOKENIZE, texts))
+    return json_response(await _submit(request, TOKENIZE, texts, "inputs"))
 
 
-@endpoint("/health", auth=False)
+@endpoint("/health", auth=False, while_draining=True)
 async def health(request: Request) -> Response:
     state = request.app.state
     batcher: Batcher = state.batcher
@@ -171,7 +207,8 @@ async def info(request: Request) -> Response:
     emb = _embedder(request)
     cfg: ServeConfig = state.cfg
     return json_response({
-        "model": cfg.model_name, "model_tag": emb.model_tag, "dimension": emb.dim,
+        "model": cfg.model_name, "served_model_names": list(cfg.model_names),
+        "accept_any_model": cfg.accept_any_model, "model_tag": emb.model_tag, "dimension": emb.dim,
         "max_seq_length": emb.max_seq_length, "precisions": list(state.precisions),
         "device": str(emb.device), "dtype": str(emb.dtype).replace("torch.", ""),
         "version": postembed_fast.__version__,
@@ -207,7 +244,12 @@ def create_app(cfg: ServeConfig, on_fatal: Callable[[BaseException], None] | Non
     routes = [
         Route("/v1/embeddings", openai_embeddings, methods=["POST"]),
         Route("/embeddings", openai_embeddings, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
+        Route("/models/{model_id:path}", get_model, methods=["GET"]),
         Route("/embed", tei_embed, methods=["POST"]),
+        Route("/", tei_root, methods=["POST"]),
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/info", info, methods=["GET"]),
@@ -216,4 +258,5 @@ def create_app(cfg: ServeConfig, on_fatal: Callable[[BaseException], None] | Non
     app.state.cfg = cfg
     app.state.batcher = batcher
     app.state.precisions = tuple(PRECISIONS)
+    app.state.created = int(time.time())  # /v1/models' `created`: when this server started
     return app

@@ -1,13 +1,16 @@
 """The one HTTP shell of the package's servers: the embedding server (serve/app.py) and the
 near-line index updater's GET /search (nearline/index_updater.py) both run on it.
 
-    ApiError / error_response   the OpenAI-style error envelope {"error": {"message", "type", "code"}}
-                                every refusal gets, with its HTTP status (404 and 405 included)
+    ApiError / error_response   the OpenAI-style error envelope {"error": {"message", "type", "param",
+                                "code"}} every refusal gets, with its HTTP status (404 and 405 included)
     endpoint(name)              around each route: optional bearer-token auth, error mapping, request
-                                count and latency metrics (RequestMetrics)
+                                count and latency metrics (RequestMetrics), the in-flight count and the
+                                503 `draining` refusal of a request that arrives during a drain
     create_app(routes, ...)     a Starlette app with those handlers and GET /metrics
-    Server                      uvicorn until SIGTERM/SIGINT: app.state.draining turns True, the socket
-                                closes, requests in flight are finished, then the lifespan shutdown
+    Server                      uvicorn until SIGTERM/SIGINT, then a drain: app.state.draining turns
+                                True (new requests get 503 `draining`, the listener stays open, so a
+                                client is told rather than refused), and once the requests in flight
+                                are answered the socket closes and the lifespan shutdown runs
 """
 from __future__ import annotations
 
@@ -29,16 +32,23 @@ log = logging.getLogger("postembed_fast.serve")
 
 
 class ApiError(Exception):
-    """A refusal: its HTTP status and the envelope's message, type and code."""
+    """A refusal: its HTTP status and the envelope's message, type, code and param (the request field
+    at fault, None when no one field is; OpenAI's shape always has the key)."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 headers: dict | None = None):
+                 headers: dict | None = None, param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.type, self.code = status, message, type_, code
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "code": self.code}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def draining_error() -> ApiError:
+    """What a request that arrives during a drain gets: retry (elsewhere), on a new connection."""
+    return ApiError(503, "server is shutting down; retry", "server_error", "draining",
+                    {"Retry-After": "1", "Connection": "close"})
 
 
 class ClientGone(Exception):
@@ -65,15 +75,23 @@ def check_auth(request: Request, key: str | None) -> None:
                        "authentication_error", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
 
 
-def endpoint(name: str, auth: bool = True) -> Callable:
+def endpoint(name: str, auth: bool = True, while_draining: bool = False) -> Callable:
     """Auth (app.state.api_key, when `auth`), error mapping (ApiError -> its envelope, ClientGone ->
-    499, anything else -> a logged 500 envelope) and metrics (app.state.metrics) around one route."""
+    499, anything else -> a logged 500 envelope) and metrics (app.state.metrics) around one route.
+    A request is counted in app.state.in_flight while it runs (a drain waits for those); during a
+    drain a new one gets 503 `draining`, unless `while_draining` (probes: /health says so itself,
+    /metrics stays readable; these are not counted)."""
 
     def decorate(fn):
         async def handler(request: Request) -> Response:
             state = request.app.state
             t0 = time.perf_counter()
+            counted = not while_draining and not state.draining
+            if counted:
+                state.in_flight += 1
             try:
+                if not while_draining and not counted:
+                    raise draining_error()
                 if auth:
                     check_auth(request, state.api_key)
                 response = await fn(request)
@@ -84,6 +102,9 @@ def endpoint(name: str, auth: bool = True) -> Callable:
             except Exception:  # noqa: BLE001 (one failed request; the server keeps serving)
                 log.exception("%s failed", name)
                 response = error_response(ApiError(500, "internal server error", "server_error", "internal_error"))
+            finally:
+                if counted:
+                    state.in_flight -= 1
             state.metrics.requests.labels(name, str(response.status_code)).inc()
             state.metrics.latency.labels(name).observe(time.perf_counter() - t0)
             return response
@@ -94,7 +115,7 @@ def endpoint(name: str, auth: bool = True) -> Callable:
     return decorate
 
 
-@endpoint("/metrics", auth=False)
+@endpoint("/metrics", auth=False, while_draining=True)
 async def _metrics(request: Request) -> Response:
     m = request.app.state.metrics
     return Response(m.render(), media_type=m.content_type)
@@ -110,20 +131,25 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 def create_app(routes: list[Route], *, metrics, api_key: str | None = None, lifespan=None) -> Starlette:
     """A Starlette app of `routes` (their endpoints wrapped in endpoint()) plus GET /metrics, with
     the envelope for 404/405. metrics: a RequestMetrics (or subclass) rendered by /metrics.
-    app.state holds api_key, metrics and draining (False until Server is told to stop)."""
+    app.state holds api_key, metrics, draining (False until Server is told to stop) and in_flight
+    (requests running, counted by endpoint())."""
     app = Starlette(routes=[*routes, Route("/metrics", _metrics, methods=["GET"])], lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error})
     app.state.api_key = api_key
     app.state.metrics = metrics
     app.state.draining = False
+    app.state.in_flight = 0
     return app
 
 
 class Server(uvicorn.Server):
     """uvicorn with the package's graceful shutdown. run_until_signal() serves until SIGTERM/SIGINT
-    (or should_exit): app.state.draining turns True first (so /health can say so before the socket
-    closes), then uvicorn stops accepting, finishes the requests in flight (no time limit) and runs
-    the lifespan shutdown."""
+    (or should_exit). The first signal starts a drain: app.state.draining turns True, so /health
+    answers 503 and every new request 503 `draining` (with Connection: close), while the listening
+    socket stays open: a client (or a load balancer still routing here) is told, not refused. Once
+    no request is in flight (app.state.in_flight, no time limit: the orchestrator's grace period is
+    the limit), uvicorn's own shutdown runs: the socket closes, idle connections close, then the
+    lifespan shutdown. A second signal skips the wait (requests in flight are still finished)."""
 
     def __init__(self, app: Starlette, *, host: str, port: int, log_level: str, lifespan: str = "on"):
         super().__init__(uvicorn.Config(app, host=host, port=port, log_level=log_level,
@@ -132,8 +158,19 @@ class Server(uvicorn.Server):
         self.app = app
 
     def handle_exit(self, sig, frame):
-        self.app.state.draining = True
-        super().handle_exit(sig, frame)
+        state = self.app.state
+        if state.draining or self.should_exit:
+            super().handle_exit(sig, frame)  # again: stop waiting (uvicorn finishes the connections' requests)
+            return
+        state.draining = True
+        log.info("signal %d: draining (%d requests in flight; new ones get 503)", sig, state.in_flight)
+
+    async def on_tick(self, counter: int) -> bool:
+        """uvicorn's main loop asks every 0.1 s; a drain ends once nothing is in flight."""
+        if await super().on_tick(counter):
+            return True
+        state = self.app.state
+        return state.draining and state.in_flight == 0
 
     def run_until_signal(self) -> bool:
         """Serve; True if the server started (bound its socket), False if it could not."""

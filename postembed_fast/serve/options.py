@@ -11,6 +11,14 @@ from postembed_fast.options import ModelOptions, add_model_args
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 API_KEY_ENV = "POSTEMBED_API_KEY"
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"  # the shipped model (--model unset)
+
+
+def model_name_arg(s: str) -> str:
+    """A --served-model-name value: what clients send as `model`, so no blank or padded name."""
+    if not s.strip() or s != s.strip():
+        raise argparse.ArgumentTypeError(f"a model name must be non-empty without surrounding spaces, got {s!r}")
+    return s
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,6 +31,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"require 'Authorization: Bearer KEY' on every route but /health and /metrics "
                         f"(default: the {API_KEY_ENV} environment variable; unset: no auth)")
     g.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level (default: info)")
+    g = p.add_argument_group("model names (OpenAI routes)")
+    g.add_argument("--served-model-name", action="append", type=model_name_arg, default=None, metavar="NAME",
+                   dest="served_model_names",
+                   help="a name clients may send as `model` on /v1/embeddings and that GET /v1/models lists; "
+                        "repeat for aliases; the first is the default and the name responses carry "
+                        "(default: the model's name, the --model folder's or all-MiniLM-L6-v2); "
+                        "another name gets 404 model_not_found")
+    g.add_argument("--accept-any-model", action="store_true",
+                   help="accept any `model` on /v1/embeddings and echo it back, served by this model "
+                        "(for clients whose model name cannot be configured)")
     g = p.add_argument_group("batching and limits")
     g.add_argument("--max-batch-tokens", type=positive_int, default=None, metavar="N",
                    help="merge budget: concurrent requests with the same options are merged into one engine "
@@ -54,6 +72,8 @@ class ServeConfig(ModelOptions):
     port: int = 8080
     api_key: str | None = None
     log_level: str = "info"
+    served_model_names: tuple[str, ...] = ()  # (): the model's own name (model_names)
+    accept_any_model: bool = False
     max_batch_tokens: int | None = None  # the merge budget; None: the engine's batch_tokens default of the device
     max_batch_requests: int | None = None
     max_wait_ms: float = 2.0
@@ -65,7 +85,9 @@ class ServeConfig(ModelOptions):
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeConfig:
         api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+        names = tuple(dict.fromkeys(args.served_model_names or ()))  # a repeated name counts once
         return super().from_args(args, host=args.host, port=args.port, api_key=api_key, log_level=args.log_level,
+                                 served_model_names=names, accept_any_model=args.accept_any_model,
                                  max_batch_tokens=args.max_batch_tokens,
                                  max_batch_requests=args.max_batch_requests, max_wait_ms=args.max_wait_ms,
                                  max_concurrent_requests=args.max_concurrent_requests,
@@ -73,8 +95,16 @@ class ServeConfig(ModelOptions):
                                  max_input_chars=args.max_input_chars, max_payload_bytes=args.max_payload_bytes)
 
     @property
-    def model_name(self) -> str:
-        """The name requests and responses carry: the alias, or the folder's name."""
+    def model_names(self) -> tuple[str, ...]:
+        """The names served (GET /v1/models, accepted as `model`): --served-model-name's, else the
+        model's own name (the --model folder's name, or the shipped model's)."""
+        if self.served_model_names:
+            return self.served_model_names
         if self.model is None:
-            return "all-MiniLM-L6-v2"
-        return os.path.basename(os.path.normpath(self.model)) or self.model
+            return (DEFAULT_MODEL_NAME,)
+        return (os.path.basename(os.path.normpath(self.model)) or self.model,)
+
+    @property
+    def model_name(self) -> str:
+        """The default name: what a request without `model` gets, /info and the logs say."""
+        return self.model_names[0]
