@@ -10,6 +10,7 @@ so there is always a fallback.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from typing import Callable
 
@@ -33,12 +34,27 @@ OP_PREFERENCE = {
     ("pool_normalize", "cuda"): ("cpp", "triton", "torch"),
 }
 
-try:  # Triton is optional: without it the "triton" backend reports unavailable.
-    import triton  # noqa: F401
+def _triton_import_error() -> str | None:
+    """None when Triton is imported and its kernels could run here, else why not. Triton is optional, and
+    it is not even imported where its kernels cannot run: a torch build without GPU support (the CPU
+    wheel of serving images and near-line workers) outside TRITON_INTERPRET=1. That import costs
+    0.2-0.4 s of every process start (issue 25: a worker restart is an outage)."""
+    if importlib.util.find_spec("triton") is None:
+        return "No module named 'triton'"
+    if torch.version.cuda is None and torch.version.hip is None and not triton_interpret():
+        return "not imported: this torch build has no GPU support and TRITON_INTERPRET is not 1"
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
-    TRITON_IMPORT_ERROR = None
-except Exception as exc:  # ImportError, or a broken install
-    TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+TRITON_IMPORT_ERROR = _triton_import_error()
 
 _REGISTRY: dict[str, dict[str, tuple[Callable, frozenset, Callable | None]]] = {}
 
@@ -69,17 +85,13 @@ def _on_tensor_device(fn: Callable) -> Callable:
     return launch
 
 
-def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def unavailable_reason(backend: str, device_type: str) -> str | None:
     """None if `backend` can run on `device_type` here, else why not."""
     if backend == "torch":
         return None
     if backend == "triton":
         if TRITON_IMPORT_ERROR is not None:
-            return f"triton is not installed ({TRITON_IMPORT_ERROR})"
+            return f"triton unavailable ({TRITON_IMPORT_ERROR})"
         if device_type == "cpu" and not triton_interpret():
             return "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1"
         return None
