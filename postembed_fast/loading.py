@@ -48,19 +48,41 @@ def resolve_model(model) -> tuple[Path, bool]:
 
 
 def model_tag(folder: Path, is_default: bool) -> str:
-    """'<name>-<first 12 hex digits of SHA-256 over the weight files>' (see Embedder.model_tag)."""
-    import hashlib
+    """'<name>-<first 12 hex digits of SHA-256 over the weight files>' (see Embedder.model_tag).
 
-    h = hashlib.sha256()
+    Hashing 90 MB takes 0.1 s of every process start, so the digest is cached (under
+    $POSTEMBED_CACHE_DIR or ~/.cache/postembed_fast/model_tags) keyed by each weight file's path, size,
+    inode and mtime in nanoseconds: a rewritten file changes its mtime, so it is hashed again."""
     weights = sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin") and p.is_file())
     if not weights:
         raise ValueError(f"{folder}: no weight files to tag")
+    name = MODEL_ALIASES[0] if is_default else folder.name
+    stat_key = hashlib.blake2b(digest_size=16)
+    for p in weights:
+        st = p.stat()
+        stat_key.update(f"{p.resolve()}\0{st.st_size}\0{st.st_ino}\0{st.st_mtime_ns}\n".encode())
+    cached = _cache_dir("model_tags") / stat_key.hexdigest()
+    try:
+        digest = cached.read_text().strip()
+        if len(digest) == 12 and all(c in "0123456789abcdef" for c in digest):
+            return f"{name}-{digest}"
+    except OSError:
+        pass
+    h = hashlib.sha256()
     for p in weights:
         h.update(str(p.relative_to(folder)).encode())
         with open(p, "rb") as f:
             while block := f.read(1 << 22):
                 h.update(block)
-    return f"{MODEL_ALIASES[0] if is_default else folder.name}-{h.hexdigest()[:12]}"
+    digest = h.hexdigest()[:12]
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(digest + "\n")
+        os.replace(tmp, cached)  # readers see the whole digest or none
+    except OSError:  # a read-only home: no cache, every start hashes
+        pass
+    return f"{name}-{digest}"
 
 
 @dataclass
@@ -166,10 +188,11 @@ def read_model_folder(folder: Path) -> ModelFolder:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
-def _tokenizer_cache_dir() -> Path:
+def _cache_dir(kind: str) -> Path:
+    """Where start-up verdicts of one kind are kept ($POSTEMBED_CACHE_DIR, else ~/.cache/postembed_fast)."""
     root = os.environ.get("POSTEMBED_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "postembed_fast")
-    return Path(root) / "tokenizers"
+    return Path(root) / kind
 
 
 def _tokenizer_key(folder: Path) -> str | None:
@@ -219,7 +242,7 @@ def load_tokenizer(folder: Path, max_seq_length: int):
         return tok
 
     key = _tokenizer_key(folder)
-    verdict = _tokenizer_cache_dir() / f"{key}.same" if key else None
+    verdict = _cache_dir("tokenizers") / f"{key}.same" if key else None
     if verdict is not None and verdict.is_file():
         return configured(tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json")))
     tok = configured(_via_transformers(folder))

@@ -424,7 +424,7 @@ def _ascii_wordpiece(cfg: dict, max_length: int | None, truncation: dict | None)
     if any(not isinstance(i, int) or not 0 <= i < 1 << 24 for i in vocab.values()):
         return None, "vocabulary ids outside 0..2^24"
     tokens = [""] * (max(vocab.values()) + 1)
-    for tok, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+    for tok, i in vocab.items():  # an id held by two tokens keeps the first (no sort: 0.13 s of a start)
         tokens[i] = tok if tokens[i] == "" else tokens[i]
     special = _specials_around_text(post)
     if special is None:

@@ -83,3 +83,44 @@ def test_unwritable_cache_still_loads(model_copy, tmp_path, monkeypatch):
     monkeypatch.setenv("POSTEMBED_CACHE_DIR", str(blocker))
     tok = loading.load_tokenizer(model_copy, 256)
     assert tok.to_str() == reference(model_copy).to_str()
+
+
+# ---- the model tag: SHA-256 of the weights, cached by the files' identity --------------------------
+@pytest.fixture
+def weights_folder(tmp_path):
+    d = tmp_path / "weights-model"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(bytes(range(256)) * 4096)
+    return d
+
+
+def uncached_tag(folder, monkeypatch, tmp_path, name):
+    monkeypatch.setenv("POSTEMBED_CACHE_DIR", str(tmp_path / name))  # an empty cache: hashed
+    return loading.model_tag(folder, is_default=False)
+
+
+def test_model_tag_is_cached_and_equals_the_hash(weights_folder, cache_dir, monkeypatch, tmp_path):
+    first = loading.model_tag(weights_folder, is_default=False)
+    entries = list((cache_dir.parent / "model_tags").iterdir())
+    assert len(entries) == 1 and first.endswith(entries[0].read_text().strip())
+    assert loading.model_tag(weights_folder, is_default=False) == first  # read from the cache
+    assert uncached_tag(weights_folder, monkeypatch, tmp_path, "other-cache") == first
+
+
+def test_rewritten_weights_get_a_new_tag(weights_folder, cache_dir, monkeypatch, tmp_path):
+    import os
+
+    first = loading.model_tag(weights_folder, is_default=False)
+    w = weights_folder / "model.safetensors"
+    st = w.stat()
+    w.write_bytes(bytes(reversed(range(256))) * 4096)  # same size, other bytes
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # (a coarse clock could repeat the mtime)
+    second = loading.model_tag(weights_folder, is_default=False)
+    assert second != first and second == uncached_tag(weights_folder, monkeypatch, tmp_path, "fresh")
+
+
+def test_a_garbled_cache_entry_is_recomputed(weights_folder, cache_dir):
+    first = loading.model_tag(weights_folder, is_default=False)
+    (entry,) = (cache_dir.parent / "model_tags").iterdir()
+    entry.write_text("not a digest\n")
+    assert loading.model_tag(weights_folder, is_default=False) == first
