@@ -443,9 +443,10 @@ COMMANDS: tuple[Command, ...] = (
         epilog=EMBED_EPILOG, add_arguments=_add_embed_arguments, run=cmd_embed),
     Command(
         "serve", help="serve embeddings over HTTP (OpenAI- and TEI-compatible; needs the serve extra)",
-        description="Serve embeddings over HTTP, the same as `python -m postembed_fast.serve`: POST /v1/embeddings\n"
-                    "(OpenAI), POST /embed (TEI), POST /tokenize, GET /health, /info, /metrics. Concurrent\n"
-                    "requests are merged into token-budget batches. SIGTERM drains and exits 0.",
+        description="Serve embeddings over HTTP, the same as `python -m postembed_fast.serve`: POST /v1/embeddings,\n"
+                    "GET /v1/models (OpenAI), POST /embed and / (TEI), POST /tokenize, GET /health, /info,\n"
+                    "/metrics. Concurrent requests are merged into token-budget batches. SIGTERM drains\n"
+                    "(new requests 503 until those in flight are answered) and exits 0.",
         add_arguments=_lazy("postembed_fast.serve.options:add_arguments"),
         run=cmd_serve, missing_extra=_serve_missing_extra),
     Command(

@@ -1,7 +1,8 @@
 """`python -m postembed_fast.serve ...`: runs the server on uvicorn until SIGINT/SIGTERM.
 
-SIGTERM: /health turns 503, the listening socket closes, requests in flight are finished, the
-model threads stop, exit 0. A model that fails to load exits 1."""
+SIGTERM: a drain (serve/http.py's Server): /health turns 503 and new requests get 503 `draining`
+while the listening socket stays open; once the requests in flight are answered the socket closes,
+the model threads stop, exit 0. A model that fails to load exits 1."""
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,7 @@ def serve(cfg: ServeConfig) -> int:
 
     app = create_app(cfg, on_fatal=on_fatal)
     server = Server(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, lifespan="on")
-    started = server.run_until_signal()  # SIGTERM: /health 503, drain, lifespan shutdown, then here
+    started = server.run_until_signal()  # SIGTERM: drain (503s, listener open), lifespan shutdown, then here
     return 1 if failed or not started else 0  # not started: could not bind (uvicorn logged why)
 
 

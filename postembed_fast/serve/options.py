@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--served-model-name", action="append", type=model_name_arg, default=None, metavar="NAME",
                    dest="served_model_names",
                    help="a name clients may send as `model` on /v1/embeddings and that GET /v1/models lists; "
-                        "repeat for aliases; the first is the default and the name responses carry "
+                        "repeat for aliases; a request without `model` gets the first "
                         "(default: the model's name, the --model folder's or all-MiniLM-L6-v2); "
                         "another name gets 404 model_not_found")
     g.add_argument("--accept-any-model", action="store_true",
@@ -56,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-client-batch-size", type=positive_int, default=512, metavar="N",
                    help="inputs per request; more get 413 (default: 512)")
     g.add_argument("--max-input-chars", type=positive_int, default=32768, metavar="N",
-                   help="characters per input; longer gets 413, or is cut when the request says truncate "
+                   help="characters per input; longer gets 413, or is cut where the route takes truncate (/embed, /, "
+                        "/tokenize) and the request says so "
                         "(default: 32768; the model reads at most max_seq_length tokens anyway)")
     g.add_argument("--max-payload-bytes", type=positive_int, default=4 * 1024 * 1024, metavar="N",
                    help="request body limit; larger gets 413 (default: 4 MiB)")
