@@ -86,11 +86,12 @@ def endpoint(name: str, auth: bool = True, while_draining: bool = False) -> Call
         async def handler(request: Request) -> Response:
             state = request.app.state
             t0 = time.perf_counter()
-            counted = not while_draining and not state.draining
+            refused = state.draining and not while_draining  # arrived during a drain
+            counted = not (refused or while_draining)  # work a drain waits for
             if counted:
                 state.in_flight += 1
             try:
-                if not while_draining and not counted:
+                if refused:
                     raise draining_error()
                 if auth:
                     check_auth(request, state.api_key)
