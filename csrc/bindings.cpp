@@ -294,6 +294,42 @@ void py_topk_cpu(int kind, uintptr_t q, int64_t nq, int64_t ldq, uintptr_t db, i
   topk_cpu(a);
 }
 
+// RaBitQ scan (kind 4): the sign-dot arguments plus per-row float32 and per-query float64 factors.
+void py_rabitq_topk_cpu(uintptr_t q, int64_t nq, int64_t ldq, uintptr_t db, int64_t N, int64_t lddb, int64_t cols,
+                        uintptr_t row_scale, uintptr_t row_add, uintptr_t q_scale, uintptr_t q_add, uintptr_t allow,
+                        int64_t k, uintptr_t out_scores, uintptr_t out_idx, int num_threads) {
+  const char* fn = "rabitq_topk_cpu";
+  for (auto [name, p] : {std::pair{"q", q}, {"db", db}, {"row_scale", row_scale}, {"row_add", row_add},
+                         {"q_scale", q_scale}, {"q_add", q_add}, {"out_scores", out_scores}, {"out_idx", out_idx}})
+    check_ptr(fn, name, p);
+  PE_CHECK(nq > 0 && N > 0 && cols > 0, fn, ": need nq > 0, N > 0 and cols > 0, got nq=", nq, ", N=", N, ", cols=",
+           cols);
+  PE_CHECK(ldq >= 8 * cols && lddb >= cols, fn, ": row pitches must be ldq >= ", 8 * cols, " and lddb >= cols=", cols,
+           ", got ldq=", ldq, ", lddb=", lddb);
+  PE_CHECK(k >= 1 && k <= N, fn, ": k must be in [1, N=", N, "], got ", k);
+  PE_CHECK(cols <= (int64_t{1} << 19), fn, ": ", cols, " bytes per row overflow int32");
+  PE_CHECK(num_threads >= 1, fn, ": num_threads must be >= 1, got ", num_threads);
+  PE_CHECK(nq <= std::numeric_limits<int64_t>::max() / 64 / k, fn, ": nq * k is too large");
+  TopkArgs a;
+  a.kind = kTopkRaBitQ;
+  a.q = reinterpret_cast<const void*>(q);
+  a.nq = nq, a.ldq = ldq;
+  a.db = reinterpret_cast<const void*>(db);
+  a.N = N, a.lddb = lddb, a.cols = cols;
+  a.db_bias = nullptr;
+  a.allow = reinterpret_cast<const uint8_t*>(allow);
+  a.k = k;
+  a.out_scores = reinterpret_cast<void*>(out_scores);
+  a.out_idx = reinterpret_cast<int64_t*>(out_idx);
+  a.num_threads = num_threads;
+  a.row_scale = reinterpret_cast<const float*>(row_scale);
+  a.row_add = reinterpret_cast<const float*>(row_add);
+  a.q_scale = reinterpret_cast<const double*>(q_scale);
+  a.q_add = reinterpret_cast<const double*>(q_add);
+  py::gil_scoped_release nogil;
+  topk_cpu(a);
+}
+
 [[noreturn]] void no_cuda(const char* fn) {
   throw std::runtime_error(cat(fn, ": postembed_fast._C was built without CUDA kernels"));
 }
@@ -429,6 +465,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("kind"), py::arg("q"), py::arg("nq"), py::arg("ldq"), py::arg("db"), py::arg("N"), py::arg("lddb"),
         py::arg("cols"), py::arg("db_bias"), py::arg("allow"), py::arg("k"), py::arg("out_scores"),
         py::arg("out_idx"), py::arg("num_threads"));
+
+  m.def("rabitq_topk_cpu", &py_rabitq_topk_cpu,
+        "RaBitQ top-k (kernels/rabitq_topk.py): float32 scores row_scale[r] * (q_scale[i] * S) + row_add[r] + q_add[i]\n"
+        "in double (left to right), S the sign-dot of int8 q [nq, 8 * cols] and packed bits db [N, cols];\n"
+        "row_scale/row_add float32 [N], q_scale/q_add float64 [nq]; allow uint8 [N] or 0; out_scores float32 [nq, k],\n"
+        "out_idx int64 [nq, k]: best first, ties by lower row, missing -1 with -inf. AVX2 build when cpu_avx2().",
+        py::arg("q"), py::arg("nq"), py::arg("ldq"), py::arg("db"), py::arg("N"), py::arg("lddb"), py::arg("cols"),
+        py::arg("row_scale"), py::arg("row_add"), py::arg("q_scale"), py::arg("q_add"), py::arg("allow"), py::arg("k"),
+        py::arg("out_scores"), py::arg("out_idx"), py::arg("num_threads"));
 
   py::class_<AsciiWordPiece>(m, "AsciiWordPiece",
                              "BERT WordPiece for pure-ASCII texts (csrc/wordpiece_cpu.cpp); other texts are left to the caller.")

@@ -83,7 +83,10 @@ struct LayerNormArgs {
 // out_scores: [nq, k] int32 (binary, int8, sign-dot) or float32; out_idx: int64 [nq, k].
 // Sign-dot (kind 3): db as binary (cols bytes of packed sign bits), q int8 [nq, 8 * cols] (ldq
 // elements apart); score sum_d q_d (bit_d ? +1 : -1).
-enum TopkKind { kTopkBinary = 0, kTopkInt8 = 1, kTopkFloat32 = 2, kTopkSignDot = 3 };
+// RaBitQ (kind 4): q and db as sign-dot, float32 scores
+//   float(row_scale[r] * (q_scale[i] * S) + row_add[r] + q_add[i])   (in double, left to right)
+// of the exact integer sign-dot S (csrc/rabitq_cpu.cpp: rabitq_scores).
+enum TopkKind { kTopkBinary = 0, kTopkInt8 = 1, kTopkFloat32 = 2, kTopkSignDot = 3, kTopkRaBitQ = 4 };
 struct TopkArgs {
   int kind;
   const void* q;
@@ -96,7 +99,16 @@ struct TopkArgs {
   void* out_scores;
   int64_t* out_idx;
   int num_threads;
+  // kind 4 only: per-row float32 [N] and per-query float64 [nq] factors
+  const float* row_scale = nullptr;
+  const float* row_add = nullptr;
+  const double* q_scale = nullptr;
+  const double* q_add = nullptr;
 };
+// RaBitQ scores of a tile: out[j * pitch + r] = float(row_scale[r] * (q_scale[j] * s[j * pitch + r]) +
+// row_add[r] + q_add[j]) for j < nq, r < nr; double arithmetic without contraction (the numpy formula).
+void rabitq_scores(const int32_t* s, int nq, int64_t nr, int64_t pitch, const float* row_scale, const float* row_add,
+                   const double* q_scale, const double* q_add, float* out);
 void topk_cpu(const TopkArgs& a);
 
 void pool_normalize_cpu(const PoolArgs& a);

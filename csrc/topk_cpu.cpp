@@ -3,6 +3,7 @@
 //   int8:    q . x + bias[row]                      (int32; raw integer dot + per-row correction)
 //   float32: q . x                                  (float)
 //   sign-dot: sum_d q_d * (bit_d ? +1 : -1)         (int32; int8 query [8 * bytes], packed-bit rows)
+//   rabitq:  row_scale * (q_scale * sign-dot) + row_add + q_add   (float; csrc/rabitq_cpu.cpp)
 // best first, ties broken by the lower row index; rows with allow[row] == 0 are skipped inside
 // the scan; fewer than k candidates: the rest of the row is index -1 with the lowest score
 // (INT32_MIN / -inf).
@@ -385,7 +386,8 @@ PE_INLINE void scan_range(const TopkArgs& a, const void* qprep, int64_t qpitch, 
   // Few queries: the tile transposition would cost as much as scoring it; rows are scored in place
   // by popcnt instead.
   const bool transposed = AVX2 && a.nq >= 4 && a.kind == kTopkBinary;
-  const bool words = a.kind == kTopkBinary || a.kind == kTopkSignDot;  // rows read as uint64 words
+  const bool signdot = a.kind == kTopkSignDot || a.kind == kTopkRaBitQ;  // rabitq: sign-dot, then its factors
+  const bool words = a.kind == kTopkBinary || signdot;  // rows read as uint64 words
   // (sign-dot: qpitch is the prepared query block, 8 planes of W words + 1; the rows have W words)
   const int64_t W = (a.cols + 7) / 8;
   for (int64_t t0 = r0; t0 < r1; t0 += kRowTile) {
@@ -431,15 +433,21 @@ PE_INLINE void scan_range(const TopkArgs& a, const void* qprep, int64_t qpitch, 
         const uint64_t* qp[kQ];
         for (int j = 0; j < kQ; ++j) qp[j] = static_cast<const uint64_t*>(qprep) + (q0 + std::min(j, nq - 1)) * qpitch;
         score_binary(qp, nq, xw, nr, qpitch, static_cast<int32_t>(8 * a.cols), reinterpret_cast<int32_t*>(tile));
-      } else if (a.kind == kTopkSignDot) {
+      } else if (signdot) {
         const uint64_t* qp[kQ];
         for (int j = 0; j < kQ; ++j) qp[j] = static_cast<const uint64_t*>(qprep) + (q0 + std::min(j, nq - 1)) * qpitch;
+        // rabitq: the integer sign-dot into its own tile, then the float estimate into `tile`
+        alignas(32) int32_t sd[kQ * kRowTile];
+        int32_t* st = a.kind == kTopkRaBitQ ? sd : reinterpret_cast<int32_t*>(tile);
 #if defined(__x86_64__) && defined(__GNUC__)
         if (AVX2)
-          score_signdot_avx2(qp, nq, xw, nr, W, reinterpret_cast<int32_t*>(tile));
+          score_signdot_avx2(qp, nq, xw, nr, W, st);
         else
 #endif
-          score_signdot(qp, nq, xw, nr, W, reinterpret_cast<int32_t*>(tile));
+          score_signdot(qp, nq, xw, nr, W, st);
+        if (a.kind == kTopkRaBitQ)
+          rabitq_scores(st, nq, nr, kRowTile, a.row_scale + t0, a.row_add + t0, a.q_scale + q0, a.q_add + q0,
+                        reinterpret_cast<float*>(tile));
       } else if (a.kind == kTopkInt8 && AVX2) {
 #if defined(__x86_64__) && defined(__GNUC__)
         const int16_t* qp[kQ];
@@ -497,7 +505,7 @@ bool cpu_has_popcnt() {
 
 template <typename S>
 void topk_typed(const TopkArgs& a) {
-  const bool is_float = a.kind == kTopkFloat32;
+  const bool is_float = a.kind == kTopkFloat32 || a.kind == kTopkRaBitQ;
   RangeFn fn = is_float ? range_f32_baseline : range_i32_baseline;
   bool use_avx2 = false;
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -517,7 +525,8 @@ void topk_typed(const TopkArgs& a) {
       std::memcpy(qwords.data() + i * qpitch, static_cast<const uint8_t*>(a.q) + i * a.ldq, a.cols);
     qprep = qwords.data();
   }
-  if (a.kind == kTopkSignDot && use_avx2) {
+  const bool signdot = a.kind == kTopkSignDot || a.kind == kTopkRaBitQ;
+  if (signdot && use_avx2) {
     // Per query (score_signdot_avx2): u_d = q_d + 128 as 8 W words of bytes (0 past the last
     // dimension: those bits are 0 in the zero-padded rows), then sum_d q_d.
     const int64_t W = (a.cols + 7) / 8;
@@ -535,7 +544,7 @@ void topk_typed(const TopkArgs& a) {
       dst[8 * W] = static_cast<uint64_t>(sumq);
     }
     qprep = qwords.data();
-  } else if (a.kind == kTopkSignDot) {
+  } else if (signdot) {
     // Per query: plane p (p = 0..7) = bit p of u_d = q_d + 128, packed like the codes (dimension
     // 8 i + t -> byte i, bit 7 - t: numpy.packbits), zero-padded to W words; then sum_d q_d.
     const int64_t W = (a.cols + 7) / 8;
@@ -566,7 +575,7 @@ void topk_typed(const TopkArgs& a) {
       for (int64_t d = 0; d < a.cols; ++d) q16[i * qpitch + d] = static_cast<const int8_t*>(a.q)[i * a.ldq + d];
     qprep = q16.data();
   }
-  const int64_t work = a.nq * a.N * std::max<int64_t>(a.cols, 1) * (a.kind == kTopkSignDot ? 8 : 1);
+  const int64_t work = a.nq * a.N * std::max<int64_t>(a.cols, 1) * (signdot ? 8 : 1);
   int nthreads = 1;
   if (work >= (int64_t{1} << 20))
     nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, (a.N + kRowTile - 1) / kRowTile)));
@@ -587,8 +596,7 @@ void topk_typed(const TopkArgs& a) {
     const int64_t r1 = std::min(a.N, tiles * (t + 1) / nthreads * kRowTile);
     std::vector<S> tile(static_cast<size_t>(kQ * kRowTile));
     const int64_t xwords = (a.cols + 7) / 8;  // per-row words of the binary / sign-dot tile
-    std::vector<uint64_t> xpad(a.kind == kTopkBinary || a.kind == kTopkSignDot ? static_cast<size_t>(kRowTile * xwords)
-                                                                               : 0);
+    std::vector<uint64_t> xpad(a.kind == kTopkBinary || signdot ? static_cast<size_t>(kRowTile * xwords) : 0);
     if (r1 > r0) fn(a, qprep, qpitch, r0, r1, heaps.data() + t * a.nq, tile.data(), xpad.data());
   };
   {
@@ -620,7 +628,7 @@ void topk_typed(const TopkArgs& a) {
 }  // namespace
 
 void topk_cpu(const TopkArgs& a) {
-  if (a.kind == kTopkFloat32)
+  if (a.kind == kTopkFloat32 || a.kind == kTopkRaBitQ)
     topk_typed<float>(a);
   else
     topk_typed<int32_t>(a);

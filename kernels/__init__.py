@@ -9,6 +9,7 @@ from .float_topk import float_topk
 from .hamming_topk import hamming_topk
 from .int8_topk import int8_topk
 from .sign_dot_topk import sign_dot_topk
+from .rabitq_topk import rabitq_topk
 from .dispatch import BACKENDS, implemented, unavailable_reason
 from .gelu import bias_gelu
 from .layernorm import add_layernorm
@@ -25,6 +26,7 @@ __all__ = [
     "int8_topk",
     "float_topk",
     "sign_dot_topk",
+    "rabitq_topk",
     "BACKENDS",
     "implemented",
     "unavailable_reason",

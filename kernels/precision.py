@@ -1,4 +1,4 @@
-"""The output precisions: every fact about each one, in one table.
+"""The precisions: every fact about each one, in one table.
 
 Everything else reads this table: the launchers (output buffers, which precisions need ranges),
 the Triton kernels (their compile-time flags), the C++/CUDA kernels (the same integer codes:
@@ -15,6 +15,12 @@ Formulas (kernels/quantize.py has the reference):
   binary:  ubinary - 128 as int8 (sentence-transformers' convention)
 Integer codes are thus an unsigned code u in [0, 255] plus the row's `code_offset` (0 or -128).
 Bytes: row-major, little-endian (`wire_dtype`), exactly what embed() returns per row.
+
+Index-only precisions (code None: no store kernel, not an output of embed(), not in PRECISIONS) are
+EmbeddingIndex encodings of float vectors that need more than a quantizer:
+  rabitq:  1 bit per dimension of (x - c) R (R a seeded random rotation, c a centroid), packed as
+           ubinary, plus per-vector correction factors the index keeps beside the codes
+           (postembed_fast/search/rabitq.py); scanned by rabitq_topk.
 """
 from __future__ import annotations
 
@@ -24,13 +30,15 @@ import numpy as np
 import torch
 
 # The exact top-k ops (kernels/<op>.py) an index can scan its codes with
-SCAN_OPS = ("hamming_topk", "int8_topk", "float_topk")
+SCAN_OPS = ("hamming_topk", "int8_topk", "float_topk", "rabitq_topk")
 
 
 @dataclass(frozen=True)
 class Precision:
     name: str
-    code: int  # the compiled store kernel: csrc PrecisionCode, also the Triton kernels' selector
+    # the compiled store kernel: csrc PrecisionCode, also the Triton kernels' selector; None: an
+    # index-only precision (EmbeddingIndex encodes float vectors itself; embed() cannot output it)
+    code: int | None
     torch_dtype: torch.dtype
     packed_bits: bool  # one bit per dimension, 8 dimensions per byte
     needs_ranges: bool  # per-dimension (min, max) calibration ranges
@@ -38,6 +46,12 @@ class Precision:
     index_precision: str
     code_offset: int = 0  # integer codes: the unsigned code u in [0, 255] + code_offset (-128: the signed forms)
     scan: str | None = None  # an index precision: the top-k op (SCAN_OPS) that scans its codes; else None
+    row_factors: int = 0  # index-only: float32 correction factors stored after each row's codes
+
+    @property
+    def is_output(self) -> bool:
+        """An output precision of embed() (a store kernel writes it), not an index-only one."""
+        return self.code is not None
 
     @property
     def is_float(self) -> bool:
@@ -63,7 +77,11 @@ class Precision:
         return (dim + 7) // 8 if self.packed_bits else dim
 
     def row_bytes(self, dim: int) -> int:
-        return self.columns(dim) * self.torch_dtype.itemsize
+        return self.columns(dim) * self.torch_dtype.itemsize + 4 * self.row_factors
+
+    def index_columns(self, dim: int) -> int:
+        """Columns of an EmbeddingIndex row: the codes, then the row factors' bytes (in code elements)."""
+        return self.columns(dim) + 4 * self.row_factors // self.torch_dtype.itemsize
 
 
 _NUMPY = {torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16),
@@ -80,8 +98,12 @@ TABLE: dict[str, Precision] = {p.name: p for p in (
     Precision("binary", 4, torch.int8, packed_bits=True, needs_ranges=False, index_precision="binary",
               code_offset=-128, scan="hamming_topk"),
     Precision("ubinary", 5, torch.uint8, packed_bits=True, needs_ranges=False, index_precision="binary"),
+    # index-only: sign bits of the rotated, centred vector (ubinary layout) + per-vector factors
+    Precision("rabitq", None, torch.uint8, packed_bits=True, needs_ranges=False, index_precision="rabitq",
+              scan="rabitq_topk", row_factors=2),
 )}
-PRECISIONS = tuple(TABLE)
+# The output precisions (embed(), the store, the wire): the rows with a store kernel
+PRECISIONS = tuple(name for name, p in TABLE.items() if p.is_output)
 
 
 def check_table(table: dict[str, Precision]) -> None:
@@ -98,6 +120,11 @@ def check_table(table: dict[str, Precision]) -> None:
                              f"name a scan op in {SCAN_OPS}, got {target.index_precision!r} / {target.scan!r}")
         if p.scan is not None and target is not p:
             raise ValueError(f"precision table: {name!r} names a scan but is held by {target.name!r}")
+        if not target.is_output and target is not p:  # its codes are made by the index, never received
+            raise ValueError(f"precision table: {name!r} cannot be held by the index-only {target.name!r}")
+        if p.row_factors and p.is_output:
+            raise ValueError(f"precision table: output precision {name!r} cannot have row factors (embed() writes "
+                             "codes only)")
         same = (p.is_float, p.packed_bits, p.needs_ranges, p.torch_dtype.itemsize)
         if same != (target.is_float, target.packed_bits, target.needs_ranges, target.torch_dtype.itemsize) or \
                 (p.is_float and (p.code_offset or p.torch_dtype != target.torch_dtype)):
@@ -108,8 +135,11 @@ check_table(TABLE)
 
 
 def precision_spec(name) -> Precision:
-    """The table entry for a user's precision argument, or a ValueError naming the valid ones."""
+    """The table entry for a user's (output) precision argument, or a ValueError naming the valid ones."""
     spec = TABLE.get(name) if isinstance(name, str) else None
+    if spec is not None and not spec.is_output:
+        raise ValueError(f"{name!r} is an index precision (EmbeddingIndex(dim, precision={name!r}) encodes float "
+                         f"vectors), not an output precision; valid: {', '.join(PRECISIONS)}")
     if spec is None:
         raise ValueError(f"unknown precision {name!r}; valid: {', '.join(PRECISIONS)}")
     return spec

@@ -1,5 +1,6 @@
 """EmbeddingIndex (postembed_fast/search/index.py) against a numpy reference: every precision, awkward sizes,
-ties by insertion order, allow masks / id lists, remove + add, upsert, rescoring, save/load, bad input."""
+ties by insertion order, allow masks / id lists, remove + add, upsert, rescoring, save/load, bad input.
+The rabitq precision has its own file (tests/test_rabitq.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -23,15 +24,28 @@ def ranges_for(dim, seed=0):
     return np.stack([lo, -lo * (0.8 + 0.4 * rng.random(dim))]).astype(np.float32)
 
 
+def int8_estimate(q64, x8, ranges):
+    """The int8 index's documented score: (S int64 [nq, n], the float32 estimate of <q, x> [nq, n]).
+    The stored codes decode to lo + step (x8 + 128); w = q * step quantized to int8 per query,
+    S = w8 . x8 exact, estimate = (max|w| / 127) S + sum_d q_d (lo_d + 128 step_d) in float64."""
+    lo = ranges[0].astype(np.float64)
+    step = (ranges[1].astype(np.float64) - lo) / 255
+    w = q64 * step
+    peak = np.abs(w).max(axis=1)
+    mult = np.divide(127.0, peak, out=np.zeros_like(peak), where=peak > 0)
+    w8 = np.rint(w * mult[:, None]).clip(-127, 127).astype(np.int64)
+    S = w8 @ x8.astype(np.int64).T
+    const = np.einsum("nd,d->n", q64, lo + 128 * step)
+    return S, ((peak / 127)[:, None] * S + const[:, None]).astype(np.float32)
+
+
 def ref_scores(precision, qf, xf, quant, ranges):
-    """Scores by the documented formulas, in int64 / float64."""
+    """Scores by the documented formulas, in int64 / float64 (int8: the integer S it ranks by)."""
     if precision == "binary":
         q, x = quant(qf, "ubinary"), quant(xf, "ubinary")
         return 8 * q.shape[1] - _POP[q[:, None, :] ^ x[None, :, :]].sum(-1)
     if precision == "int8":
-        z = quant(np.zeros((1, qf.shape[1]), np.float32), "int8", ranges)[0].astype(np.int64)
-        q, x = quant(qf, "int8", ranges).astype(np.int64) - z, quant(xf, "int8", ranges).astype(np.int64) - z
-        return q @ x.T
+        return int8_estimate(qf.astype(np.float64), quant(xf, "int8", ranges), ranges)[0]
     if precision == "float16":
         return qf.astype(np.float16).astype(np.float64) @ xf.astype(np.float16).astype(np.float64).T
     return qf.astype(np.float64) @ xf.astype(np.float64).T
@@ -64,10 +78,18 @@ def ref_topk(scores, k, ids, allow_rows=None):
 def assert_search(index, qf, xf, k, ids, quant, ranges=None, allow=None, allow_rows=None):
     s, got = index.search(qf, k, allow=allow)
     want_s, want = ref_topk(ref_scores(index.precision, qf, xf, quant, ranges), k, ids, allow_rows)
-    if index.precision in ("binary", "int8"):
+    if index.precision == "binary":
         assert s.dtype == np.int32
         np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(s.astype(np.float64), want_s)
+    elif index.precision == "int8":  # ranked by the exact integer S; the scores: its float32 estimate, exactly
+        assert s.dtype == np.float32
+        np.testing.assert_array_equal(got, want)
+        est = int8_estimate(qf.astype(np.float64), quant(xf, "int8", ranges), ranges)[1]
+        row_of = {int(i): r for r, i in enumerate(ids)}
+        want_est = np.array([[est[i, row_of[j]] if j >= 0 else -np.inf for j in row] for i, row in enumerate(want)],
+                            np.float32)
+        np.testing.assert_array_equal(s, want_est)
     else:  # float: the scan's summation order differs from float64 in the last bits
         assert s.dtype == np.float32
         np.testing.assert_allclose(s, want_s, rtol=0, atol=1e-5)
@@ -125,7 +147,15 @@ def test_codes_in_and_out_agree(reference_quantize):
     c.add(reference_quantize(xf, "int8", r))
     d = EmbeddingIndex(dim, precision="int8", ranges=r)
     d.add(xf)
-    np.testing.assert_array_equal(c.search(qf, 5)[1], d.search(reference_quantize(qf, "int8", r), 5)[1])
+    q8 = reference_quantize(qf, "int8", r)
+    for queries in (qf, q8):  # codes added = floats added, for float and code queries
+        np.testing.assert_array_equal(c.search(queries, 5)[1], d.search(queries, 5)[1])
+        np.testing.assert_array_equal(c.search(queries, 5)[0], d.search(queries, 5)[0])
+    # int8 code queries are decoded to the bins' centres, lo + step (q8 + 128), then scored as floats
+    lo, step = r[0].astype(np.float64), (r[1].astype(np.float64) - r[0]) / 255
+    decoded = (lo + step * (q8.astype(np.float64) + 128)).astype(np.float32)
+    np.testing.assert_array_equal(c.search(q8, 5)[1], c.search(decoded, 5)[1])
+    np.testing.assert_allclose(c.search(q8, 5)[0], c.search(decoded, 5)[0], rtol=0, atol=1e-6)
 
 
 def test_fewer_candidates_than_k_are_padded():
@@ -478,3 +508,39 @@ def test_asymmetric_zero_query_and_ties():
     s, ids = index.search(np.zeros((1, dim), np.float32), 3, rescore=2)
     np.testing.assert_array_equal(ids[0], [0, 2, 4])
     np.testing.assert_array_equal(s[0], [0, 0, 0])
+
+
+def test_loads_files_of_the_older_formats(tmp_path, reference_quantize):
+    """Folders written before the rabitq format (/3) existed: a /1 int8 index and a /2 rotated binary one,
+    written here array by array as those versions did, load and search (int8 now with its float estimate)."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    dim = 24
+    xf, qf = unit_rows(40, dim, 0), unit_rows(3, dim, 1)
+    r = ranges_for(dim)
+    codes = reference_quantize(xf, "int8", r)
+    (tmp_path / "v1").mkdir()
+    save_file({"codes": codes, "ids": np.arange(40, dtype=np.int64) + 7, "ranges": r},
+              str(tmp_path / "v1" / "arrays.safetensors"))
+    (tmp_path / "v1" / "header.json").write_text(json.dumps(
+        {"format": "postembed_fast.EmbeddingIndex/1", "dim": dim, "precision": "int8", "count": 40, "next_id": 47,
+         "keep_float16": False, "model_tag": "m-0", "has_ranges": True}))
+    old = EmbeddingIndex.load(tmp_path / "v1")
+    assert (len(old), old.model_tag, list(old.add(xf[:1]))) == (40, "m-0", [47])
+    old.remove([47])
+    assert_search(old, qf, xf, 5, np.arange(40) + 7, reference_quantize, r)
+    rot = itq_rotation(xf, iterations=2)
+    bits = reference_quantize((xf.astype(np.float64) @ rot.astype(np.float64)).astype(np.float32), "binary")
+    (tmp_path / "v2").mkdir()
+    save_file({"codes": bits, "ids": np.arange(40, dtype=np.int64), "rotation": rot},
+              str(tmp_path / "v2" / "arrays.safetensors"))
+    (tmp_path / "v2" / "header.json").write_text(json.dumps(
+        {"format": "postembed_fast.EmbeddingIndex/2", "dim": dim, "precision": "binary", "count": 40, "next_id": 40,
+         "keep_float16": False, "model_tag": None, "has_ranges": False}))
+    rotated = EmbeddingIndex.load(tmp_path / "v2")
+    np.testing.assert_array_equal(rotated.rotation, rot)
+    fresh = EmbeddingIndex(dim, precision="binary", rotation=rot)
+    fresh.add(xf)
+    np.testing.assert_array_equal(rotated.search(qf, 5)[1], fresh.search(qf, 5)[1])

@@ -2,7 +2,8 @@
 of the system that uses one takes it from there: embed()'s output (dtype, width, bytes), the compiled
 kernels (codes, element sizes, packing, ranges: _C.PRECISION_KERNELS), the EmbeddingIndex that holds the
 codes (index precision, code dtype and width, scan op), the near-line store's bytes (encode_vector /
-decode_vector) and the backfill's Arrow column. A made-up row of the table flows through all of them."""
+decode_vector) and the backfill's Arrow column. A made-up row of the table flows through all of them.
+Index-only rows (rabitq: code None, row factors) are EmbeddingIndex precisions only: never an output."""
 from __future__ import annotations
 
 import dataclasses
@@ -32,16 +33,24 @@ def _ranges(spec, embedder):
 
 
 def test_the_table_is_consistent():
-    assert PRECISIONS == ("float32", "float16", "int8", "uint8", "binary", "ubinary")
+    assert PRECISIONS == ("float32", "float16", "int8", "uint8", "binary", "ubinary")  # the output precisions
     expected = {"float32": "float32", "float16": "float16", "int8": "int8", "uint8": "int8", "binary": "binary",
-                "ubinary": "binary"}
+                "ubinary": "binary", "rabitq": "rabitq"}
     assert {n: s.index_precision for n, s in TABLE.items()} == expected
     assert {n: s.scan for n, s in TABLE.items() if s.scan} == {"float32": "float_topk", "float16": "float_topk",
-                                                                "int8": "int8_topk", "binary": "hamming_topk"}
+                                                                "int8": "int8_topk", "binary": "hamming_topk",
+                                                                "rabitq": "rabitq_topk"}
     assert {n: s.code_offset for n, s in TABLE.items() if s.code_offset} == {"int8": -128, "binary": -128}
     assert sorted(INDEX_PRECISIONS) == sorted(n for n, s in TABLE.items() if s.index_precision == n)
-    assert INDEX_PRECISIONS == ("binary", "int8", "float16", "float32")  # smallest codes first, as before
-    assert len({s.code for s in TABLE.values()}) == len(TABLE)
+    # smallest rows first (rabitq: 8 bytes of bits + 8 of factors at 64-d)
+    assert INDEX_PRECISIONS == ("binary", "rabitq", "int8", "float16", "float32")
+    outputs = [s for s in TABLE.values() if s.is_output]
+    assert len({s.code for s in outputs}) == len(outputs) == len(PRECISIONS)
+    index_only = {n: s for n, s in TABLE.items() if not s.is_output}
+    assert list(index_only) == ["rabitq"] and index_only["rabitq"].code is None
+    rq = TABLE["rabitq"]
+    assert (rq.row_factors, rq.columns(50), rq.index_columns(50), rq.row_bytes(50)) == (2, 7, 15, 15)
+    assert all(s.row_factors == 0 for s in outputs)
     for op in SCAN_OPS:  # every scan op the table may name is a public launcher and an index scan
         assert op in kernels.__all__ and op in SCANS
 
@@ -53,6 +62,8 @@ def test_the_table_is_consistent():
     ("uint8", dict(scan="float_topk"), "held by"),  # uint8 is held by int8: it names no scan of its own
     ("int8", dict(scan="cosine_topk"), "scan op"),
     ("binary", dict(index_precision="ubinary"), "hold its own codes"),
+    ("ubinary", dict(index_precision="rabitq"), "index-only"),  # rabitq codes are made by the index only
+    ("binary", dict(row_factors=2), "row factors"),  # embed() writes codes only
 ])
 def test_check_table_refuses_inconsistent_rows(row, change, message):
     check_table(TABLE)
@@ -67,14 +78,30 @@ def test_compiled_kernels_agree_with_the_table():
 
     if _ext._C is None:
         pytest.skip(f"compiled extension unavailable: {_ext.UNAVAILABLE_REASON}")
-    assert dict(_ext._C.PRECISION_CODES) == {n: s.code for n, s in TABLE.items()}
+    outputs = {n: s for n, s in TABLE.items() if s.is_output}  # index-only rows have no store kernel
+    assert dict(_ext._C.PRECISION_CODES) == {n: s.code for n, s in outputs.items()}
     compiled = {n: dict(facts) for n, facts in _ext._C.PRECISION_KERNELS.items()}
     assert compiled == {n: {"code": s.code, "elem_size": s.torch_dtype.itemsize, "packed_bits": s.packed_bits,
-                            "needs_ranges": s.needs_ranges} for n, s in TABLE.items()}
+                            "needs_ranges": s.needs_ranges} for n, s in outputs.items()}
     x, out = torch.zeros(2, 16), torch.empty(2, 16)
     with pytest.raises(ValueError) as err:
-        _ext._C.quantize_cpu(x.data_ptr(), 2, 16, 16, 0, len(TABLE), 0, out.data_ptr(), 2, 16, 4)
-    assert ", ".join(f"{s.code}={n}" for n, s in TABLE.items()) in str(err.value)
+        _ext._C.quantize_cpu(x.data_ptr(), 2, 16, 16, 0, len(outputs), 0, out.data_ptr(), 2, 16, 4)
+    assert ", ".join(f"{s.code}={n}" for n, s in outputs.items()) in str(err.value)
+
+
+def test_an_index_only_precision_is_no_output(embedder):
+    """rabitq is an EmbeddingIndex precision: embed(), quantize_embeddings and the store refuse it by name."""
+    with pytest.raises(ValueError, match="'rabitq' is an index precision"):
+        precision_spec("rabitq")
+    with pytest.raises(ValueError, match="index precision"):
+        embedder.embed(TEXTS[:1], precision="rabitq")
+    with pytest.raises(ValueError, match="index precision"):
+        quantize_embeddings(np.zeros((1, 8), np.float32), "rabitq")
+    with pytest.raises(ValueError, match="index precision"):
+        encode_vector(np.zeros(8, np.float32), "rabitq")
+    index = EmbeddingIndex(embedder.dim, precision="rabitq")
+    assert index.spec is TABLE["rabitq"] and SCANS[index.spec.scan]
+    assert index._codes.shape[1] == TABLE["rabitq"].index_columns(embedder.dim)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -118,10 +145,10 @@ def test_stored_bytes_and_the_index_that_holds_them(precision, outputs, embedder
     # the index's search is the table's scan op, called directly
     q = torch.from_numpy(np.ascontiguousarray(outputs[held.name]))
     db = torch.from_numpy(np.ascontiguousarray(outputs[held.name]))
-    if held.scan == "int8_topk":
-        zero = torch.from_numpy(quantize_embeddings(np.zeros((1, dim), np.float32), held.name,
-                                                    embedder.quantization_ranges)[0])
-        want_s, want_i = kernels.int8_topk(q, db, 3, zero)
+    if held.scan == "int8_topk":  # the index's own int8 query (its float estimate's weights), no zero point
+        w8, scale, const = index._int8_query(outputs["float32"].astype(np.float64))
+        want_s, want_i = kernels.int8_topk(w8, db, 3)
+        want_s = (scale[:, None] * want_s.double() + const[:, None]).float()
     elif held.scan == "float_topk":
         want_s, want_i = kernels.float_topk(q.float(), db.float(), 3)
     else:
