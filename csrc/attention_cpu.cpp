@@ -1,4 +1,4 @@
-// CPU varlen attention, float32: out = softmax(q k^T * scale) v per (sequence, head),
+// CPU varlen attention, float32 or bfloat16: out = softmax(q k^T * scale) v per (sequence, head),
 // read straight from packed, possibly strided q/k/v (views of the fused QKV
 // projection) and written to out [T, H, D]. No padding grid, no scatter/gather.
 //
@@ -8,12 +8,14 @@
 // gather back cost ~2.5 ms more per batch of 4096 tokens.
 //
 // One OpenMP task per (sequence, head). A task packs K^T once into thread-local
-// scratch [D][Lp] (and V into [L][D]) so that a 6x16 block of scores is a register-blocked outer
+// scratch [D][Lp] (and V into [L][D], six Q rows at a time into [kRows][D]), converting bf16 to fp32
+// on the way, so that a 6x16 block of scores is a register-blocked outer
 // product; each score row's softmax is taken over the whole row (rows are short
 // on CPU, so no online rescaling is needed); P V accumulates six query rows at a
-// time in registers. The vector code uses GCC/Clang vector extensions: one source,
-// compiled for the baseline ISA (SSE2 / NEON) and, on x86-64, again for
-// AVX2+FMA, picked at run time.
+// time in registers. All math and accumulation is fp32 for either storage type; a bf16 output is
+// the fp32 result rounded to nearest even once. The vector code uses GCC/Clang vector extensions
+// (cpu_vec.h): one source, compiled for the baseline ISA (SSE2 / NEON) and, on x86-64, again for
+// AVX2+FMA, picked at run time (cpu_isa()).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -23,6 +25,7 @@
 #include <omp.h>
 #endif
 
+#include "cpu_vec.h"
 #include "kernels.h"
 
 namespace postembed {
@@ -30,37 +33,15 @@ namespace {
 
 #define PE_INLINE inline __attribute__((always_inline))
 
-typedef float v8 __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-PE_INLINE v8 load8(const float* p) {
-  v8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-PE_INLINE void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
-// Spelled as a shuffle: GCC turns an initializer list into a chain of inserts.
-PE_INLINE v8 splat(float x) {
-#if defined(__clang__)
-  const v8 v = {x};
-  return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0);
-#else
-  return __builtin_shuffle(v8{x}, v8i{});
-#endif
-}
-PE_INLINE v8 vmax(v8 a, v8 b) { return a > b ? a : b; }
-PE_INLINE v8 at_least(v8 x, v8 lo) { return x < lo ? lo : x; }  // NaN stays NaN
-
-PE_INLINE float hsum(v8 v) {
-  float s = 0.f;
-  for (int i = 0; i < 8; ++i) s += v[i];
-  return s;
-}
-PE_INLINE float hmax(v8 v) {
-  float m = v[0];
-  for (int i = 1; i < 8; ++i) m = std::max(m, v[i]);
-  return m;
-}
+using vec::at_least;
+using vec::hmax;
+using vec::hsum;
+using vec::load8;
+using vec::splat;
+using vec::store8;
+using vec::v8;
+using vec::v8i;
+using vec::vmax;
 
 // expf for x <= 0 (softmax arguments), Cephes-style: exp(x) = 2^n exp(r), |r| <= ln2/2,
 // degree-6 polynomial; ~1 ulp. Clamped at -87 (exp = 1.6e-38, still a normal float);
@@ -89,25 +70,35 @@ PE_INLINE v8 exp8(v8 x) {
 constexpr int kRows = 6;   // query rows per block
 constexpr int kCols = 16;  // key columns per score block (two vectors)
 
-// One (sequence, head). D = 8 * ND. scratch holds (2 * D + kRows) * Lp floats.
-template <int ND>
+// Scratch floats one task needs for a sequence of L tokens: K^T [D][Lp], V [L][D] (Lp rows reserved),
+// scores [kRows][Lp], Q rows [kRows][D].
+inline size_t scratch_floats(int64_t L, int64_t D) {
+  const int64_t Lp = (L + kCols - 1) / kCols * kCols;
+  return static_cast<size_t>((2 * D + kRows) * Lp + kRows * D);
+}
+
+// One (sequence, head). D = 8 * ND; E = float or bf16_t (q, k, v and out).
+template <int ND, typename E>
 PE_INLINE void attend(const AttnArgs& a, int64_t t0, int64_t L, int64_t h, float* scratch) {
+  using vec::to_float;
   constexpr int D = 8 * ND;
   const int64_t Lp = (L + kCols - 1) / kCols * kCols;
   float* kt = scratch;      // [D][Lp]  K^T of this (sequence, head), zero-padded columns
-  float* vp = kt + D * Lp;  // [L][D]   V rows, packed: in place they sit 3 * H * D floats apart,
+  float* vp = kt + D * Lp;  // [L][D]   V rows, packed: in place they sit 3 * H * D elements apart,
                             //          which maps them onto a few L1 sets and evicts them
   float* s = vp + D * Lp;   // [kRows][Lp] scores, then probabilities
-  const float* q = a.q + t0 * a.sqt + h * a.sqh;
-  const float* k = a.k + t0 * a.skt + h * a.skh;
-  const float* v = a.v + t0 * a.svt + h * a.svh;
-  float* o = a.out + t0 * a.sot + h * a.soh;
+  float* qb = s + kRows * Lp;  // [kRows][D] this block's query rows in fp32
+  const E* q = static_cast<const E*>(a.q) + t0 * a.sqt + h * a.sqh;
+  const E* k = static_cast<const E*>(a.k) + t0 * a.skt + h * a.skh;
+  const E* v = static_cast<const E*>(a.v) + t0 * a.svt + h * a.svh;
+  E* o = static_cast<E*>(a.out) + t0 * a.sot + h * a.soh;
 
   for (int64_t j = 0; j < L; ++j)
-    for (int d = 0; d < D; ++d) kt[d * Lp + j] = k[j * a.skt + d];
+    for (int d = 0; d < D; ++d) kt[d * Lp + j] = to_float(k[j * a.skt + d]);
   for (int d = 0; d < D; ++d)
     for (int64_t j = L; j < Lp; ++j) kt[d * Lp + j] = 0.f;
-  for (int64_t j = 0; j < L; ++j) std::memcpy(vp + j * D, v + j * a.svt, D * sizeof(float));
+  for (int64_t j = 0; j < L; ++j)
+    for (int d = 0; d < D; d += 8) store8(vp + j * D + d, load8(v + j * a.svt + d));
 
   const v8 scale = splat(a.scale), neg_inf = splat(-INFINITY);
   v8i lane;
@@ -116,7 +107,9 @@ PE_INLINE void attend(const AttnArgs& a, int64_t t0, int64_t L, int64_t h, float
   for (int64_t i0 = 0; i0 < L; i0 += kRows) {
     const int nr = static_cast<int>(std::min<int64_t>(kRows, L - i0));
     const float* qr[kRows];
-    for (int r = 0; r < kRows; ++r) qr[r] = q + (i0 + std::min(r, nr - 1)) * a.sqt;  // spare rows repeat the last
+    for (int r = 0; r < nr; ++r)
+      for (int d = 0; d < D; d += 8) store8(qb + r * D + d, load8(q + (i0 + r) * a.sqt + d));
+    for (int r = 0; r < kRows; ++r) qr[r] = qb + std::min(r, nr - 1) * D;  // spare rows repeat the last
 
     // scores * scale, padded columns -inf, and each row's running max
     v8 rmax[kRows];
@@ -174,7 +167,7 @@ PE_INLINE void attend(const AttnArgs& a, int64_t t0, int64_t L, int64_t h, float
         }
       }
       for (int r = 0; r < nr; ++r) {
-        float* dst = o + (i0 + r) * a.sot + c0;
+        E* dst = o + (i0 + r) * a.sot + c0;
         store8(dst, acc[r][0] * splat(inv[r]));
         store8(dst + 8, acc[r][1] * splat(inv[r]));
       }
@@ -182,39 +175,43 @@ PE_INLINE void attend(const AttnArgs& a, int64_t t0, int64_t L, int64_t h, float
   }
 }
 
+template <typename E>
 PE_INLINE void attend_any(const AttnArgs& a, int64_t t0, int64_t L, int64_t h, float* scratch) {
   switch (a.D) {
-    case 16: attend<2>(a, t0, L, h, scratch); break;
-    case 32: attend<4>(a, t0, L, h, scratch); break;
-    case 64: attend<8>(a, t0, L, h, scratch); break;
-    default: attend<16>(a, t0, L, h, scratch); break;  // 128 (head_dim checked at the boundary)
+    case 16: attend<2, E>(a, t0, L, h, scratch); break;
+    case 32: attend<4, E>(a, t0, L, h, scratch); break;
+    case 64: attend<8, E>(a, t0, L, h, scratch); break;
+    default: attend<16, E>(a, t0, L, h, scratch); break;  // 128 (head_dim checked at the boundary)
   }
 }
 
 using TaskFn = void (*)(const AttnArgs&, int64_t, int64_t, int64_t, float*);
 
+template <typename E>
 void task_baseline(const AttnArgs& a, int64_t t0, int64_t L, int64_t h, float* scratch) {
-  attend_any(a, t0, L, h, scratch);
+  attend_any<E>(a, t0, L, h, scratch);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
+template <typename E>
 __attribute__((target("avx2,fma"))) void task_avx2(const AttnArgs& a, int64_t t0, int64_t L, int64_t h,
                                                    float* scratch) {
-  attend_any(a, t0, L, h, scratch);
+  attend_any<E>(a, t0, L, h, scratch);
 }
 #endif
 
+template <typename E>
 TaskFn pick_task() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (avx2_enabled()) return task_avx2;
+  if (cpu_isa() >= Isa::kAvx2) return task_avx2<E>;
 #endif
-  return task_baseline;
+  return task_baseline<E>;
 }
 
 }  // namespace
 
 void varlen_attention_cpu(const AttnArgs& a) {
-  const TaskFn task = pick_task();
+  const TaskFn task = a.dtype == kBF16 ? pick_task<bf16_t>() : pick_task<float>();
   const int64_t tasks = a.B * a.H;
   int64_t work = 0;  // ~ multiply-adds, to keep tiny calls on one thread
   for (int64_t b = 0; b < a.B; ++b) {
@@ -233,7 +230,7 @@ void varlen_attention_cpu(const AttnArgs& a) {
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t b = t / a.H, h = t % a.H;
       const int64_t t0 = a.cu[b], L = a.cu[b + 1] - a.cu[b];
-      const size_t need = static_cast<size_t>((2 * a.D + kRows) * ((L + kCols - 1) / kCols * kCols));
+      const size_t need = scratch_floats(L, a.D);
       if (scratch.size() < need) scratch.resize(need);
       task(a, t0, L, h, scratch.data());
     }

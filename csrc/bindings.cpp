@@ -68,6 +68,11 @@ constexpr int64_t kI32Max = std::numeric_limits<int32_t>::max();
 
 void check_ptr(const char* fn, const char* name, uintptr_t p) { PE_CHECK(p != 0, fn, ": ", name, " is a null pointer"); }
 
+// The attention, add_layernorm and bias_gelu kernels take float32 or bfloat16 (DTYPE_CODES).
+void check_float32_or_bf16(const char* fn, int dtype) {
+  PE_CHECK(dtype == kF32 || dtype == kBF16, fn, ": dtype code ", dtype, " is not float32 (0) or bfloat16 (2)");
+}
+
 void check_codes(const char* fn, int dtype, int precision) {
   PE_CHECK(dtype == kF32 || dtype == kF16 || dtype == kBF16, fn, ": invalid dtype code ", dtype,
            " (0=float32, 1=float16, 2=bfloat16)");
@@ -205,8 +210,10 @@ void py_quant_cpu(uintptr_t x, int64_t B, int64_t D, int64_t ld, int dtype, int 
 
 void py_attention_cpu(uintptr_t q, int64_t sqt, int64_t sqh, uintptr_t k, int64_t skt, int64_t skh, uintptr_t v,
                       int64_t svt, int64_t svh, uintptr_t out, int64_t sot, int64_t soh, uintptr_t cu,
-                      int64_t total_tokens, int64_t B, int64_t H, int64_t D, double scale, int num_threads) {
+                      int64_t total_tokens, int64_t B, int64_t H, int64_t D, double scale, int num_threads,
+                      int dtype) {
   const char* fn = "varlen_attention_cpu";
+  check_float32_or_bf16(fn, dtype);
   for (auto [name, p] : {std::pair{"q", q}, {"k", k}, {"v", v}, {"out", out}, {"cu_seqlens", cu}}) check_ptr(fn, name, p);
   PE_CHECK(D == 16 || D == 32 || D == 64 || D == 128, fn, ": head_dim must be 16, 32, 64 or 128, got ", D);
   PE_CHECK(B > 0 && H > 0, fn, ": need B > 0 sequences and H > 0 heads, got B=", B, ", H=", H);
@@ -219,10 +226,11 @@ void py_attention_cpu(uintptr_t q, int64_t sqt, int64_t sqh, uintptr_t k, int64_
   PE_CHECK(std::isfinite(scale), fn, ": scale must be finite, got ", scale);
   PE_CHECK(num_threads >= 1, fn, ": num_threads must be >= 1, got ", num_threads);
   AttnArgs a;
-  a.q = reinterpret_cast<const float*>(q);
-  a.k = reinterpret_cast<const float*>(k);
-  a.v = reinterpret_cast<const float*>(v);
-  a.out = reinterpret_cast<float*>(out);
+  a.q = reinterpret_cast<const void*>(q);
+  a.k = reinterpret_cast<const void*>(k);
+  a.v = reinterpret_cast<const void*>(v);
+  a.out = reinterpret_cast<void*>(out);
+  a.dtype = dtype;
   a.sqt = sqt, a.sqh = sqh, a.skt = skt, a.skh = skh, a.svt = svt, a.svh = svh, a.sot = sot, a.soh = soh;
   a.cu = reinterpret_cast<const int32_t*>(cu);
   a.B = B, a.H = H, a.D = D;
@@ -234,8 +242,10 @@ void py_attention_cpu(uintptr_t q, int64_t sqt, int64_t sqh, uintptr_t k, int64_
 }
 
 void py_add_layernorm_cpu(uintptr_t x, int64_t ldx, uintptr_t residual, int64_t ldr, uintptr_t weight, uintptr_t bias,
-                          uintptr_t out, int64_t ldo, int64_t rows, int64_t H, double eps, int num_threads) {
+                          uintptr_t out, int64_t ldo, int64_t rows, int64_t H, double eps, int num_threads,
+                          int dtype) {
   const char* fn = "add_layernorm_cpu";
+  check_float32_or_bf16(fn, dtype);
   for (auto [name, p] : {std::pair{"x", x}, {"residual", residual}, {"weight", weight}, {"bias", bias}, {"out", out}})
     check_ptr(fn, name, p);
   PE_CHECK(rows > 0 && H > 0, fn, ": need rows > 0 and H > 0, got rows=", rows, ", H=", H);
@@ -244,16 +254,38 @@ void py_add_layernorm_cpu(uintptr_t x, int64_t ldx, uintptr_t residual, int64_t 
   PE_CHECK(eps >= 0 && std::isfinite(eps), fn, ": eps must be finite and >= 0, got ", eps);
   PE_CHECK(num_threads >= 1, fn, ": num_threads must be >= 1, got ", num_threads);
   LayerNormArgs a;
-  a.x = reinterpret_cast<const float*>(x);
-  a.residual = reinterpret_cast<const float*>(residual);
-  a.weight = reinterpret_cast<const float*>(weight);
-  a.bias = reinterpret_cast<const float*>(bias);
-  a.out = reinterpret_cast<float*>(out);
+  a.x = reinterpret_cast<const void*>(x);
+  a.residual = reinterpret_cast<const void*>(residual);
+  a.weight = reinterpret_cast<const void*>(weight);
+  a.bias = reinterpret_cast<const void*>(bias);
+  a.out = reinterpret_cast<void*>(out);
+  a.dtype = dtype;
   a.rows = rows, a.H = H, a.ldx = ldx, a.ldr = ldr, a.ldo = ldo;
   a.eps = static_cast<float>(eps);
   a.num_threads = num_threads;
   py::gil_scoped_release nogil;
   add_layernorm_cpu(a);
+}
+
+void py_bias_gelu_cpu(uintptr_t x, int64_t ldx, uintptr_t bias, uintptr_t out, int64_t ldo, int64_t rows, int64_t F,
+                      int dtype, int num_threads) {
+  const char* fn = "bias_gelu_cpu";
+  check_float32_or_bf16(fn, dtype);
+  check_ptr(fn, "x", x);
+  check_ptr(fn, "out", out);
+  PE_CHECK(rows > 0 && F > 0, fn, ": need rows > 0 and F > 0, got rows=", rows, ", F=", F);
+  PE_CHECK((ldx >= F || ldx == 0 || rows == 1) && (ldo >= F || rows == 1), fn, ": row pitches must be >= F=", F,
+           " (x may be 0: one row for all), got ldx=", ldx, ", ldo=", ldo);
+  PE_CHECK(num_threads >= 1, fn, ": num_threads must be >= 1, got ", num_threads);
+  BiasGeluArgs a;
+  a.x = reinterpret_cast<const void*>(x);
+  a.bias = reinterpret_cast<const void*>(bias);
+  a.out = reinterpret_cast<void*>(out);
+  a.rows = rows, a.F = F, a.ldx = ldx, a.ldo = ldo;
+  a.dtype = dtype;
+  a.num_threads = num_threads;
+  py::gil_scoped_release nogil;
+  bias_gelu_cpu(a);
 }
 
 void py_topk_cpu(int kind, uintptr_t q, int64_t nq, int64_t ldq, uintptr_t db, int64_t N, int64_t lddb, int64_t cols,
@@ -443,17 +475,27 @@ PYBIND11_MODULE(_C, m) {
           return d;
         }, "Sub-features the kernels may use at the current ISA level (each false when capped below it)");
   m.def("varlen_attention_cpu", &py_attention_cpu,
-        "float32 softmax(q k^T * scale) v over packed sequences; q/k/v/out: data_ptr() integers with\n"
-        "(token, head) strides in elements (head_dim contiguous); cu: int32 [B+1] ending at total_tokens.",
+        "softmax(q k^T * scale) v over packed sequences; q/k/v/out: data_ptr() integers with\n"
+        "(token, head) strides in elements (head_dim contiguous); cu: int32 [B+1] ending at total_tokens;\n"
+        "dtype: DTYPE_CODES float32 or bfloat16 (q, k, v, out alike; fp32 math).",
         py::arg("q"), py::arg("sqt"), py::arg("sqh"), py::arg("k"), py::arg("skt"), py::arg("skh"), py::arg("v"),
         py::arg("svt"), py::arg("svh"), py::arg("out"), py::arg("sot"), py::arg("soh"), py::arg("cu_seqlens"),
-        py::arg("total_tokens"), py::arg("B"), py::arg("H"), py::arg("D"), py::arg("scale"), py::arg("num_threads"));
+        py::arg("total_tokens"), py::arg("B"), py::arg("H"), py::arg("D"), py::arg("scale"), py::arg("num_threads"),
+        py::arg("dtype") = int(kF32));
 
   m.def("add_layernorm_cpu", &py_add_layernorm_cpu,
-        "float32 out = LayerNorm(x + residual) * weight + bias, row by row; pointers are data_ptr() integers,\n"
-        "ld* row pitches in elements (ldr may be 0); out may be x or residual (in place).",
+        "out = LayerNorm(x + residual) * weight + bias, row by row; pointers are data_ptr() integers,\n"
+        "ld* row pitches in elements (ldr may be 0); out may be x or residual (in place); dtype: DTYPE_CODES\n"
+        "float32 or bfloat16 (all five tensors; fp32 statistics).",
         py::arg("x"), py::arg("ldx"), py::arg("residual"), py::arg("ldr"), py::arg("weight"), py::arg("bias"),
-        py::arg("out"), py::arg("ldo"), py::arg("rows"), py::arg("H"), py::arg("eps"), py::arg("num_threads"));
+        py::arg("out"), py::arg("ldo"), py::arg("rows"), py::arg("H"), py::arg("eps"), py::arg("num_threads"),
+        py::arg("dtype") = int(kF32));
+
+  m.def("bias_gelu_cpu", &py_bias_gelu_cpu,
+        "out = GELU(x + bias) (exact erf GELU) over rows of F; x/out data_ptr() integers with row pitches in\n"
+        "elements, bias [F] or 0; out may be x; dtype: DTYPE_CODES float32 or bfloat16 (fp32 math).",
+        py::arg("x"), py::arg("ldx"), py::arg("bias"), py::arg("out"), py::arg("ldo"), py::arg("rows"), py::arg("F"),
+        py::arg("dtype"), py::arg("num_threads"));
 
   m.def("topk_cpu", &py_topk_cpu,
         "Exact top-k scan: kind 0=binary (8*cols - Hamming), 1=int8 (q.x + db_bias[row]), 2=float32 (q.x),\n"

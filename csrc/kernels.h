@@ -46,14 +46,15 @@ struct QuantArgs {
   int64_t out_row_bytes;
 };
 
-// Float32 attention over packed sequences: q/k/v/out rows are tokens; element
+// Attention over packed sequences, float32 or bfloat16 (dtype: kF32 / kBF16 of embedding_math.h, for
+// q, k, v and out alike; fp32 math either way): q/k/v/out rows are tokens; element
 // (t, h, d) of q lives at q[t * sqt + h * sqh + d] (likewise k, v, out).
 // cu: int32 [B+1]; D in {16, 32, 64, 128}.
 struct AttnArgs {
-  const float* q;
-  const float* k;
-  const float* v;
-  float* out;
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
   int64_t sqt, sqh, skt, skh, svt, svh, sot, soh;
   const int32_t* cu;
   int64_t B;
@@ -61,19 +62,33 @@ struct AttnArgs {
   int64_t D;
   float scale;
   int num_threads;
+  int dtype = 0;  // kF32
 };
 
-// Float32 out = LayerNorm(x + residual) * weight + bias over rows of H; rows are
+// out = LayerNorm(x + residual) * weight + bias over rows of H, all five float32 or all bfloat16
+// (dtype as above; fp32 sums and statistics either way); rows are
 // ldx / ldr / ldo elements apart (ldr may be 0: one residual row for all). out may
 // be x or residual itself, never a partial overlap.
 struct LayerNormArgs {
-  const float* x;
-  const float* residual;
-  const float* weight;
-  const float* bias;
-  float* out;
+  const void* x;
+  const void* residual;
+  const void* weight;
+  const void* bias;
+  void* out;
   int64_t rows, H, ldx, ldr, ldo;
   float eps;
+  int num_threads;
+  int dtype = 0;  // kF32
+};
+
+// out = GELU(x + bias) (exact erf GELU, BERT's "gelu") over rows of F, x / bias / out all float32 or all
+// bfloat16 (dtype as above; fp32 math); rows ldx / ldo elements apart; bias [F] may be null; out may be x.
+struct BiasGeluArgs {
+  const void* x;
+  const void* bias;
+  void* out;
+  int64_t rows, F, ldx, ldo;
+  int dtype;
   int num_threads;
 };
 
@@ -114,6 +129,7 @@ void topk_cpu(const TopkArgs& a);
 void pool_normalize_cpu(const PoolArgs& a);
 void add_layernorm_cpu(const LayerNormArgs& a);
 void varlen_attention_cpu(const AttnArgs& a);
+void bias_gelu_cpu(const BiasGeluArgs& a);
 // True when cpu_isa() (cpu_isa.h) admits the AVX2+FMA+POPCNT builds; tests cap the level to
 // exercise the baseline builds.
 bool avx2_enabled();

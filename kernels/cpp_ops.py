@@ -118,10 +118,21 @@ def quantize_cpp(x, precision, ranges, out=None):
     return result
 
 
+# The dtypes of the C++ attention, add_layernorm and bias_gelu: fp32 math for both; float16 has no
+# CPU kernel (no CPU computes in it: the encoder runs float32 or bfloat16 there).
+_CPU_FLOAT_DTYPES = (torch.float32, torch.bfloat16)
+_CPU_FLOAT_NAMES = "float32 or bfloat16"
+
+
+def _dtype_code(t: torch.Tensor) -> int:
+    return _C.DTYPE_CODES[_DTYPE_NAMES[t.dtype]]
+
+
 def attention_refuses(q, k, v, cu_seqlens, max_seqlen, scale):
-    """Why the C++ attention can't take this call (None if it can): float32 on CPU, head_dim 16/32/64/128."""
-    if q.dtype != torch.float32:
-        return f"float32 only, got {q.dtype}"
+    """Why the C++ attention can't take this call (None if it can): float32 or bfloat16 on CPU, head_dim
+    16/32/64/128."""
+    if q.dtype not in _CPU_FLOAT_DTYPES:
+        return f"{_CPU_FLOAT_NAMES} only, got {q.dtype}"
     if q.shape[-1] not in (16, 32, 64, 128):
         return f"head_dim must be 16, 32, 64 or 128, got {q.shape[-1]}"
     if q.shape[1] == 0:
@@ -139,19 +150,23 @@ def varlen_attention_cpp(q, k, v, cu_seqlens, max_seqlen, scale, out=None):
     if out is None:
         out = torch.empty((T, H, D), dtype=q.dtype)
     elif tuple(out.shape) != (T, H, D) or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out must be a float32 [{T}, {H}, {D}] tensor with stride(-1) == 1, got "
+        raise ValueError(f"out must be a {q.dtype} [{T}, {H}, {D}] tensor with stride(-1) == 1, got "
                          f"{out.dtype} {tuple(out.shape)} strides {out.stride()}")
     cu = cu_seqlens.contiguous()
     _C.varlen_attention_cpu(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
                             v.data_ptr(), v.stride(0), v.stride(1), out.data_ptr(), out.stride(0), out.stride(1),
-                            cu.data_ptr(), T, cu.numel() - 1, H, D, scale, torch.get_num_threads())
+                            cu.data_ptr(), T, cu.numel() - 1, H, D, scale, torch.get_num_threads(), _dtype_code(q))
     return out
 
 
 def layernorm_refuses(x, residual, weight, bias, eps):
-    """Why the C++ add_layernorm can't take this call (None if it can): float32, unit column stride."""
-    if not all(t.dtype == torch.float32 for t in (x, residual, weight, bias)):
-        return "float32 only"
+    """Why the C++ add_layernorm can't take this call (None if it can): x, residual, weight and bias all
+    float32 or all bfloat16."""
+    if x.dtype not in _CPU_FLOAT_DTYPES:
+        return f"{_CPU_FLOAT_NAMES} only, got {x.dtype}"
+    if not all(t.dtype == x.dtype for t in (residual, weight, bias)):
+        return (f"x, residual, weight and bias must share one dtype, got {x.dtype}, {residual.dtype}, "
+                f"{weight.dtype}, {bias.dtype}")
     if x.numel() == 0:
         return "empty input"
     return None
@@ -177,7 +192,36 @@ def add_layernorm_cpp(x, residual, weight, bias, eps, out=None):
     w, b = weight.contiguous(), bias.contiguous()
     _C.add_layernorm_cpu(x2.data_ptr(), ldx, r2.data_ptr(), ldr, w.data_ptr(), b.data_ptr(),
                          o2.data_ptr(), o2.stride(0) if o2.shape[0] > 1 else H, o2.shape[0], H, eps,
-                         torch.get_num_threads())
+                         torch.get_num_threads(), _dtype_code(x))
+    return out
+
+
+def bias_gelu_refuses(x, bias):
+    """Why the C++ bias_gelu can't take this call (None if it can): float32 or bfloat16, bias (if any) of
+    x's dtype."""
+    if x.dtype not in _CPU_FLOAT_DTYPES:
+        return f"{_CPU_FLOAT_NAMES} only, got {x.dtype}"
+    if bias is not None and bias.dtype != x.dtype:
+        return f"bias must have x's dtype {x.dtype}, got {bias.dtype}"
+    return None
+
+
+def bias_gelu_cpp(x, bias, out=None):
+    """Exact GELU(x + bias) on CPU, in place when out is x; see csrc/gelu_cpu.cpp. out (if given) was
+    checked contiguous, of x's shape and dtype, by the launcher (kernels/gelu.py)."""
+    reason = bias_gelu_refuses(x, bias)
+    if reason is not None:
+        raise ValueError(f"bias_gelu (cpp): {reason}")
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype)
+    F = x.shape[-1] if x.dim() else 1
+    if out.numel() == 0:
+        return out
+    x2, ldx = rows_2d(x, F)
+    o2 = out.view(-1, F)
+    b = None if bias is None else bias.contiguous()
+    _C.bias_gelu_cpu(x2.data_ptr(), ldx, 0 if b is None else b.data_ptr(), o2.data_ptr(), F, o2.shape[0], F,
+                     _dtype_code(x), torch.get_num_threads())
     return out
 
 
@@ -226,5 +270,6 @@ if _C is not None:
     register("float_topk", "cpp", devices=("cpu",))(float_topk_cpp)
     register("varlen_attention", "cpp", devices=("cpu",), supports=attention_refuses)(varlen_attention_cpp)
     register("add_layernorm", "cpp", devices=("cpu",), supports=layernorm_refuses)(add_layernorm_cpp)
+    register("bias_gelu", "cpp", devices=("cpu",), supports=bias_gelu_refuses)(bias_gelu_cpp)
     register("pool_normalize", "cpp", devices=("cpu", "cuda"))(pool_normalize_cpp)
     register("quantize_embeddings", "cpp", devices=("cpu", "cuda"))(quantize_cpp)

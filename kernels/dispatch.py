@@ -4,7 +4,7 @@ Each op registers its implementations with @register(op, backend, devices,
 supports); launchers call choose(op, device, backend, args). backend=None picks
 the first entry of OP_PREFERENCE (or else PREFERENCE) for the device that is available here and, if it
 has a `supports` check, accepts these arguments (e.g. the C++ attention takes
-float32 and head_dim 16/32/64/128 only); "torch" (the reference) always works,
+float32 or bfloat16 and head_dim 16/32/64/128 only); "torch" (the reference) always works,
 so there is always a fallback.
 """
 from __future__ import annotations

@@ -32,7 +32,8 @@ def bias_gelu(x, bias, backend=None, out=None):
         check_out(out, x.shape, x)
         if not out.is_contiguous():
             raise ValueError("out must be contiguous")
-    return choose("bias_gelu", x.device, backend)(x, bias, out=out)
+    args = (x, bias)  # the C++ kernel's `supports` check sees them (float32 / bfloat16 only)
+    return choose("bias_gelu", x.device, backend, args)(*args, out=out)
 
 
 if TRITON_IMPORT_ERROR is None:

@@ -1,9 +1,10 @@
-"""varlen_attention (kernels/attention.py) on every backend (torch reference, C++ in both ISA builds,
+"""varlen_attention (kernels/attention.py) on every backend (torch reference, C++ in each ISA build,
 Triton) against softmax(q k^T * scale) v written from the definition in float64: odd lengths mixed in
 one batch, one token, long and many short sequences, strided views of a fused QKV buffer as the encoder
-passes them, NaN-poisoned outputs, any softmax scale, NaN propagation, the launcher's argument checks.
+passes them, NaN-poisoned outputs, any softmax scale, NaN propagation, the launcher's argument checks;
+the C++ kernel's bfloat16 path (fp32 math: its output is its float32 result rounded once).
 
-Which backend takes which arguments (the C++ kernel: float32, head_dim 16/32/64/128) and what
+Which backend takes which arguments (the C++ kernel: float32 or bfloat16, head_dim 16/32/64/128) and what
 backend=None picks is tests/test_dispatch.py; the raw C++ entry point, tests/test_extension.py.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from postembed_fast.kernels import _ext, varlen_attention
+from postembed_fast.kernels import cpu_isa as cpu_isa_table
 
 # 1 and 2 are shorter than any block, 129 is one past a 128 block, 256 exact blocks
 LENGTHS = {
@@ -29,6 +31,9 @@ LENGTHS = {
 }
 HEAD_SHAPES = [(2, 16), (3, 16), (2, 32), (3, 32), (1, 64), (2, 64), (2, 128), (4, 16), (4, 32), (4, 64), (4, 128)]
 FLOAT_TOLS = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}  # on ||out - ref|| / ||ref||
+# The C++ kernel computes in fp32 for either storage type: a bf16 output differs from the float64 result
+# of the same (bf16) inputs by its one rounding, < 2^-9 relative per element.
+CPP_TOLS = {torch.float32: 1e-5, torch.bfloat16: 2 ** -8}
 INTERPRETED_LENGTHS = ("mixed", "one-300", "one-token", "129+2")
 
 
@@ -77,8 +82,8 @@ def nan_out(shape, dtype=torch.float32, device="cpu"):
 
 
 def takes(backend, device, lengths, heads, head_dim, dtype):
-    if backend == "cpp" and dtype != torch.float32:
-        return False  # float32 only (its refusal of the others: tests/test_dispatch.py)
+    if backend == "cpp" and dtype not in CPP_TOLS:
+        return False  # float32 and bfloat16 only (its refusal of float16: tests/test_dispatch.py)
     if interpreted(backend, device):  # the interpreter is slow: short batches, two heads, no 128
         return lengths in INTERPRETED_LENGTHS and heads == 2 and head_dim <= 64
     return heads != 4 or device == "cuda"  # four heads: the GPU's size
@@ -102,11 +107,34 @@ def test_matches_float64_reference(backend, device, lengths, heads, head_dim, dt
     out = nan_out((T, heads, head_dim), dtype, device)
     got = varlen_attention(q, k, v, cu_of(lens, device), max(lens), scale, backend=backend, out=out)
     assert got is out and out.dtype == dtype and not torch.isnan(out).any()
-    assert rel_err(out, ref) < FLOAT_TOLS[dtype]
+    tol = (CPP_TOLS if backend == "cpp" else FLOAT_TOLS)[dtype]
+    assert rel_err(out, ref) < tol
     if backend != "triton":  # a fresh output: contiguous [T, heads, head_dim]
         fresh = varlen_attention(q, k, v, cu_of(lens, device), max(lens), scale, backend=backend)
         assert fresh.shape == (T, heads, head_dim) and fresh.is_contiguous() and fresh.dtype == dtype
-        assert rel_err(fresh, ref) < FLOAT_TOLS[dtype]
+        assert rel_err(fresh, ref) < tol
+
+
+@pytest.mark.backends("varlen_attention", "lengths", [("mixed",), ("one-token",), ("129+2",), ("many-short",)],
+                      cpu_isa=True, keep=lambda backend, device, lengths: backend == "cpp")
+@pytest.mark.parametrize("heads, head_dim", [(12, 32), (2, 64), (3, 16), (1, 128)])
+def test_cpp_bfloat16_is_its_float32_result_rounded_once(backend, device, lengths, heads, head_dim):
+    """The AVX2 and baseline builds convert bf16 to fp32 exactly and run the float32 code: a bf16 output
+    is bit for bit the float32 kernel's output on the same values, rounded to nearest even (torch's
+    .to(bfloat16)). The AVX512-BF16 build takes its dot products in vdpbf16ps (probabilities rounded to
+    bf16 for P V): there, within two roundings of the float64 result."""
+    lens = LENGTHS[lengths]
+    T = sum(lens)
+    q, k, v = fused_qkv(T, heads, head_dim, seed=11, dtype=torch.bfloat16)
+    cu = cu_of(lens)
+    out = nan_out((T, heads, head_dim), torch.bfloat16)
+    varlen_attention(q, k, v, cu, max(lens), backend=backend, out=out)
+    want32 = varlen_attention(q.float(), k.float(), v.float(), cu, max(lens), backend=backend)
+    dpbf16 = cpu_isa_table.features().get("avx512_bf16", False)  # at this (capped) level
+    if not dpbf16:
+        assert torch.equal(out, want32.to(torch.bfloat16))
+    ref = reference(q, k, v, lens, head_dim ** -0.5)
+    assert rel_err(out, ref) < (2 ** -7 if dpbf16 else 2 ** -8)
 
 
 @pytest.mark.backends("varlen_attention", cpu_isa=True)
@@ -121,8 +149,8 @@ def test_softmax_is_stable_for_any_scale(backend, device, scale):
     assert rel_err(out, reference(q, k, v, lens, scale)) < 1e-5
 
 
-@pytest.mark.backends("varlen_attention", "dtype", [(torch.float32,), (torch.float16,)],
-                      keep=lambda backend, device, dtype: backend != "cpp" or dtype == torch.float32)
+@pytest.mark.backends("varlen_attention", "dtype", [(torch.float32,), (torch.float16,), (torch.bfloat16,)],
+                      keep=lambda backend, device, dtype: backend != "cpp" or dtype in CPP_TOLS)
 def test_contiguous_inputs_and_the_default_scale(backend, device, dtype):
     """Separate contiguous q, k, v (not views of one buffer), scale left to the launcher (head_dim ** -0.5)."""
     g = torch.Generator().manual_seed(1)

@@ -11,6 +11,7 @@ import torch
 
 from postembed_fast.kernels import _ext, add_layernorm, bias_gelu, cpp_ops, dispatch, pool_normalize, varlen_attention
 from postembed_fast.kernels.attention import varlen_attention_torch
+from postembed_fast.kernels.gelu import bias_gelu_torch
 from postembed_fast.kernels.layernorm import add_layernorm_torch
 
 needs_c = pytest.mark.skipif(_ext._C is None, reason=f"compiled extension unavailable: {_ext.UNAVAILABLE_REASON}")
@@ -82,11 +83,13 @@ def test_triton_attention_refuses_other_head_dims():
 
 
 @needs_c
-def test_attention_picks_cpp_for_float32_and_falls_back_otherwise():
+def test_attention_picks_cpp_for_float32_and_bfloat16_and_falls_back_otherwise():
     cpu = torch.device("cpu")
     q, k, v = fused_qkv(10, 2, 32)
     args = (q, k, v, cu_of([10]), 10, 0.2)
     assert dispatch.choose("varlen_attention", cpu, None, args) is cpp_ops.varlen_attention_cpp
+    bf16 = (q.bfloat16(), k.bfloat16(), v.bfloat16(), cu_of([10]), 10, 0.2)
+    assert dispatch.choose("varlen_attention", cpu, None, bf16) is cpp_ops.varlen_attention_cpp
     half = (q.half(), k.half(), v.half(), cu_of([10]), 10, 0.2)
     assert dispatch.choose("varlen_attention", cpu, None, half) is varlen_attention_torch
     q48, k48, v48 = fused_qkv(10, 2, 48)
@@ -97,23 +100,47 @@ def test_attention_picks_cpp_for_float32_and_falls_back_otherwise():
     qs, ks, vs = (t.double().transpose(0, 1) for t in (q48, k48, v48))  # one sequence: [heads, 10, 48]
     ref = (torch.softmax(qs @ ks.transpose(1, 2) * 48 ** -0.5, dim=-1) @ vs).transpose(0, 1)
     assert float((out.double() - ref).norm() / ref.norm()) < 1e-5
-    with pytest.raises(ValueError, match="float32 only"):
+    with pytest.raises(ValueError, match="float32 or bfloat16 only, got torch.float16"):
         varlen_attention(*half[:5], backend="cpp")
     with pytest.raises(ValueError, match="head_dim must be 16, 32, 64 or 128"):
         varlen_attention(*odd[:5], backend="cpp")
 
 
 @needs_c
-def test_add_layernorm_picks_cpp_for_float32_and_falls_back_otherwise():
+def test_add_layernorm_picks_cpp_for_float32_and_bfloat16_and_falls_back_otherwise():
     cpu = torch.device("cpu")
     g = torch.Generator().manual_seed(0)
     x, r = torch.randn(4, 16, generator=g) * 3, torch.randn(4, 16, generator=g) + 0.5
     w, b = torch.randn(16, generator=g), torch.randn(16, generator=g)
     assert dispatch.choose("add_layernorm", cpu, None, (x, r, w, b, 1e-5)) is cpp_ops.add_layernorm_cpp
+    bf16 = tuple(t.bfloat16() for t in (x, r, w, b)) + (1e-5,)
+    assert dispatch.choose("add_layernorm", cpu, None, bf16) is cpp_ops.add_layernorm_cpp
     half = (x.half(), r.half(), w.half(), b.half(), 1e-5)
     assert dispatch.choose("add_layernorm", cpu, None, half) is add_layernorm_torch
-    with pytest.raises(ValueError, match="float32 only"):
+    with pytest.raises(ValueError, match="float32 or bfloat16 only, got torch.float16"):
         add_layernorm(*half, backend="cpp")
+    # bf16 activations with float32 weights: one dtype for all four, or the torch reference
+    mixed = (*bf16[:2], w, b, 1e-5)
+    assert dispatch.choose("add_layernorm", cpu, None, mixed) is add_layernorm_torch
+    with pytest.raises(ValueError, match="must share one dtype"):
+        add_layernorm(*mixed, backend="cpp")
+    torch.testing.assert_close(add_layernorm(*mixed), add_layernorm(*mixed, backend="torch"), rtol=0, atol=0)
+
+
+@needs_c
+def test_bias_gelu_picks_cpp_for_float32_and_bfloat16_and_falls_back_otherwise():
+    cpu = torch.device("cpu")
+    x, bias = torch.randn(4, 16), torch.randn(16)
+    for args in ((x, bias), (x, None), (x.bfloat16(), bias.bfloat16()), (x.bfloat16(), None)):
+        assert dispatch.choose("bias_gelu", cpu, None, args) is cpp_ops.bias_gelu_cpp
+    for args in ((x.half(), None), (x.bfloat16(), bias)):
+        assert dispatch.choose("bias_gelu", cpu, None, args) is bias_gelu_torch
+    with pytest.raises(ValueError, match="float32 or bfloat16 only, got torch.float16"):
+        bias_gelu(x.half(), None, backend="cpp")
+    with pytest.raises(ValueError, match="bias must have x's dtype torch.bfloat16, got torch.float32"):
+        bias_gelu(x.bfloat16(), bias, backend="cpp")
+    # the fallback computes the same thing through the public launcher
+    torch.testing.assert_close(bias_gelu(x.half(), None), bias_gelu(x.half(), None, backend="torch"), rtol=0, atol=0)
 
 
 def test_sign_dot_gpu_dispatch():

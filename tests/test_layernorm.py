@@ -1,9 +1,10 @@
 """add_layernorm (kernels/layernorm.py): LayerNorm(x + residual) on every backend (torch reference, C++
-in both ISA builds, Triton) against the definition in float64: odd widths, one row to thousands,
+in each ISA build, Triton) against the definition in float64: odd widths, one row to thousands,
 NaN-poisoned outputs, in place into x or the residual (the encoder keeps its activations in a reused
-workspace), stride-0 (broadcast) and row-strided inputs, and the launcher's argument checks.
+workspace), stride-0 (broadcast) and row-strided inputs, and the launcher's argument checks; the C++
+kernel's bfloat16 path (fp32 sum and statistics: its output is its float32 result rounded once).
 
-The C++ kernel takes float32 only (tests/test_dispatch.py); its raw entry point: tests/test_extension.py.
+The C++ kernel takes float32 or bfloat16 (tests/test_dispatch.py); its raw entry point: tests/test_extension.py.
 """
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from postembed_fast.kernels import add_layernorm
 
 FLOAT_TOLS = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}  # on ||out - ref|| / ||ref||
 GPU_TOLS = {**FLOAT_TOLS, torch.float16: 3e-3}  # Triton compiled for a GPU, as measured there when it was written
+# The C++ kernel keeps x + residual and the statistics in fp32 for either storage type: a bf16 output is
+# off the float64 result of the same (bf16) inputs by its one rounding, < 2^-9 relative per element.
+CPP_TOLS = {torch.float32: 1e-5, torch.bfloat16: 2 ** -8}
 SHAPES = [(1, 384), (7, 250), (129, 64), (1, 1), (7, 64), (33, 250), (5, 384), (3, 1000)]  # (rows, H)
 
 
@@ -51,7 +55,7 @@ def interpreted(backend, device):
 
 
 def takes(backend, dtype):
-    return backend != "cpp" or dtype == torch.float32  # the C++ kernel: float32 only (tests/test_dispatch.py)
+    return backend != "cpp" or dtype in CPP_TOLS  # the C++ kernel: float32 and bfloat16 (tests/test_dispatch.py)
 
 
 @pytest.mark.backends("add_layernorm", "rows, H, dtype", [(n, h, d) for n, h in SHAPES for d in FLOAT_TOLS],
@@ -61,7 +65,7 @@ def test_matches_float64_reference(backend, device, rows, H, dtype):
     x, r = (torch.randn(rows, H, device=device).to(dtype) for _ in range(2))
     w, b = torch.randn(H, device=device).to(dtype), torch.randn(H, device=device).to(dtype)
     ref = definition64(x, r, w, b, 1e-12)
-    tol = (GPU_TOLS if device == "cuda" else FLOAT_TOLS)[dtype]
+    tol = (GPU_TOLS if device == "cuda" else CPP_TOLS if backend == "cpp" else FLOAT_TOLS)[dtype]
     buf = torch.full((rows, H), float("nan"), dtype=dtype, device=device)
     out = add_layernorm(x, r, w, b, 1e-12, backend=backend, out=buf)
     assert out is buf and out.dtype == dtype
@@ -87,6 +91,25 @@ def test_float32_in_place_and_into_poisoned_buffers(backend, device, rows, H, wh
     assert out is None or got is out
     assert not torch.isnan(got).any()
     assert max_abs(got, ref) < 1e-5
+
+
+@pytest.mark.backends("add_layernorm", "rows, H, where",
+                      [(n, h, where) for n in (1, 7, 129, 4097) for h in (384, 250, 1)
+                       for where in ("fresh", "into-x", "into-residual", "poisoned-buffer")],
+                      cpu_isa=True, keep=lambda backend, device, rows, H, where: backend == "cpp")
+def test_cpp_bfloat16_is_its_float32_result_rounded_once(backend, device, rows, H, where):
+    """bf16 x, residual, weight, bias -> bf16 out, in place or not: bit for bit the float32 kernel's result
+    on the same values rounded to nearest even (the sum x + residual is never rounded to bf16)."""
+    x, r, w, b = (t.to(torch.bfloat16) for t in inputs(rows, H, seed=4))
+    want = add_layernorm(x.float(), r.float(), w.float(), b.float(), 1e-12, backend=backend).to(torch.bfloat16)
+    out = {"fresh": None, "into-x": x.clone(), "into-residual": r.clone(),
+           "poisoned-buffer": torch.full((rows, H), float("nan"), dtype=torch.bfloat16)}[where]
+    xs, rs = (out if where == "into-x" else x), (out if where == "into-residual" else r)
+    got = add_layernorm(xs, rs, w, b, 1e-12, backend=backend, out=out)
+    assert out is None or got is out
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    if H > 1:
+        assert rel_err(got, definition64(x, r, w, b, 1e-12)) < CPP_TOLS[torch.bfloat16]
 
 
 @pytest.mark.backends("add_layernorm")
