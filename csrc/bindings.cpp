@@ -474,6 +474,9 @@ PYBIND11_MODULE(_C, m) {
           d["amx_int8"] = postembed::cpu_has_amx_int8();
           return d;
         }, "Sub-features the kernels may use at the current ISA level (each false when capped below it)");
+  m.def("_set_attention_pair_dot_emulated", &postembed::set_attention_pair_dot_emulated, py::arg("on"),
+        "Testing hook: bf16 attention through the portable emulation of its AVX512-BF16 pair-dot build (not\n"
+        "thread-safe); returns the previous setting");
   m.def("varlen_attention_cpu", &py_attention_cpu,
         "softmax(q k^T * scale) v over packed sequences; q/k/v/out: data_ptr() integers with\n"
         "(token, head) strides in elements (head_dim contiguous); cu: int32 [B+1] ending at total_tokens;\n"

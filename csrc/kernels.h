@@ -129,6 +129,9 @@ void topk_cpu(const TopkArgs& a);
 void pool_normalize_cpu(const PoolArgs& a);
 void add_layernorm_cpu(const LayerNormArgs& a);
 void varlen_attention_cpu(const AttnArgs& a);
+// Testing hook: bf16 attention through the portable emulation of its AVX512-BF16 pair-dot build (the
+// same layouts and operation order), so that build's code is tested on any CPU; returns the previous.
+bool set_attention_pair_dot_emulated(bool on);
 void bias_gelu_cpu(const BiasGeluArgs& a);
 // True when cpu_isa() (cpu_isa.h) admits the AVX2+FMA+POPCNT builds; tests cap the level to
 // exercise the baseline builds.

@@ -130,11 +130,42 @@ def test_cpp_bfloat16_is_its_float32_result_rounded_once(backend, device, length
     out = nan_out((T, heads, head_dim), torch.bfloat16)
     varlen_attention(q, k, v, cu, max(lens), backend=backend, out=out)
     want32 = varlen_attention(q.float(), k.float(), v.float(), cu, max(lens), backend=backend)
-    dpbf16 = cpu_isa_table.features().get("avx512_bf16", False)  # at this (capped) level
-    if not dpbf16:
+    if not cpu_isa_table.features().get("avx512_bf16", False):  # at this (capped) level
         assert torch.equal(out, want32.to(torch.bfloat16))
-    ref = reference(q, k, v, lens, head_dim ** -0.5)
-    assert rel_err(out, ref) < (2 ** -7 if dpbf16 else 2 ** -8)
+    assert rel_err(out, reference(q, k, v, lens, head_dim ** -0.5)) < CPP_TOLS[torch.bfloat16]
+
+
+@pytest.fixture
+def pair_dot_emulated():
+    """bf16 attention through the portable emulation of the AVX512-BF16 build (its layouts: K^T as bf16
+    pairs along head_dim, V as pairs of tokens, probabilities rounded to bf16; vdpbf16ps's operation order)."""
+    if _ext._C is None:
+        pytest.skip(f"compiled extension unavailable: {_ext.UNAVAILABLE_REASON}")
+    prev = _ext._C._set_attention_pair_dot_emulated(True)
+    try:
+        yield
+    finally:
+        _ext._C._set_attention_pair_dot_emulated(prev)
+
+
+@pytest.mark.parametrize("lengths", ["mixed", "one-token", "129+2", "small", "one-long", "many-short"])
+@pytest.mark.parametrize("heads, head_dim", [(2, 16), (3, 32), (12, 32), (2, 64), (1, 128)])
+def test_avx512_bf16_build_layouts_emulated(pair_dot_emulated, lengths, heads, head_dim):
+    """The AVX512-BF16 build's code on any CPU (its instruction emulated): odd lengths (the last token
+    pairs with zeros), one token, many short sequences, every head_dim; NaN-poisoned output fully written,
+    within 2^-8 of float64 like the fp32 builds, and NaN keys poison only their own sequence."""
+    lens = LENGTHS[lengths]
+    T = sum(lens)
+    q, k, v = fused_qkv(T, heads, head_dim, seed=13, dtype=torch.bfloat16)
+    out = nan_out((T, heads, head_dim), torch.bfloat16)
+    varlen_attention(q, k, v, cu_of(lens), max(lens), backend="cpp", out=out)
+    assert rel_err(out, reference(q, k, v, lens, head_dim ** -0.5)) < CPP_TOLS[torch.bfloat16]
+    if len(lens) > 1:
+        k = k.clone()
+        k[lens[0], 0, 1] = float("nan")  # first token of the second sequence, head 0
+        got = varlen_attention(q, k, v, cu_of(lens), max(lens), backend="cpp")
+        assert torch.isnan(got[lens[0]:lens[0] + lens[1], 0]).all()
+        assert not torch.isnan(got[:lens[0]]).any() and not torch.isnan(got[lens[0]:, 1:]).any()
 
 
 @pytest.mark.backends("varlen_attention", cpu_isa=True)
