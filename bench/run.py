@@ -39,6 +39,9 @@ def parse(argv=None):
         ap.add_argument("--" + k.replace("_", "-"), type=int, default=None, help=f"override {k}")
     ap.add_argument("--memory-sizes", default=None, help="e.g. 1000,50000")
     ap.add_argument("--no-sweep", action="store_true", help="skip the batch_tokens sweep (and the plot)")
+    ap.add_argument("--cpu-peers", action="store_true", help="CPU only: also the row group of `python -m bench.cpu_peers` "
+                    "(sentence-transformers bf16/ONNX/OpenVINO, postembed_fast float32/bf16/default; interleaved rounds) "
+                    "on the same posts; the ONNX/OpenVINO peers need the [peers] extra")
     a = ap.parse_args(argv)
     cfg = dict(QUICK if a.quick else FULL)
     for k in ("posts", "repeats", "requests", "retrieval_posts", "calib_posts", "sweep_posts"):
@@ -156,6 +159,18 @@ def main(argv=None):
     results["roofline"]["ceiling_flops"] = ceilings
     for row in rows:
         row["fraction_of_ceiling"] = row["flops_per_s"] / ceilings.get(row["dtype"], ceilings["float32"])
+
+    if a.cpu_peers:  # the CPU peer row group (bench/cpu_peers.py), same posts, its own interleaved rounds
+        if gpu:
+            results["cpu_peers"] = {"skipped": "--cpu-peers measures CPU peers; this run is on " + str(device)}
+        else:
+            from bench import cpu_peers
+
+            print("CPU peers (bench.cpu_peers) ...", flush=True)
+            results["cpu_peers"] = cpu_peers.run(texts, threads=torch.get_num_threads(), rounds=cfg["repeats"],
+                                                 warmup_posts=cfg["warmup_posts"], latency_requests=cfg["requests"],
+                                                 corpus=corpus, command=results["command"])
+            print(cpu_peers.table(results["cpu_peers"]))
 
     print("postembed_fast: model-only (encoder forward on packed batches) ...", flush=True)
     results["model_only"] = model_only.measure(e, texts, device, cfg["repeats"])
