@@ -22,6 +22,7 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: nothing here may reach a hub
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # read once at huggingface_hub's import (tests/test_clients.py)
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 HAS_CUDA = torch.cuda.is_available()  # does not initialize CUDA

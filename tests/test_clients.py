@@ -18,6 +18,8 @@ os.environ["ANONYMIZED_TELEMETRY"] = "False"
 
 import contextlib  # noqa: E402
 import socket  # noqa: E402
+import threading  # noqa: E402
+import traceback  # noqa: E402
 
 import httpx  # noqa: E402
 import huggingface_hub  # noqa: E402
@@ -73,6 +75,12 @@ def metric(server, name: str) -> float:
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+def _caller() -> str:
+    """Where a refused lookup came from (the innermost frames outside the socket module)."""
+    frames = [f for f in traceback.extract_stack()[:-3] if "socket.py" not in f.filename][-30:]
+    return " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames))
+
+
 @contextlib.contextmanager
 def network_guard():
     """Refuses, and records in the list it yields, every name lookup and connection that is not
@@ -83,13 +91,13 @@ def network_guard():
     def guarded_getaddrinfo(host, *args, **kwargs):
         name = host.decode() if isinstance(host, bytes) else host
         if name not in _LOOPBACK:
-            attempts.append(f"getaddrinfo {name}")
+            attempts.append(f"getaddrinfo {name} from thread {threading.current_thread().name}: " + _caller())
             raise OSError(f"test_clients: network lookup of {name!r} refused")
         return getaddrinfo(host, *args, **kwargs)
 
     def guarded_connect(sock, address):
         if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in _LOOPBACK:
-            attempts.append(f"connect {address[0]}")
+            attempts.append(f"connect {address[0]} from thread {threading.current_thread().name}: " + _caller())
             raise OSError(f"test_clients: connection to {address!r} refused")
         return connect(sock, address)
 
@@ -114,7 +122,7 @@ def test_the_network_guard_catches_an_outside_connection():
         with socket.socket() as s, pytest.raises(OSError):
             s.connect(("192.0.2.1", 443))  # TEST-NET-1, never routed
         assert socket.getaddrinfo("127.0.0.1", 80)  # loopback passes
-    assert attempts == ["getaddrinfo api.openai.com", "connect 192.0.2.1"]
+    assert [" ".join(a.split()[:2]) for a in attempts] == ["getaddrinfo api.openai.com", "connect 192.0.2.1"]
 
 
 # ---- openai -----------------------------------------------------------------------------------
@@ -137,6 +145,10 @@ def test_huggingface_hub_inference_client(server, texts, reference, monkeypatch)
     # test session sets HF_HUB_OFFLINE=1 (conftest), so it is lifted for this client only: the
     # network guard is what keeps it on loopback.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    # huggingface_hub reads HF_HUB_DISABLE_TELEMETRY once, at its import, and otherwise fetches an "agent
+    # registry" from huggingface.co for its User-Agent header: another test module may have imported it
+    # (through sentence-transformers) before this module set the variable.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
     root_200 = 'postembed_requests_total{endpoint="/",status="200"}'
     before = metric(server, root_200)
     client = InferenceClient(base_url=server.url, api_key=API_KEY)  # POSTs {"inputs": ...} to /
