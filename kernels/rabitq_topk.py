@@ -18,7 +18,7 @@ import torch
 
 from . import _ext
 from .dispatch import choose, register
-from .sign_dot_topk import _MAX_DIM, unpack_signs
+from .sign_dot_topk import check_sign_bit_rows, unpack_signs
 from .topk_common import blocked_reference, check_k_allow, check_matrices
 
 
@@ -49,11 +49,7 @@ def rabitq_topk_torch(q, db, k, allow, q_scale, q_add, row_scale, row_add):
 def _check(q, db, k, allow, q_scale, q_add, row_scale, row_add):
     op = "rabitq_topk"
     check_matrices(op, q, (torch.int8,), db, (torch.uint8,), "bytes")
-    if q.shape[1] != 8 * db.shape[1]:
-        raise ValueError(f"{op}: queries have {q.shape[1]} dimensions but the database rows have {db.shape[1]} "
-                         f"bytes = {8 * db.shape[1]} sign bits (pad the queries with zeros to a multiple of 8)")
-    if q.shape[1] > _MAX_DIM:
-        raise ValueError(f"{op}: {q.shape[1]} dimensions is too many (at most {_MAX_DIM})")
+    check_sign_bit_rows(op, q, db)
     k = check_k_allow(op, db, k, allow)
     for name, t, n, dtype in (("q_scale", q_scale, q.shape[0], torch.float64), ("q_add", q_add, q.shape[0], torch.float64),
                               ("row_scale", row_scale, db.shape[0], torch.float32),

@@ -46,14 +46,19 @@ def sign_dot_topk_torch(q, db, k, allow):
                              row_elems=8 * db.shape[1])
 
 
-def _check(q, db, k, allow):
-    op = "sign_dot_topk"
-    check_matrices(op, q, (torch.int8,), db, (torch.int8, torch.uint8), "bytes")
+def check_sign_bit_rows(op: str, q, db) -> None:
+    """Queries of D dimensions against database rows of D sign bits packed in D/8 bytes (also rabitq's)."""
     if q.shape[1] != 8 * db.shape[1]:
         raise ValueError(f"{op}: queries have {q.shape[1]} dimensions but the database rows have {db.shape[1]} "
                          f"bytes = {8 * db.shape[1]} sign bits (pad the queries with zeros to a multiple of 8)")
     if q.shape[1] > _MAX_DIM:
         raise ValueError(f"{op}: {q.shape[1]} dimensions is too many (at most {_MAX_DIM})")
+
+
+def _check(q, db, k, allow):
+    op = "sign_dot_topk"
+    check_matrices(op, q, (torch.int8,), db, (torch.int8, torch.uint8), "bytes")
+    check_sign_bit_rows(op, q, db)
     k = check_k_allow(op, db, k, allow)
     if q.numel() and bool((q == -128).any()):
         raise ValueError(f"{op}: queries must be symmetric int8 in [-127, 127], got -128")
