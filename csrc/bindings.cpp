@@ -465,6 +465,9 @@ PYBIND11_MODULE(_C, m) {
           return static_cast<int>(postembed::set_cpu_isa_cap(static_cast<postembed::Isa>(cap)));
         }, py::arg("cap"),
         "Cap the ISA level of every CPU kernel (POSTEMBED_CPU_ISA; tests); returns the previous cap. Not thread-safe");
+  m.def("topk_cpu_level", &postembed::topk_cpu_level,
+        "The build the CPU scans (binary, int8, float32, sign-dot, rabitq) run now: 0 baseline, 1 avx2,\n"
+        "2 avx512 (needs VPOPCNTDQ and VNNI besides F/BW/VL/DQ)");
   m.def("cpu_features", [] {
           py::dict d;
           d["avx512_bf16"] = postembed::cpu_has_avx512_bf16();

@@ -125,6 +125,9 @@ struct TopkArgs {
 void rabitq_scores(const int32_t* s, int nq, int64_t nr, int64_t pitch, const float* row_scale, const float* row_add,
                    const double* q_scale, const double* q_add, float* out);
 void topk_cpu(const TopkArgs& a);
+// The build every CPU scan runs now: 0 baseline, 1 AVX2 + POPCNT, 2 AVX-512 with VPOPCNTDQ and VNNI
+// (needs both; otherwise 1). Follows cpu_isa(), so POSTEMBED_CPU_ISA / the test cap lowers it.
+int topk_cpu_level();
 
 void pool_normalize_cpu(const PoolArgs& a);
 void add_layernorm_cpu(const LayerNormArgs& a);

@@ -20,10 +20,14 @@
 // 8 AND+popcounts per code word and query (Hamming: 1) plus one popcount(b) per row shared by
 // the queries; integers all the way, so the score is exact.
 //
-// One source, two builds (as csrc/attention_cpu.cpp): the baseline ISA and, on x86-64,
-// AVX2 + POPCNT (+FMA), picked at run time by avx2_enabled(). The scoring loops are plain C++
-// loops / GCC vector extensions that the compiler vectorizes per build: popcount becomes the
-// popcnt instruction, the int8 dot vpmovsxbw + vpmaddwd (exact int32 sums, no saturation).
+// One source, three builds (as csrc/attention_cpu.cpp), picked at run time by topk_cpu_level():
+// the baseline ISA; on x86-64 AVX2 + POPCNT (+FMA); and AVX-512 (F/BW/VL/DQ) with VPOPCNTDQ and
+// VNNI (Ice Lake, Sapphire Rapids, Zen 4 and newer; a CPU with AVX-512 but without either runs the
+// AVX2 build). The plain loops are vectorized by the compiler per build; the hot scorers are
+// written with intrinsics per build: binary by vpshufb nibble counts (AVX2) or vpopcntq (AVX-512)
+// on a transposed tile; int8 by vpmovsxbw + vpmaddwd (AVX2) or vpdpbusd (AVX-512 VNNI: unsigned
+// query q + 128 against the signed codes, minus 128 sum(x)); sign-dot by byte expansion + vpmaddubsw
+// (AVX2) or mask expansion + vpdpbusd (AVX-512). Every build is exact: the same integer scores.
 #include <algorithm>
 #include <climits>
 #include <limits>
@@ -336,6 +340,147 @@ void score_signdot_avx2(const uint64_t* const* q, int nq, const uint64_t* x, int
 }
 #endif
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define PE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vpopcntdq,avx2,fma,popcnt")))
+
+PE_AVX512 PE_INLINE int32_t hsum_epi32(__m512i v) {
+  __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+  __m128i x = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+  x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0x4E));
+  x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0xB1));
+  return _mm_cvtsi128_si32(x);
+}
+
+// AVX-512 binary on the transposed tile of score_binary_avx2: one zmm holds word w of 8
+// consecutive rows; XOR with the broadcast query word, vpopcntq, add: 3 instructions per (query,
+// 8 rows, word). 32 rows per pass (4 independent accumulator chains).
+PE_AVX512 void score_binary_avx512(const uint64_t* const* q, int nq, const uint64_t* xt, int64_t W,
+                                   int32_t total_bits, int32_t* out) {
+  const __m512i total = _mm512_set1_epi32(total_bits);
+  for (int j = 0; j < nq; ++j) {
+    const uint64_t* qj = q[j];
+    for (int64_t r0 = 0; r0 < kRowTile; r0 += 32) {
+      __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                        _mm512_setzero_si512()};
+      for (int64_t w = 0; w < W; ++w) {
+        const __m512i qv = _mm512_set1_epi64(static_cast<long long>(qj[w]));
+        const uint64_t* xw = xt + w * kRowTile + r0;
+        for (int i = 0; i < 4; ++i)
+          acc[i] = _mm512_add_epi64(acc[i], _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_loadu_si512(xw + 8 * i), qv)));
+      }
+      for (int h = 0; h < 2; ++h) {  // 16 int64 counts -> 16 int32 in row order
+        const __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(acc[2 * h])),
+                                             _mm512_cvtepi64_epi32(acc[2 * h + 1]), 1);
+        _mm512_storeu_si512(out + j * kRowTile + r0 + 16 * h, _mm512_sub_epi32(total, c));
+      }
+    }
+  }
+}
+
+// AVX-512 VNNI int8: q[j] is the query as unsigned bytes u = q + 128, zero-padded to a multiple of
+// 64. vpdpbusd sums u * x (unsigned x signed, 4 products into each int32, no saturation); the
+// row's own sum(x) comes from the same instruction against a vector of ones, so
+// q . x = u . x - 128 sum(x) exactly. The last chunk of a row is a masked load (never read past it).
+template <int NQ>
+PE_AVX512 void score_int8_avx512_n(const uint8_t* const* q, int nq, const int8_t* x, int64_t ldx, int64_t nr,
+                                   int64_t D, const int32_t* bias, int32_t* out) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  const int64_t chunks = (D + 63) / 64;
+  const __mmask64 tail = D % 64 ? (~__mmask64{0} >> (64 - D % 64)) : ~__mmask64{0};
+  for (int64_t r = 0; r < nr; ++r) {
+    const int8_t* xr = x + r * ldx;
+    __m512i sx = _mm512_setzero_si512();
+    __m512i acc[NQ];
+    for (int j = 0; j < NQ; ++j) acc[j] = _mm512_setzero_si512();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __m512i xv = c + 1 < chunks ? _mm512_loadu_si512(xr + 64 * c) : _mm512_maskz_loadu_epi8(tail, xr + 64 * c);
+      sx = _mm512_dpbusd_epi32(sx, ones, xv);
+      for (int j = 0; j < NQ; ++j) acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_loadu_si512(q[j] + 64 * c), xv);
+    }
+    const __m512i s128 = _mm512_slli_epi32(sx, 7);
+    const int32_t b = bias ? bias[r] : 0;
+    for (int j = 0; j < nq; ++j) out[j * kRowTile + r] = hsum_epi32(_mm512_sub_epi32(acc[j], s128)) + b;
+  }
+}
+void score_int8_avx512(const uint8_t* const* q, int nq, const int8_t* x, int64_t ldx, int64_t nr, int64_t D,
+                       const int32_t* bias, int32_t* out) {
+  if (nq == 1)
+    score_int8_avx512_n<1>(q, nq, x, ldx, nr, D, bias, out);
+  else if (nq == 2)
+    score_int8_avx512_n<2>(q, nq, x, ldx, nr, D, bias, out);
+  else if (nq <= 4)
+    score_int8_avx512_n<4>(q, nq, x, ldx, nr, D, bias, out);
+  else
+    score_int8_avx512_n<kQ>(q, nq, x, ldx, nr, D, bias, out);
+}
+
+// AVX-512 sign-dot: q[j] is the query's prepared block: u_d = q_d + 128 as bytes in 8 W words, the
+// 8 bytes of each code byte in reversed order (code byte i, bit b <-> dimension 8 i + 7 - b: byte
+// 8 i + b of the block), so a code word read as a 64-bit mask selects exactly its set dimensions;
+// then sum_d q_d. Per row and word: vmovdqu8 {k} expands the bits to bytes of 1 (shared by the
+// queries), then one vpdpbusd per query sums u_d over the set bits.
+template <int NQ>
+PE_AVX512 void score_signdot_avx512_n(const uint64_t* const* q, int nq, const uint64_t* x, int64_t nr, int64_t W,
+                                      int32_t* out) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t r = 0; r < nr; ++r) {
+    const uint64_t* xr = x + r * W;
+    int32_t pb = 0;
+    __m512i acc[NQ];
+    for (int j = 0; j < NQ; ++j) acc[j] = _mm512_setzero_si512();
+    for (int64_t w = 0; w < W; ++w) {
+      pb += static_cast<int32_t>(_mm_popcnt_u64(xr[w]));
+      const __m512i b = _mm512_maskz_mov_epi8(static_cast<__mmask64>(xr[w]), ones);
+      for (int j = 0; j < NQ; ++j) acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_loadu_si512(q[j] + 8 * w), b);
+    }
+    for (int j = 0; j < nq; ++j) {
+      const int32_t sumq = static_cast<int32_t>(static_cast<int64_t>(q[j][8 * W]));
+      out[j * kRowTile + r] = 2 * (hsum_epi32(acc[j]) - 128 * pb) - sumq;
+    }
+  }
+}
+void score_signdot_avx512(const uint64_t* const* q, int nq, const uint64_t* x, int64_t nr, int64_t W, int32_t* out) {
+  if (nq == 1)
+    score_signdot_avx512_n<1>(q, nq, x, nr, W, out);
+  else if (nq == 2)
+    score_signdot_avx512_n<2>(q, nq, x, nr, W, out);
+  else if (nq <= 4)
+    score_signdot_avx512_n<4>(q, nq, x, nr, W, out);
+  else
+    score_signdot_avx512_n<kQ>(q, nq, x, nr, W, out);
+}
+
+// AVX-512 float32: 16-wide FMA partial sums per query, the row's tail by a masked load.
+template <int NQ>
+PE_AVX512 void score_float_avx512_n(const float* const* q, int nq, const float* x, int64_t ldx, int64_t nr,
+                                    int64_t D, float* out) {
+  const int64_t chunks = (D + 15) / 16;
+  const __mmask16 tail = D % 16 ? static_cast<__mmask16>((1u << (D % 16)) - 1) : static_cast<__mmask16>(0xFFFF);
+  for (int64_t r = 0; r < nr; ++r) {
+    const float* xr = x + r * ldx;
+    __m512 acc[NQ];
+    for (int j = 0; j < NQ; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __mmask16 m = c + 1 < chunks ? static_cast<__mmask16>(0xFFFF) : tail;
+      const __m512 xv = _mm512_maskz_loadu_ps(m, xr + 16 * c);
+      for (int j = 0; j < NQ; ++j) acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q[j] + 16 * c), xv, acc[j]);
+    }
+    for (int j = 0; j < nq; ++j) out[j * kRowTile + r] = _mm512_reduce_add_ps(acc[j]);
+  }
+}
+void score_float_avx512(const float* const* q, int nq, const float* x, int64_t ldx, int64_t nr, int64_t D,
+                        float* out) {
+  if (nq == 1)
+    score_float_avx512_n<1>(q, nq, x, ldx, nr, D, out);
+  else if (nq == 2)
+    score_float_avx512_n<2>(q, nq, x, ldx, nr, D, out);
+  else if (nq <= 4)
+    score_float_avx512_n<4>(q, nq, x, ldx, nr, D, out);
+  else
+    score_float_avx512_n<kQ>(q, nq, x, ldx, nr, D, out);
+}
+#endif
+
 // float32: 8-wide partial sums, then the tail.
 PE_INLINE void score_float(const float* const* q, int nq, const float* x, int64_t ldx, int64_t nr, int64_t D,
                            float* out) {
@@ -380,11 +525,12 @@ PE_INLINE void offer_tile(Heap<S>* heaps, int q0, int nq, const S* tile, int64_t
 }
 
 // Rows [r0, r1) of the database for every query into heaps[0..nq).
-template <typename S, bool AVX2>
+template <typename S, int ISA>  // ISA: 0 baseline, 1 AVX2, 2 AVX-512 (topk_cpu_level)
 PE_INLINE void scan_range(const TopkArgs& a, const void* qprep, int64_t qpitch, int64_t r0, int64_t r1,
                           Heap<S>* heaps, S* tile, uint64_t* xpad) {
   // Few queries: the tile transposition would cost as much as scoring it; rows are scored in place
   // by popcnt instead.
+  constexpr bool AVX2 = ISA >= 1, AVX512 = ISA >= 2;
   const bool transposed = AVX2 && a.nq >= 4 && a.kind == kTopkBinary;
   const bool signdot = a.kind == kTopkSignDot || a.kind == kTopkRaBitQ;  // rabitq: sign-dot, then its factors
   const bool words = a.kind == kTopkBinary || signdot;  // rows read as uint64 words
@@ -427,7 +573,10 @@ PE_INLINE void scan_range(const TopkArgs& a, const void* qprep, int64_t qpitch, 
 #if defined(__x86_64__) && defined(__GNUC__)
         const uint64_t* qp[kQ];
         for (int j = 0; j < kQ; ++j) qp[j] = static_cast<const uint64_t*>(qprep) + (q0 + std::min(j, nq - 1)) * qpitch;
-        score_binary_avx2(qp, nq, xpad, qpitch, static_cast<int32_t>(8 * a.cols), reinterpret_cast<int32_t*>(tile));
+        if (AVX512)
+          score_binary_avx512(qp, nq, xpad, qpitch, static_cast<int32_t>(8 * a.cols), reinterpret_cast<int32_t*>(tile));
+        else
+          score_binary_avx2(qp, nq, xpad, qpitch, static_cast<int32_t>(8 * a.cols), reinterpret_cast<int32_t*>(tile));
 #endif
       } else if (a.kind == kTopkBinary) {
         const uint64_t* qp[kQ];
@@ -440,7 +589,9 @@ PE_INLINE void scan_range(const TopkArgs& a, const void* qprep, int64_t qpitch, 
         alignas(32) int32_t sd[kQ * kRowTile];
         int32_t* st = a.kind == kTopkRaBitQ ? sd : reinterpret_cast<int32_t*>(tile);
 #if defined(__x86_64__) && defined(__GNUC__)
-        if (AVX2)
+        if (AVX512)
+          score_signdot_avx512(qp, nq, xw, nr, W, st);
+        else if (AVX2)
           score_signdot_avx2(qp, nq, xw, nr, W, st);
         else
 #endif
@@ -448,6 +599,13 @@ PE_INLINE void scan_range(const TopkArgs& a, const void* qprep, int64_t qpitch, 
         if (a.kind == kTopkRaBitQ)
           rabitq_scores(st, nq, nr, kRowTile, a.row_scale + t0, a.row_add + t0, a.q_scale + q0, a.q_add + q0,
                         reinterpret_cast<float*>(tile));
+      } else if (a.kind == kTopkInt8 && AVX512) {
+#if defined(__x86_64__) && defined(__GNUC__)
+        const uint8_t* qp[kQ];
+        for (int j = 0; j < kQ; ++j) qp[j] = static_cast<const uint8_t*>(qprep) + (q0 + std::min(j, nq - 1)) * qpitch;
+        score_int8_avx512(qp, nq, static_cast<const int8_t*>(a.db) + t0 * a.lddb, a.lddb, nr, a.cols,
+                          a.db_bias ? a.db_bias + t0 : nullptr, reinterpret_cast<int32_t*>(tile));
+#endif
       } else if (a.kind == kTopkInt8 && AVX2) {
 #if defined(__x86_64__) && defined(__GNUC__)
         const int16_t* qp[kQ];
@@ -463,6 +621,12 @@ PE_INLINE void scan_range(const TopkArgs& a, const void* qprep, int64_t qpitch, 
       } else {
         const float* qp[kQ];
         for (int j = 0; j < kQ; ++j) qp[j] = static_cast<const float*>(a.q) + (q0 + std::min(j, nq - 1)) * a.ldq;
+#if defined(__x86_64__) && defined(__GNUC__)
+        if (AVX512)
+          score_float_avx512(qp, nq, static_cast<const float*>(a.db) + t0 * a.lddb, a.lddb, nr, a.cols,
+                             reinterpret_cast<float*>(tile));
+        else
+#endif
         score_float(qp, nq, static_cast<const float*>(a.db) + t0 * a.lddb, a.lddb, nr, a.cols,
                     reinterpret_cast<float*>(tile));
       }
@@ -473,29 +637,37 @@ PE_INLINE void scan_range(const TopkArgs& a, const void* qprep, int64_t qpitch, 
 
 using RangeFn = void (*)(const TopkArgs&, const void*, int64_t, int64_t, int64_t, void*, void*, uint64_t*);
 
-template <typename S, bool AVX2>
+template <typename S, int ISA>
 PE_INLINE void scan_any(const TopkArgs& a, const void* qprep, int64_t qpitch, int64_t r0, int64_t r1, void* heaps,
                         void* tile, uint64_t* xpad) {
-  scan_range<S, AVX2>(a, qprep, qpitch, r0, r1, static_cast<Heap<S>*>(heaps), static_cast<S*>(tile), xpad);
+  scan_range<S, ISA>(a, qprep, qpitch, r0, r1, static_cast<Heap<S>*>(heaps), static_cast<S*>(tile), xpad);
 }
 
 void range_i32_baseline(const TopkArgs& a, const void* qp, int64_t qpitch, int64_t r0, int64_t r1, void* h, void* t,
                         uint64_t* x) {
-  scan_any<int32_t, false>(a, qp, qpitch, r0, r1, h, t, x);
+  scan_any<int32_t, 0>(a, qp, qpitch, r0, r1, h, t, x);
 }
 void range_f32_baseline(const TopkArgs& a, const void* qp, int64_t qpitch, int64_t r0, int64_t r1, void* h, void* t,
                         uint64_t* x) {
-  scan_any<float, false>(a, qp, qpitch, r0, r1, h, t, x);
+  scan_any<float, 0>(a, qp, qpitch, r0, r1, h, t, x);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 __attribute__((target("avx2,fma,popcnt"))) void range_i32_avx2(const TopkArgs& a, const void* qp, int64_t qpitch,
                                                                int64_t r0, int64_t r1, void* h, void* t, uint64_t* x) {
-  scan_any<int32_t, true>(a, qp, qpitch, r0, r1, h, t, x);
+  scan_any<int32_t, 1>(a, qp, qpitch, r0, r1, h, t, x);
 }
 __attribute__((target("avx2,fma,popcnt"))) void range_f32_avx2(const TopkArgs& a, const void* qp, int64_t qpitch,
                                                                int64_t r0, int64_t r1, void* h, void* t, uint64_t* x) {
-  scan_any<float, true>(a, qp, qpitch, r0, r1, h, t, x);
+  scan_any<float, 1>(a, qp, qpitch, r0, r1, h, t, x);
+}
+PE_AVX512 void range_i32_avx512(const TopkArgs& a, const void* qp, int64_t qpitch, int64_t r0, int64_t r1, void* h,
+                                void* t, uint64_t* x) {
+  scan_any<int32_t, 2>(a, qp, qpitch, r0, r1, h, t, x);
+}
+PE_AVX512 void range_f32_avx512(const TopkArgs& a, const void* qp, int64_t qpitch, int64_t r0, int64_t r1, void* h,
+                                void* t, uint64_t* x) {
+  scan_any<float, 2>(a, qp, qpitch, r0, r1, h, t, x);
 }
 bool cpu_has_popcnt() {
   static const bool ok = __builtin_cpu_supports("popcnt");
@@ -507,12 +679,11 @@ template <typename S>
 void topk_typed(const TopkArgs& a) {
   const bool is_float = a.kind == kTopkFloat32 || a.kind == kTopkRaBitQ;
   RangeFn fn = is_float ? range_f32_baseline : range_i32_baseline;
-  bool use_avx2 = false;
+  const int level = topk_cpu_level();
+  const bool use_avx2 = level == 1, use_avx512 = level == 2;
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (avx2_enabled() && cpu_has_popcnt()) {
-    fn = is_float ? range_f32_avx2 : range_i32_avx2;
-    use_avx2 = true;
-  }
+  if (use_avx512) fn = is_float ? range_f32_avx512 : range_i32_avx512;
+  if (use_avx2) fn = is_float ? range_f32_avx2 : range_i32_avx2;
 #endif
   // Queries of a binary scan as zero-padded uint64 words.
   std::vector<uint64_t> qwords;
@@ -526,7 +697,7 @@ void topk_typed(const TopkArgs& a) {
     qprep = qwords.data();
   }
   const bool signdot = a.kind == kTopkSignDot || a.kind == kTopkRaBitQ;
-  if (signdot && use_avx2) {
+  if (signdot && (use_avx2 || use_avx512)) {
     // Per query (score_signdot_avx2): u_d = q_d + 128 as 8 W words of bytes (0 past the last
     // dimension: those bits are 0 in the zero-padded rows), then sum_d q_d.
     const int64_t W = (a.cols + 7) / 8;
@@ -537,8 +708,8 @@ void topk_typed(const TopkArgs& a) {
       uint64_t* dst = qwords.data() + i * qpitch;
       uint8_t* u = reinterpret_cast<uint8_t*>(dst);
       int64_t sumq = 0;
-      for (int64_t d = 0; d < 8 * a.cols; ++d) {
-        u[d] = static_cast<uint8_t>(static_cast<int>(qi[d]) + 128);
+      for (int64_t d = 0; d < 8 * a.cols; ++d) {  // AVX-512: byte order reversed within each 8 (see the scorer)
+        u[use_avx512 ? (d & ~int64_t{7}) + 7 - (d & 7) : d] = static_cast<uint8_t>(static_cast<int>(qi[d]) + 128);
         sumq += qi[d];
       }
       dst[8 * W] = static_cast<uint64_t>(sumq);
@@ -566,6 +737,15 @@ void topk_typed(const TopkArgs& a) {
       dst[8 * W] = static_cast<uint64_t>(sumq);
     }
     qprep = qwords.data();
+  }
+  std::vector<uint8_t> q8u;  // AVX-512 int8: queries as u = q + 128, zero-padded to a multiple of 64
+  if (a.kind == kTopkInt8 && use_avx512) {
+    qpitch = (a.cols + 63) / 64 * 64;
+    q8u.assign(static_cast<size_t>(a.nq * qpitch), 0);
+    for (int64_t i = 0; i < a.nq; ++i)
+      for (int64_t d = 0; d < a.cols; ++d)
+        q8u[i * qpitch + d] = static_cast<uint8_t>(static_cast<int>(static_cast<const int8_t*>(a.q)[i * a.ldq + d]) + 128);
+    qprep = q8u.data();
   }
   std::vector<int16_t> q16;  // AVX2 int8: queries widened to int16, zero-padded to a multiple of 16
   if (a.kind == kTopkInt8 && use_avx2) {
@@ -626,6 +806,14 @@ void topk_typed(const TopkArgs& a) {
 }
 
 }  // namespace
+
+int topk_cpu_level() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_isa() >= Isa::kAvx512 && cpu_has_avx512_vnni() && cpu_has_avx512_vpopcntdq()) return 2;
+  if (avx2_enabled() && cpu_has_popcnt()) return 1;
+#endif
+  return 0;
+}
 
 void topk_cpu(const TopkArgs& a) {
   if (a.kind == kTopkFloat32 || a.kind == kTopkRaBitQ)

@@ -123,3 +123,39 @@ def info() -> dict:
         "compute_dtype": str(dtype).removeprefix("torch."),
         "reason": reason,
     }
+
+
+# The CPU scans' builds (csrc/topk_cpu.cpp, picked by _C.topk_cpu_level()) and the instructions each
+# scan's inner loop runs on in each. The AVX-512 build needs VPOPCNTDQ and VNNI besides F/BW/VL/DQ
+# (Ice Lake, Sapphire Rapids, Zen 4 and newer); a CPU with AVX-512 but without either runs the AVX2 one.
+SCAN_LEVELS = ("baseline", "avx2", "avx512")
+SCAN_AVX512_FEATURES = ("avx512_vpopcntdq", "avx512_vnni")
+SCAN_BUILDS = {
+    "baseline": {"binary": "scalar popcount", "int8": "scalar int32 dot", "float32": "vector-extension dot",
+                 "sign_dot": "8 bit-plane AND + popcount", "rabitq": "sign-dot (bit planes) + float64 factors"},
+    "avx2": {"binary": "vpshufb nibble counts on a transposed tile (>= 4 queries), else popcnt",
+             "int8": "vpmovsxbw + vpmaddwd", "float32": "8-wide FMA",
+             "sign_dot": "byte expansion + vpmaddubsw", "rabitq": "sign-dot (vpmaddubsw) + float64 factors"},
+    "avx512": {"binary": "vpopcntq on a transposed tile (>= 4 queries), else popcnt",
+               "int8": "vpdpbusd (VNNI, q + 128 against signed codes)", "float32": "16-wide FMA",
+               "sign_dot": "mask expansion + vpdpbusd", "rabitq": "sign-dot (vpdpbusd) + float64 factors"},
+}
+
+
+def scan_level() -> str:
+    """The build the CPU scans run now (follows the ISA level and its cap)."""
+    C = _ext()
+    return SCAN_LEVELS[C.topk_cpu_level()] if C is not None else "torch"
+
+
+def scans() -> dict:
+    """info()["scans"]: per CPU scan, its build and the instructions it runs on; why not AVX-512 when
+    the level would allow it but a scan feature is missing."""
+    level = scan_level()
+    if level == "torch":
+        return {"build": "torch", "reason": "compiled extension unavailable: the torch reference scans"}
+    out = {"build": level, **{scan: {"build": level, "uses": how} for scan, how in SCAN_BUILDS[level].items()}}
+    if level != "avx512" and current_level() in ("avx512", "amx"):
+        missing = [f for f in SCAN_AVX512_FEATURES if not features().get(f)]
+        out["reason"] = f"the AVX-512 scan build needs {' and '.join(missing)}"
+    return out

@@ -10,13 +10,14 @@ from .dispatch import TRITON_IMPORT_ERROR, choose, register
 
 @register("bias_gelu", "torch")
 def bias_gelu_torch(x, bias, out=None):
-    """Reference: fp32 math, cast once to x's dtype."""
+    """Reference: fp32 math, cast once to x's dtype. GELU(+inf) = +inf restored after torch's op: its
+    AVX-512 float32 erf-GELU returns NaN there (torch 2.13 on an AMD EPYC with AVX-512; AVX2 is right)."""
     if x.dtype == torch.float32 and out is not None:  # CPU hot path: in place in out (which may be x)
-        if bias is None:
-            return torch.ops.aten.gelu_(out.copy_(x) if out is not x else out)
-        return torch.ops.aten.gelu_(torch.add(x, bias, out=out))
+        y = out.copy_(x) if bias is None and out is not x else (out if bias is None else torch.add(x, bias, out=out))
+        posinf = torch.isposinf(y)
+        return torch.ops.aten.gelu_(y).masked_fill_(posinf, float("inf"))
     y = x.float() if bias is None else x.float() + bias.float()
-    y = F.gelu(y).to(x.dtype)
+    y = F.gelu(y).masked_fill_(torch.isposinf(y), float("inf")).to(x.dtype)
     return y if out is None else out.copy_(y)
 
 

@@ -42,6 +42,7 @@ def info() -> dict:
         "cuda_ext_compiled": bool(_ext._C is not None and _ext._C.cuda_compiled()),
         "cpu_avx2": bool(_ext._C is not None and _ext._C.cpu_avx2()),  # C++ attention/LayerNorm build
         "cpu": cpu_isa.info(),  # model, flags, ISA build of the C++ kernels, default CPU compute dtype + why
+        "scans": cpu_isa.scans(),  # the build each CPU search scan runs (binary, int8, float32, sign-dot, rabitq)
         "triton": dispatch.TRITON_IMPORT_ERROR is None,
         "triton_error": dispatch.TRITON_IMPORT_ERROR,
         "triton_interpret": dispatch.triton_interpret(),

@@ -61,6 +61,27 @@ def test_cap_lowers_every_kernel_build_and_its_features():
         C._set_cpu_isa_cap(4)
 
 
+@pytest.mark.parametrize("cap", cpu_isa.ISA_LEVELS)
+def test_scan_build_follows_the_level_and_its_features(cap):
+    """info()["scans"]: AVX-512 exactly when the level admits it and the CPU has VPOPCNTDQ and VNNI,
+    AVX2 at the AVX2 level (or AVX-512 without them), baseline below; every scan names its build."""
+    C = _ext._C
+    prev = C._set_cpu_isa_cap(cpu_isa.ISA_LEVELS.index(cap))
+    try:
+        level, f = cpu_isa.current_level(), cpu_isa.features()
+        if level in ("avx512", "amx") and all(f.get(x) for x in cpu_isa.SCAN_AVX512_FEATURES):
+            want = "avx512"
+        else:
+            want = "baseline" if level == "baseline" else "avx2"
+        got = cpu_isa.scans()
+        assert got["build"] == want == cpu_isa.scan_level()
+        assert {s: got[s]["build"] for s in ("binary", "int8", "float32", "sign_dot", "rabitq")} == dict.fromkeys(
+            ("binary", "int8", "float32", "sign_dot", "rabitq"), want)
+        assert ("reason" in got) == (want == "avx2" and level in ("avx512", "amx"))
+    finally:
+        C._set_cpu_isa_cap(prev)
+
+
 def test_compute_dtype_follows_the_table():
     """bfloat16 exactly when the kernels may use AMX-BF16 or AVX512-BF16 at the current level."""
     if os.environ.get(cpu_isa.DTYPE_ENV):
