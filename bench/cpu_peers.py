@@ -607,7 +607,8 @@ def run(texts, *, threads: int, rounds: int = 3, systems=None, warmup_posts: int
     flops_tok = gemm_flops_per_token(cfg)
     secs, outs = interleaved(peers, texts, rounds, texts[:warmup_posts])
     print("single-post latency ...", flush=True)
-    latency = single_post_latency({s: peers[s] for s in LATENCY_SYSTEMS if s in peers}, texts, latency_requests)
+    latency = (single_post_latency({s: peers[s] for s in LATENCY_SYSTEMS if s in peers}, texts, latency_requests)
+               if latency_requests > 0 else {})  # --latency-requests 0: throughput only
     print("GEMM ceilings (after) ...", flush=True)
     ceil_after = ceilings()
     ceiling = {k: max(ceil_before[k]["layer_mix"], ceil_after[k]["layer_mix"]) for k in ceil_before}
@@ -674,7 +675,7 @@ def parse(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="for every system (default: the usable cores)")
     ap.add_argument("--warmup-posts", type=int, default=64)
-    ap.add_argument("--latency-requests", type=int, default=50)
+    ap.add_argument("--latency-requests", type=int, default=50, help="single-post requests per system (0: none)")
     ap.add_argument("--systems", default=None, help=f"comma list of ids (default all): {', '.join(SYSTEMS)}")
     ap.add_argument("--openvino-precision", default=None, choices=("f32", "bf16", "f16"),
                     help="OpenVINO INFERENCE_PRECISION_HINT (default: OpenVINO's own, bf16 on AMX)")
@@ -687,6 +688,8 @@ def parse(argv=None):
         ap.error(f"unknown system(s) {', '.join(bad)}; valid: {', '.join(SYSTEMS)}")
     if a.posts < 1 or a.rounds < 1:
         ap.error("--posts and --rounds must be >= 1")
+    if a.latency_requests < 0:
+        ap.error("--latency-requests must be >= 0")
     return a
 
 
