@@ -122,7 +122,7 @@ def assert_matches(got, want, precision):
 def test_float32_both_formats_rejects_and_resume(ray_local, embedder, inputs, tmp_path):
     out = tmp_path / "out"
     cfg = job.Config(output=str(out), inputs=[str(inputs / "*.jsonl*"), str(inputs / "c.parquet")],
-                          progress=False, batch_size=64)
+                     progress=False, batch_size=64, dtype="float32")  # float32: equals the float32 `embedder`
     s = job.run_backfill(cfg, log=lambda m: None)
     assert (s["files"], s["skipped"], s["rows"]) == (3, 0, len(A) + len(B) + len(C))
     assert s["rejects"] == len(BAD_LINES) + 2
@@ -176,7 +176,7 @@ def test_float32_both_formats_rejects_and_resume(ray_local, embedder, inputs, tm
 def int8_output(ray_local, inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("int8") / "out"
     rc = job.main(["--input", str(inputs / "a.jsonl.gz"), "--output", str(out), "--precision", "int8",
-                        "--no-progress", "--batch-size", "32"])
+                   "--dtype", "float32", "--no-progress", "--batch-size", "32"])  # as the float32 `embedder`
     assert rc == 0
     return out
 
@@ -188,7 +188,7 @@ def test_precisions(precision, ray_local, embedder, inputs, int8_output, tmp_pat
     else:
         out = tmp_path / "out"
         job.run_backfill(job.Config(output=str(out), inputs=[str(inputs / "a.jsonl.gz")],
-                                              precision=precision, progress=False), log=lambda m: None)
+                                    precision=precision, dtype="float32", progress=False), log=lambda m: None)
     ids, emb = by_input(out)["a"]
     assert ids == [p["id"] for p in A]
     assert_matches(emb, expected(embedder, A, precision), precision)

@@ -57,8 +57,8 @@ def test_jsonl_gz_chunks_and_int_ids(tmp_path, rows, embedder):
     with gzip.open(src, "wt", encoding="utf-8") as f:
         for i, r in enumerate(rows):
             f.write(json.dumps({"n": 1000 + i, "body": r["text"], "other": [1, 2]}) + "\n")
-    p = run(tmp_path, "embed", src.name, "--output", "out.npy", "--device", "cpu", "--chunk-size", "3",
-            "--text-field", "body", "--ids-field", "n", "--no-progress")
+    p = run(tmp_path, "embed", src.name, "--output", "out.npy", "--device", "cpu", "--dtype", "float32",
+            "--chunk-size", "3", "--text-field", "body", "--ids-field", "n", "--no-progress")
     assert p.returncode == 0, stderr(p)
     out = np.load(tmp_path / "out.npy")
     assert out.dtype == np.float32 and out.shape == (10, embedder.dim)
@@ -74,8 +74,8 @@ def test_jsonl_gz_chunks_and_int_ids(tmp_path, rows, embedder):
 def test_stdin_jsonl_sniffed_str_ids_int8_with_progress(tmp_path, rows, embedder):
     texts = [r["text"] for r in rows]
     data = "\ufeff" + "".join(json.dumps({"id": r["id"], "text": r["text"]}) + "\n" for r in rows)  # BOM ignored
-    p = run(tmp_path, "embed", "-", "--output", "codes.npy", "--device", "cpu", "--precision", "int8",
-            "--ids-field", "id", "--ids-output", "keys.npy", stdin=data.encode("utf-8"))
+    p = run(tmp_path, "embed", "-", "--output", "codes.npy", "--device", "cpu", "--dtype", "float32",
+            "--precision", "int8", "--ids-field", "id", "--ids-output", "keys.npy", stdin=data.encode("utf-8"))
     assert p.returncode == 0, stderr(p)
     out = np.load(tmp_path / "codes.npy")
     ref = embedder.embed(texts, precision="int8")
@@ -93,8 +93,8 @@ def test_plain_text_file_binary_dimensions_empty_lines(tmp_path, one_line_texts,
     texts = one_line_texts[:4] + ["", "   indented post  "] + one_line_texts[4:]
     (tmp_path / "posts.data").write_bytes("\r\n".join(texts).encode("utf-8") + b"\r\n")
     script = SCRIPT is not None
-    p = run(tmp_path, "embed", "posts.data", "--output", "bits.npy", "--device", "cpu", "--precision", "binary",
-            "--dimensions", "128", "--no-progress", script=script)
+    p = run(tmp_path, "embed", "posts.data", "--output", "bits.npy", "--device", "cpu", "--dtype", "float32",
+            "--precision", "binary", "--dimensions", "128", "--no-progress", script=script)
     assert p.returncode == 0, stderr(p)
     out = np.load(tmp_path / "bits.npy")
     ref = embedder.embed(texts, precision="binary", dimensions=128)
@@ -105,7 +105,8 @@ def test_plain_text_file_binary_dimensions_empty_lines(tmp_path, one_line_texts,
 
 def test_stdin_plain_text_dimensions(tmp_path, one_line_texts, embedder):
     texts = ["", *one_line_texts[:3], "", "{not json, but --format text}"]
-    p = run(tmp_path, "embed", "-", "-o", "small.npy", "--device", "cpu", "--dimensions", "64", "--format", "text",
+    p = run(tmp_path, "embed", "-", "-o", "small.npy", "--device", "cpu", "--dtype", "float32",
+            "--dimensions", "64", "--format", "text",
             "--batch-tokens", "64", "--no-progress", stdin="\n".join(texts).encode("utf-8"))  # no final newline
     assert p.returncode == 0, stderr(p)
     out = np.load(tmp_path / "small.npy")
@@ -230,7 +231,8 @@ def test_a_pipe_is_read_once_as_it_streams(tmp_path, rows, embedder):
 
     def embed_from_fifo(data: bytes, out: str):
         proc = subprocess.Popen([sys.executable, "-m", "postembed_fast", "embed", fifo.name, "-o", out,
-                                 "--format", "jsonl", "--device", "cpu", "--no-progress"],
+                                 "--format", "jsonl", "--device", "cpu", "--dtype", "float32",
+                                 "--no-progress"],
                                 cwd=tmp_path, stderr=subprocess.PIPE, env=env)
         try:
             deadline = time.monotonic() + 120
@@ -455,7 +457,7 @@ def test_parquet_input_with_int_ids(tmp_path, rows, embedder, monkeypatch, capsy
     pq.write_table(pa.table({"n": pa.array(range(500, 510), pa.int64()), "body": texts}), tmp_path / "in.parquet",
                    row_group_size=4)
     monkeypatch.chdir(tmp_path)
-    assert main(["embed", "in.parquet", "-o", "out.npy", "--device", "cpu", "--text-field", "body",
+    assert main(["embed", "in.parquet", "-o", "out.npy", "--device", "cpu", "--dtype", "float32", "--text-field", "body",
                  "--ids-field", "n", "--chunk-size", "3", "--no-progress"]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), embedder.embed(texts), rtol=0, atol=1e-6)
     assert np.load(tmp_path / "out.ids.npy").tolist() == list(range(500, 510))

@@ -37,19 +37,26 @@ def test_fast_embed_returns_normalized_float32_in_input_order(embedder, default_
 
 
 def test_fast_embed_on_the_cpu_equals_a_cpu_embedder(embedder):
-    emb = fast_embed(TEXTS[:2], device="cpu")  # another Embedder (the cached one), the same float32 math
+    # another Embedder (the cached one), the same float32 math: float32 spelled out, as the CPU's default
+    # compute dtype may be bfloat16 (kernels/cpu_isa.py's table)
+    emb = fast_embed(TEXTS[:2], device="cpu", dtype=torch.float32)
     assert emb.dtype == np.float32
     np.testing.assert_allclose(emb, embedder.embed(TEXTS[:2]), atol=1e-6)
 
 
 def test_fast_embed_reuses_one_cached_embedder(default_device, default_dtype):
     from postembed_fast.embedder import get_embedder
+    from postembed_fast.kernels import cpu_isa
 
     default = get_embedder()
     assert default.device.type == default_device and default.dtype == default_dtype
     # device=None and the default spelled out ("cuda" = "cuda:N") are one cached Embedder, not two
     assert default is get_embedder(None, default_device, default_dtype)
-    assert get_embedder("all-MiniLM-L6-v2", "cpu") is get_embedder(None, "cpu", torch.float32)
+    # the model's name and the CPU's default dtype (the capability table's) spelled out: one Embedder too
+    cpu_default = get_embedder("all-MiniLM-L6-v2", "cpu")
+    assert cpu_default.dtype == cpu_isa.compute_dtype()[0]
+    assert cpu_default is get_embedder(None, "cpu", cpu_isa.compute_dtype()[0])
+    assert (get_embedder(None, "cpu", torch.float32) is cpu_default) == (cpu_default.dtype == torch.float32)
 
 
 def test_a_single_str_gives_one_row(embedder, default_dtype, embeddings_close):

@@ -209,7 +209,8 @@ def test_killed_worker_then_restart(redis_server, embedder, stream_names, tmp_pa
     r = redis_server.client()
     n = 80
     produce(r, stream_names["stream"], POSTS[:n])
-    a = spawn_worker(redis_server, stream_names, "wa", "--batch-max", "4", "--precision", "int8",
+    # --dtype float32: the codes are compared with the float32 `embedder`'s
+    a = spawn_worker(redis_server, stream_names, "wa", "--batch-max", "4", "--precision", "int8", "--dtype", "float32",
                      log_path=tmp_path / "a.log")
     wait_for(lambda: r.xlen(stream_names["out_stream"]) >= 8, what="some posts stored", proc=a, poll=0.005)
     a.kill()  # SIGKILL mid-run
@@ -217,7 +218,7 @@ def test_killed_worker_then_restart(redis_server, embedder, stream_names, tmp_pa
     done = r.xlen(stream_names["out_stream"])
     assert done < n, "the worker finished before it was killed"
     # another consumer takes over the dead one's pending entries (XAUTOCLAIM) and the rest
-    b = spawn_worker(redis_server, stream_names, "wb", "--batch-max", "32", "--precision", "int8",
+    b = spawn_worker(redis_server, stream_names, "wb", "--batch-max", "32", "--precision", "int8", "--dtype", "float32",
                      "--claim-min-idle-ms", "200",
                      "--claim-interval-s", "0.5", log_path=tmp_path / "b.log")
     try:
@@ -299,7 +300,7 @@ def test_killed_one_of_two_workers_the_other_takes_over(redis_server, embedder, 
     """The deployment for availability: two workers in one group with the default claim settings; one is
     SIGKILLed mid-run and not restarted; the other stores its pending entries and the rest, each once."""
     r = redis_server.client()
-    args = ("--batch-max", "8", "--precision", "int8", "--threads", "1")
+    args = ("--batch-max", "8", "--precision", "int8", "--dtype", "float32", "--threads", "1")  # as `embedder`
     a, b = (spawn_worker(redis_server, stream_names, c, *args, log_path=tmp_path / f"{c}.log") for c in ("wa", "wb"))
     try:
         wait_for(lambda: group_consumers(r, stream_names) == {"wa", "wb"}, what="both workers reading", proc=a)

@@ -4,7 +4,8 @@ tests/test_clients.py runs the other common clients).
 
 The servers are started with POSTEMBED_SERVE_PYTHON if set (CI: the python of a fresh venv that has
 only the built wheel + the serve extra installed), else with this interpreter; the reference
-embeddings are computed in this process by Embedder(device="cpu")."""
+embeddings are computed in this process by the float32 CPU `embedder`, so the servers they are compared
+with run with --dtype float32 (the CPU's default compute dtype may be bfloat16)."""
 from __future__ import annotations
 
 import base64
@@ -27,7 +28,7 @@ ALIASES = ("mini", "text-embedding-3-small")
 
 @pytest.fixture(scope="module")
 def server(serve_process):
-    s = serve_process("--max-client-batch-size", "64", "--max-input-chars", "2000",
+    s = serve_process("--dtype", "float32", "--max-client-batch-size", "64", "--max-input-chars", "2000",
                       "--max-payload-bytes", "200000").wait_ready()
     yield s
     s.stop()
@@ -45,7 +46,7 @@ def tight_server(serve_process):
 def named_server(serve_process):
     """Served as two names (--served-model-name, repeated)."""
     args = [a for name in ALIASES for a in ("--served-model-name", name)]
-    s = serve_process(*args).wait_ready()
+    s = serve_process("--dtype", "float32", *args).wait_ready()
     yield s
     s.stop()
 
