@@ -118,6 +118,7 @@ def cpu_description() -> dict:
 
         if _ext._C is not None:
             info["postembed_isa_level"] = cpu_isa.ISA_LEVELS[_ext._C.cpu_isa()]
+            info["scans"] = cpu_isa.scans()  # the build each of our scans ran (avx512 / avx2 / baseline)
     except Exception as exc:  # an older build without the ISA table
         info["postembed_isa_level"] = f"unknown ({exc})"
     return info
@@ -356,6 +357,29 @@ def main(argv=None):
     record("postembed_fast EmbeddingIndex", "rabitq centroid=database mean", lambda qs: rqm.search(qs, K),
            rqm.bytes_per_vector - 8, note="centroid: the database's mean, as FAISS trains it")
 
+    # Each lower build of our scans, on the same indexes in the same run (POSTEMBED_CPU_ISA's cap, set
+    # around each call): what the AVX-512 build buys over AVX2 and baseline on this CPU.
+    from postembed_fast.kernels import _ext, cpu_isa
+
+    def capped(level, search):
+        def run(qs):
+            prev = _ext._C._set_cpu_isa_cap(cpu_isa.ISA_LEVELS.index(level))
+            try:
+                return search(qs)
+            finally:
+                _ext._C._set_cpu_isa_cap(prev)
+        return run
+
+    if _ext._C is not None:
+        best = cpu_isa.scan_level()
+        lower = cpu_isa.SCAN_LEVELS[: cpu_isa.SCAN_LEVELS.index(best)] if best in cpu_isa.SCAN_LEVELS else ()
+        for level in reversed(lower):
+            for prec, search, nbytes in (("binary", lambda qs: ours["binary"].search(qs, K), ours["binary"].bytes_per_vector - 8),
+                                         ("int8", lambda qs: ours["int8"].search(qs, K), ours["int8"].bytes_per_vector - 8),
+                                         ("rabitq", lambda qs: rq.search(qs, K), rq.bytes_per_vector - 8 - 2 * dim)):
+                record(f"postembed_fast EmbeddingIndex [{level} build]", prec, capped(level, search), nbytes,
+                       note=f"POSTEMBED_CPU_ISA={level}: the {level} build of the same scan")
+
     # the same scores at every rank as FAISS' binary flat index?
     checks = {}
     bcodes_db = quantize_embeddings(db, "binary")
@@ -436,6 +460,11 @@ def main(argv=None):
     ob, fb_ = by.get(("postembed_fast EmbeddingIndex", "binary")), by.get(("faiss IndexBinaryFlat", "binary"))
     if ob and fb_:
         tgt["binary_vs_faiss_binary_flat_batch256"] = ob["qps_batch256"] / fb_["qps_batch256"]
+        tgt["binary_scan_build"] = (cpu_description().get("scans") or {}).get("build")
+        for level in ("avx2", "baseline"):
+            lb = by.get((f"postembed_fast EmbeddingIndex [{level} build]", "binary"))
+            if lb:
+                tgt[f"binary_{level}_build_vs_faiss_binary_flat_batch256"] = lb["qps_batch256"] / fb_["qps_batch256"]
     orq, frq = by.get(("postembed_fast EmbeddingIndex", "rabitq")), by.get(("faiss IndexRaBitQ", "rabitq qb=4"))
     if orq and frq:
         tgt["rabitq_vs_faiss_IndexRaBitQ_qb4_batch256"] = orq["qps_batch256"] / frq["qps_batch256"]
