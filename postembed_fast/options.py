@@ -27,7 +27,7 @@ class ModelOptions:
 
     model: str | None = None  # None: all-MiniLM-L6-v2 (shipped); or a local model folder
     device: str | None = None  # None: cuda if a GPU is visible, else cpu
-    dtype: str | None = None  # None: float32 on CPU, float16 on GPU
+    dtype: str | None = None  # None: the CPU capability table's (kernels/cpu_isa.py), float16 on GPU
     batch_tokens: int | None = None  # None: the engine's default for the device
 
     @classmethod
@@ -54,7 +54,8 @@ def add_model_args(p: argparse.ArgumentParser, *, batch_tokens: bool = True,
                        help="cpu, cuda or cuda:N (default: cuda if a GPU is available, else cpu)")
     if "dtype" in only:
         g.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
-                       help="compute dtype (default: float32 on CPU, float16 on GPU)")
+                       help="compute dtype (default on CPU: bfloat16 where it has AMX-BF16 or AVX512-BF16, "
+                            "else float32 (POSTEMBED_CPU_DTYPE overrides); float16 on GPU)")
     if batch_tokens and "batch_tokens" in only:
         g.add_argument("--batch-tokens", type=positive_int, default=None, metavar="N",
                        help="tokens per forward batch (default: 4096 on CPU, 65536 on GPU)")
