@@ -798,6 +798,36 @@ void topk_typed(const TopkArgs& a) {
     const int64_t xwords = (a.cols + 7) / 8;  // per-row words of the binary / sign-dot tile
     std::vector<uint64_t> xpad(a.kind == kTopkBinary || signdot ? static_cast<size_t>(kRowTile * xwords) : 0);
     if (r1 > r0) fn(a, qprep, qpitch, r0, r1, heaps.data() + t * a.nq, tile.data(), xpad.data());
+    // A lazy buffer holds up to 2k: down to its k best here, in parallel, so the merge reads k per thread.
+    for (int64_t i = 0; i < a.nq; ++i) {
+      TopK<S>& h = heaps[t * a.nq + i];
+      if (h.n > k) {
+        std::nth_element(h.c, h.c + (k - 1), h.c + h.n, Better<S>());
+        h.n = k;
+      }
+    }
+  };
+  S* out_s = static_cast<S*>(a.out_scores);
+  const S lowest = is_float ? static_cast<S>(-INFINITY) : static_cast<S>(INT32_MIN);
+  // Merge the threads' candidates per query, best first, and pad; the queries split between the
+  // threads (at k = 250 and 256 queries a serial merge cost as much as a third of the scan).
+  auto merge_of = [&](int t) {
+    std::vector<Cand<S>> all;
+    all.reserve(static_cast<size_t>(nthreads * k));
+    for (int64_t i = a.nq * t / nthreads; i < a.nq * (t + 1) / nthreads; ++i) {
+      all.clear();
+      for (int u = 0; u < nthreads; ++u) {
+        const TopK<S>& h = heaps[u * a.nq + i];
+        all.insert(all.end(), h.c, h.c + h.n);
+      }
+      const int64_t m = std::min<int64_t>(k, static_cast<int64_t>(all.size()));
+      if (m < static_cast<int64_t>(all.size())) std::nth_element(all.begin(), all.begin() + (m - 1), all.end(), Better<S>());
+      std::sort(all.begin(), all.begin() + m, Better<S>());
+      for (int64_t j = 0; j < k; ++j) {
+        out_s[i * k + j] = j < m ? all[j].s : lowest;
+        a.out_idx[i * k + j] = j < m ? all[j].i : -1;
+      }
+    }
   };
   {
     std::vector<std::thread> pool;
@@ -805,23 +835,11 @@ void topk_typed(const TopkArgs& a) {
     work_of(0);
     for (auto& th : pool) th.join();
   }
-
-  // Merge the threads' heaps per query, best first, and pad.
-  S* out_s = static_cast<S*>(a.out_scores);
-  const S lowest = is_float ? static_cast<S>(-INFINITY) : static_cast<S>(INT32_MIN);
-  for (int64_t i = 0; i < a.nq; ++i) {
-    std::vector<Cand<S>> all;
-    all.reserve(static_cast<size_t>(nthreads * k));
-    for (int t = 0; t < nthreads; ++t) {
-      const TopK<S>& h = heaps[t * a.nq + i];
-      all.insert(all.end(), h.c, h.c + h.n);
-    }
-    const int64_t m = std::min<int64_t>(k, static_cast<int64_t>(all.size()));
-    std::partial_sort(all.begin(), all.begin() + m, all.end(), Better<S>());
-    for (int64_t j = 0; j < k; ++j) {
-      out_s[i * k + j] = j < m ? all[j].s : lowest;
-      a.out_idx[i * k + j] = j < m ? all[j].i : -1;
-    }
+  {
+    std::vector<std::thread> pool;
+    for (int t = 1; t < nthreads; ++t) pool.emplace_back(merge_of, t);
+    merge_of(0);
+    for (auto& th : pool) th.join();
   }
 }
 

@@ -8,7 +8,7 @@ from .attention import varlen_attention
 from .float_topk import float_topk
 from .hamming_topk import hamming_topk
 from .int8_topk import int8_topk
-from .sign_dot_topk import sign_dot_topk
+from .sign_dot_topk import sign_dot_rerank, sign_dot_topk
 from .rabitq_topk import rabitq_topk
 from .dispatch import BACKENDS, implemented, unavailable_reason
 from .gelu import bias_gelu
@@ -26,6 +26,7 @@ __all__ = [
     "int8_topk",
     "float_topk",
     "sign_dot_topk",
+    "sign_dot_rerank",
     "rabitq_topk",
     "BACKENDS",
     "implemented",

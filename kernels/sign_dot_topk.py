@@ -84,6 +84,45 @@ def sign_dot_topk(q_int8, db_codes, k, allow=None, backend=None):
     return fn(*raw_bit_query(q_int8, db_codes), k, allow)
 
 
+def sign_dot_rerank(q_int8, db_codes, cand, k):
+    """The k best of each query's candidate rows by the same exact score as sign_dot_topk, best first,
+    ties by the lower row; cand int64 [nq, P] (rows of db_codes; -1 = no candidate, as a scan pads).
+    Returns (scores int32 [nq, k], rows int64 [nq, k]), -1 rows with INT32_MIN past the candidates.
+    The second stage of a pre-filtered search (EmbeddingIndex: Hamming top P, then this): P rows per
+    query are scored through a per-query byte table, T[j, b, v] = the sum of q_j over the set bits of
+    byte value v at byte b, so a candidate costs B lookups instead of 8 B multiply-adds (float32 sums
+    of integers below 2^24: exact)."""
+    _check(q_int8, db_codes, 1, None)
+    if cand.dim() != 2 or cand.shape[0] != q_int8.shape[0] or cand.dtype != torch.int64:
+        raise ValueError(f"sign_dot_rerank: cand must be int64 [nq={q_int8.shape[0]}, P], got "
+                         f"{cand.dtype} {tuple(cand.shape)}")
+    if bool(((cand < -1) | (cand >= db_codes.shape[0])).any()):
+        raise ValueError(f"sign_dot_rerank: cand rows must be in [-1, {db_codes.shape[0]})")
+    if not 1 <= k:
+        raise ValueError(f"sign_dot_rerank: k must be >= 1, got {k}")
+    q, db = raw_bit_query(q_int8, db_codes)
+    nq, P = cand.shape
+    B = db.shape[1]
+    bits = ((torch.arange(256, device=db.device)[:, None] >> _SHIFTS.to(db.device).long()) & 1).float()  # [256, 8]
+    table = (q.float().view(nq, B, 8) @ bits.T).reshape(nq, B * 256)  # T[j, b * 256 + v]
+    valid = cand >= 0
+    rows = db[cand.clamp(min=0)].long()  # [nq, P, B] byte values
+    lookup = (rows + torch.arange(B, device=db.device) * 256).reshape(nq, P * B)
+    ub = torch.gather(table, 1, lookup).view(nq, P, B).sum(-1)  # sum of q_d over the set bits
+    score = (2 * ub - q.float().sum(1, keepdim=True)).round().long()
+    # score desc, then row asc, in one int64 key (|score| < 2^24, rows < 2^38); no candidate: lowest
+    key = torch.where(valid, score * (1 << 38) + ((1 << 38) - 1 - cand), torch.full_like(score, -(1 << 63)))
+    m = min(k, P)
+    top = torch.topk(key, m, dim=1, largest=True, sorted=True).indices
+    out_rows = torch.where(torch.gather(valid, 1, top), torch.gather(cand, 1, top), torch.full_like(top, -1))
+    out_s = torch.where(out_rows >= 0, torch.gather(score, 1, top), torch.full_like(top, -(1 << 31))).to(torch.int32)
+    if m < k:
+        pad = k - m
+        out_rows = torch.cat([out_rows, torch.full((nq, pad), -1, dtype=torch.int64, device=cand.device)], 1)
+        out_s = torch.cat([out_s, torch.full((nq, pad), -(1 << 31), dtype=torch.int32, device=cand.device)], 1)
+    return out_s, out_rows
+
+
 def sign_dot_topk_cpp(q, db, k, allow, out=None):
     """csrc/topk_cpu.cpp's scan (kind sign-dot) of raw bits (see raw_bit_query). out: optional
     (scores int32, idx int64) [nq, k] buffers that get every element written (the tests poison them)."""

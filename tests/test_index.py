@@ -61,6 +61,26 @@ def asym_scores(qf, xf, rotation=None):
     return q8 @ np.where(xf > 0, 1, -1).T
 
 
+def prefiltered_candidates(qf, xf, kk, factor, rotation=None, allow_rows=None):
+    """search(..., rescore=r)'s binary first stage with the Hamming pre-filter, by its documented
+    formula: the Hamming top factor * kk (query bits: q8 > 0; rows: x R > 0; ties by row), then the
+    asymmetric top kk of those (score desc, row asc); -1 past the candidates."""
+    if rotation is not None:
+        qf = qf.astype(np.float64) @ rotation.astype(np.float64)
+        xf = (xf.astype(np.float64) @ rotation.astype(np.float64)).astype(np.float32)
+    q8 = np.rint(qf.astype(np.float64) * 127 / np.abs(qf).max(axis=1, keepdims=True)).astype(np.int64)
+    dim = xf.shape[1]
+    ham = (dim + np.where(q8 > 0, 1, -1) @ np.where(xf > 0, 1, -1).T) // 2  # equal sign bits
+    pre = ref_topk(ham, factor * kk, np.arange(len(xf)), allow_rows)[1]
+    asym = q8 @ np.where(xf > 0, 1, -1).T
+    out = np.full((len(qf), kk), -1, np.int64)
+    for i in range(len(qf)):
+        c = pre[i][pre[i] >= 0]
+        o = np.lexsort((c, -asym[i, c]))[:kk]
+        out[i, : len(o)] = c[o]
+    return out
+
+
 def ref_topk(scores, k, ids, allow_rows=None):
     nq, n = scores.shape
     low = -np.inf if scores.dtype.kind == "f" else INT_LOWEST
@@ -206,16 +226,22 @@ def test_rescore_float16(reference_quantize):
     qf = unit_rows(8, dim, 4)
     index = EmbeddingIndex(dim, precision="binary", keep_float16=True)
     index.add(xf)
-    s, ids = index.search(qf, 10, rescore=4)
-    # binary candidates: the top 40 by the asymmetric score (int8 query . +-1 signs), ties by row
-    cand = ref_topk(asym_scores(qf, xf), 40, np.arange(n))[1]
     x16 = xf.astype(np.float16).astype(np.float32)
-    for i in range(len(qf)):
-        sc = x16[cand[i]] @ qf[i]
-        o = np.lexsort((cand[i], -sc))[:10]  # candidates come back in row order of their ids here
-        np.testing.assert_array_equal(ids[i], cand[i][o])
-        np.testing.assert_allclose(s[i], sc[o], rtol=0, atol=1e-6)
-    assert s.dtype == np.float32
+    # binary candidates: the top 40 by the asymmetric score (int8 query . +-1 signs), ties by row, of
+    # every row (the default), or of the Hamming top 4 * 40 / 2 * 40 (prefilter=)
+    full = ref_topk(asym_scores(qf, xf), 40, np.arange(n))[1]
+    for prefilter, cand in ((None, full), (0, full), (4, prefiltered_candidates(qf, xf, 40, 4)),
+                            (2, prefiltered_candidates(qf, xf, 40, 2))):
+        s, ids = index.search(qf, 10, rescore=4, prefilter=prefilter)
+        for i in range(len(qf)):
+            sc = x16[cand[i]] @ qf[i]
+            o = np.lexsort((cand[i], -sc))[:10]  # candidates come back in row order of their ids here
+            np.testing.assert_array_equal(ids[i], cand[i][o])
+            np.testing.assert_allclose(s[i], sc[o], rtol=0, atol=1e-6)
+        assert s.dtype == np.float32
+    for bad in (-1, 1.5, True, "4"):
+        with pytest.raises(ValueError, match="prefilter must be an int >= 0"):
+            index.search(qf, 10, rescore=4, prefilter=bad)
     # rescore over all rows = exact float16 search
     s_all, ids_all = index.search(qf, 10, rescore=n)
     exact = np.argsort(-(qf @ x16.T), axis=1, kind="stable")[:, :10]
@@ -414,14 +440,15 @@ def test_rotated_binary_matches_reference(dim, reference_quantize):
     index.add(xf)
     rot = lambda v: (v.astype(np.float64) @ r.astype(np.float64)).astype(np.float32)  # noqa: E731
     assert_search(index, qf, xf, 10, np.arange(400), lambda v, p, *a: reference_quantize(rot(v), p, *a))
-    s, ids = index.search(qf, 5, rescore=4)
-    cand = ref_topk(asym_scores(qf, xf, r), 20, np.arange(400))[1]
     x16 = xf.astype(np.float16).astype(np.float32)
-    for i in range(len(qf)):
-        sc = x16[cand[i]] @ qf[i]
-        o = np.lexsort((cand[i], -sc))[:5]
-        np.testing.assert_array_equal(ids[i], cand[i][o])
-        np.testing.assert_allclose(s[i], sc[o], rtol=0, atol=1e-6)
+    for prefilter, cand in ((4, prefiltered_candidates(qf, xf, 20, 4, r)),
+                            (None, ref_topk(asym_scores(qf, xf, r), 20, np.arange(400))[1])):
+        s, ids = index.search(qf, 5, rescore=4, prefilter=prefilter)
+        for i in range(len(qf)):
+            sc = x16[cand[i]] @ qf[i]
+            o = np.lexsort((cand[i], -sc))[:5]
+            np.testing.assert_array_equal(ids[i], cand[i][o])
+            np.testing.assert_allclose(s[i], sc[o], rtol=0, atol=1e-6)
     # the same index without the rotation ranks differently (the rotation is really applied)
     plain = EmbeddingIndex(dim, precision="binary", keep_float16=True)
     plain.add(xf)
@@ -430,6 +457,13 @@ def test_rotated_binary_matches_reference(dim, reference_quantize):
     allow = np.arange(400) % 3 == 0
     _, ids = index.search(qf, 5, rescore=2, allow=allow)
     assert (ids % 3 == 0).all()
+    # ... and the Hamming pre-filter: the documented candidates among the allowed rows only
+    s, ids = index.search(qf, 5, rescore=4, allow=allow, prefilter=1)
+    cand = prefiltered_candidates(qf, xf, 20, 1, r, allow_rows=np.flatnonzero(allow))
+    for i in range(len(qf)):
+        sc = x16[cand[i]] @ qf[i]
+        o = np.lexsort((cand[i], -sc))[:5]
+        np.testing.assert_array_equal(ids[i], cand[i][o])
 
 
 def test_rotation_refuses_codes(reference_quantize):

@@ -326,3 +326,45 @@ def test_sign_dot_bad_input():
         sign_dot_topk(q, x, 1, allow=torch.ones(4, dtype=torch.bool))
     with pytest.raises(TypeError, match="k must be"):
         sign_dot_topk(q, x, 1.5)
+
+
+# ---- sign_dot_rerank: the asymmetric score of given candidate rows (the pre-filtered search's second stage) ----
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8], ids=_codes_id)
+@pytest.mark.parametrize("n, dim, P, k", [(1, 48, 1, 1), (50, 64, 7, 3), (300, 384, 160, 40), (90, 48, 10, 25)])
+def test_sign_dot_rerank_matches_the_reference_on_its_candidates(dtype, n, dim, P, k):
+    """The k best of each query's candidates by sum_d q_d s_d, ties by the lower row, -1 candidates ignored,
+    -1 / INT32_MIN past them; the same scores as sign_dot_topk."""
+    sd = importlib.import_module("postembed_fast.kernels.sign_dot_topk")
+    q, codes = make_sign_data(6, n, dim, seed=n + P, dtype=dtype)
+    rng = np.random.default_rng(P)
+    cand = np.stack([rng.permutation(n)[: min(P, n)] for _ in range(len(q))])
+    if P > n:
+        cand = np.pad(cand, ((0, 0), (0, P - n)), constant_values=-1)
+    if cand.shape[1] > 2:
+        cand[0, 1] = -1  # a hole, as an allow-filtered first stage leaves
+    scores = np_sign_scores(q, codes)
+    s, rows = sd.sign_dot_rerank(torch.from_numpy(q), torch.from_numpy(codes), torch.from_numpy(cand), k)
+    assert s.dtype == torch.int32 and rows.dtype == torch.int64 and rows.shape == (len(q), k)
+    for i in range(len(q)):
+        c = cand[i][cand[i] >= 0]
+        o = np.lexsort((c, -scores[i, c]))[:k]
+        want_rows = np.full(k, -1, np.int64)
+        want_rows[: len(o)] = c[o]
+        want_s = np.full(k, INT_LOWEST, np.int64)
+        want_s[: len(o)] = scores[i, c[o]]
+        np.testing.assert_array_equal(rows[i].numpy(), want_rows)
+        np.testing.assert_array_equal(s[i].numpy(), want_s)
+
+
+def test_sign_dot_rerank_refuses_bad_candidates():
+    sd = importlib.import_module("postembed_fast.kernels.sign_dot_topk")
+    q, codes = make_sign_data(3, 20, 48, seed=1, dtype=np.uint8)
+    qt, xt = torch.from_numpy(q), torch.from_numpy(codes)
+    with pytest.raises(ValueError, match=r"cand rows must be in \[-1, 20\)"):
+        sd.sign_dot_rerank(qt, xt, torch.tensor([[0, 20]] * 3), 1)
+    with pytest.raises(ValueError, match="cand must be int64"):
+        sd.sign_dot_rerank(qt, xt, torch.zeros(2, 4, dtype=torch.int64), 1)
+    with pytest.raises(ValueError, match="cand must be int64"):
+        sd.sign_dot_rerank(qt, xt, torch.zeros(3, 4, dtype=torch.int32), 1)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        sd.sign_dot_rerank(qt, xt, torch.zeros(3, 4, dtype=torch.int64), 0)

@@ -20,7 +20,7 @@ from postembed_fast.ranges import FOLDER_RANGES_FILE  # noqa: E402
 from postembed_fast.train import evaluate as ev  # noqa: E402
 from postembed_fast.train.__main__ import main as train_main  # noqa: E402
 from postembed_fast.train.data import read_posts, split_of, split_posts, tag_phrase  # noqa: E402
-from postembed_fast.train.recipe import Recipe, train  # noqa: E402
+from postembed_fast.train.recipe import Recipe, resolve_train_dtype, train  # noqa: E402
 from postembed_fast.train.tasks import (EVAL_TASKS, TRAIN_TASKS, build_triplets, read_triplets,  # noqa: E402
                                         training_pairs, write_triplets)
 
@@ -181,6 +181,49 @@ def test_training_lowers_the_loss(trained):
     assert after < before, record["validation_loss"]
 
 
+@pytest.mark.parametrize("env, want", [(None, None), ("float32", "float32"), ("bfloat16", "bfloat16")])
+def test_training_dtype_auto_follows_the_cpu_capability_table(env, want, monkeypatch):
+    """auto: POSTEMBED_CPU_DTYPE, else the engine's table (bf16 with AMX-BF16 / AVX512-BF16); an explicit
+    dtype wins; a GPU's auto stays float32; anything else is refused by name."""
+    from postembed_fast.kernels import cpu_isa
+
+    if env is None:
+        monkeypatch.delenv(cpu_isa.DTYPE_ENV, raising=False)
+        want = str(cpu_isa.compute_dtype()[0]).removeprefix("torch.")
+    else:
+        monkeypatch.setenv(cpu_isa.DTYPE_ENV, env)
+    got, why = resolve_train_dtype("auto", "cpu")
+    assert got == want and why.startswith("auto on this CPU")
+    assert resolve_train_dtype("float32", "cpu")[0] == "float32"
+    assert resolve_train_dtype("bfloat16", "cpu")[0] == "bfloat16"
+    assert resolve_train_dtype("auto", "cuda")[0] == "float32"
+    with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16, got 'float16'"):
+        resolve_train_dtype("float16", "cpu")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        Recipe(dtype="fp8").check()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_training_in_each_dtype_lowers_the_loss_and_saves_float32_weights(dtype, small_data, tiny_bert, tmp_path):
+    """bf16 autocast trains (the loss falls) and, like float32, leaves float32 weights in the folder."""
+    from safetensors import safe_open
+
+    recipe = Recipe(dim=16, steps_per_task=5, batch_size=8, max_seq_length=32, freeze_layers=0,
+                    learning_rate=1e-3, warmup_steps=2, eval_every=20, device="cpu", dtype=dtype)
+    out = tmp_path / dtype
+    record = train(recipe, split_posts(read_posts(small_data)), out, base=tiny_bert, progress=False,
+                   log=lambda m: None)
+    assert record["train_dtype"] == dtype and record["recipe"]["dtype"] == dtype
+    before = sum(v["before"] for v in record["validation_loss"].values())
+    after = sum(v["after"] for v in record["validation_loss"].values())
+    assert after < before, record["validation_loss"]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+    import torch
+
+    assert dtypes == {torch.float32}, dtypes
+
+
 def test_trained_folder_loads_in_both_libraries(trained, posts):
     from sentence_transformers import SentenceTransformer
 
@@ -248,6 +291,7 @@ def test_train_command_end_to_end(small_data, tiny_bert, tmp_path, capsys):
     (["--dim", "-3"], "--dim must be a positive integer"),
     (["--batch-size", "1"], "batch_size must be >= 2"),
     (["--steps", "2"], "--steps must be >= the number of tasks"),
+    (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
 ])
 def test_train_command_bad_options(argv, message, small_data, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -62,7 +62,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-length", type=int, default=None, help=f"training truncation (default {d.max_seq_length})")
     p.add_argument("--freeze-layers", type=int, default=None, help=f"lower encoder layers not trained (default {d.freeze_layers})")
     p.add_argument("--learning-rate", type=float, default=None, help=f"default {d.learning_rate}")
-    add_model_args(p, only=("device",))  # the base model is --base; the training dtype is the trainer's
+    add_model_args(p, only=("device",))  # the base model is --base; --dtype below is the training's
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=d.dtype,
+                   help="training precision: bfloat16 = bf16 autocast (float32 weights and optimizer); auto "
+                        "(default): bfloat16 on a CPU with AMX-BF16 or AVX512-BF16 (POSTEMBED_CPU_DTYPE "
+                        "overrides), float32 elsewhere")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--full", action="store_true",
                    help="the GPU-size recipe: all layers, 256 tokens, batch 128, 1,500 steps per task")
@@ -86,7 +90,8 @@ def recipe_from_args(a):
     """The Recipe of the parsed flags; ValueError for a bad combination."""
     from postembed_fast.train.recipe import Recipe
 
-    kw = {"tasks": a.tasks, "dim": a.dim, "device": ModelOptions.from_args(a).device, "seed": a.seed}
+    kw = {"tasks": a.tasks, "dim": a.dim, "device": ModelOptions.from_args(a).device, "seed": a.seed,
+          "dtype": a.dtype}
     for name in ("batch_size", "max_seq_length", "freeze_layers", "learning_rate"):
         if getattr(a, name) is not None:
             kw[name] = getattr(a, name)
@@ -124,7 +129,8 @@ def run_from_args(a, prog: str = PROG) -> int:
         record = rc.train(recipe, splits, out, base=a.base, log=lambda m: print(m, file=sys.stderr))
     except (ValueError, ImportError) as exc:
         _exit_usage(prog, str(exc))
-    print(f"saved {out} ({record['train_seconds']} s, {record['seconds_per_step']} s/step); validation loss per task:",
+    print(f"saved {out} ({record['train_seconds']} s, {record['seconds_per_step']} s/step in "
+          f"{record['train_dtype']}); validation loss per task:",
           file=sys.stderr)
     for task, v in record["validation_loss"].items():
         print(f"  {task:10s} {v['before']:.4f} -> {v['after']:.4f}", file=sys.stderr)

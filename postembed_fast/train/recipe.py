@@ -48,6 +48,7 @@ class Recipe:
     seed: int = 0
     device: str | None = None  # None: cuda if available, else cpu
     eval_every: int = 50
+    dtype: str = "auto"  # TRAIN_DTYPES: bf16 autocast where the CPU has native bf16 (resolve_train_dtype)
 
     @property
     def steps(self) -> int:
@@ -73,6 +74,8 @@ class Recipe:
             raise ValueError("batch_size must be >= 2: in-batch negatives need another pair in the batch")
         if self.dim is not None and self.dim < 1:
             raise ValueError(f"dim must be >= 1 (or None for no Dense), got {self.dim}")
+        if self.dtype not in TRAIN_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(TRAIN_DTYPES)}, got {self.dtype!r}")
         if self.freeze_layers < 0 or self.warmup_steps < 0 or not self.learning_rate > 0:
             raise ValueError("freeze_layers and warmup_steps must be >= 0 and learning_rate > 0")
 
@@ -97,6 +100,27 @@ def _modules():
 
 def resolve_device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+TRAIN_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def resolve_train_dtype(dtype: str, device: str) -> tuple[str, str]:
+    """(float32 | bfloat16, why) for Recipe.dtype on `device`. bfloat16 = the trainer's bf16 autocast
+    (weights, optimizer state and the loss stay float32). auto on a CPU follows the engine's capability
+    table (kernels/cpu_isa.py: POSTEMBED_CPU_DTYPE, else bf16 with AMX-BF16 / AVX512-BF16, where bf16
+    GEMMs run several times faster than float32; without them bf16 is emulated and slower); auto on a
+    GPU stays float32 (not measured there yet)."""
+    if dtype not in TRAIN_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(TRAIN_DTYPES)}, got {dtype!r}")
+    if dtype != "auto":
+        return dtype, "asked for"
+    if device != "cpu":
+        return "float32", f"auto on {device}: float32 (bf16 training not measured there)"
+    from postembed_fast.kernels import cpu_isa
+
+    d, why = cpu_isa.compute_dtype()
+    return str(d).removeprefix("torch."), f"auto on this CPU: {why}"
 
 
 def encoder_model(base, max_seq_length: int | None, device: str):
@@ -202,6 +226,7 @@ def train(recipe: Recipe, splits: dict[str, list[Post]], out, *, base=None, prog
     recipe.check()
     st = _st()
     device = resolve_device(recipe.device)
+    train_dtype, dtype_why = resolve_train_dtype(recipe.dtype, device)
     torch.manual_seed(recipe.seed)
     out = Path(out)
     t0 = time.perf_counter()
@@ -214,7 +239,7 @@ def train(recipe: Recipe, splits: dict[str, list[Post]], out, *, base=None, prog
     eval_sets = _pair_datasets(splits["validation"], recipe.tasks, recipe.seed, limit=VALIDATION_PAIRS)
     log("pairs per task: " + ", ".join(f"{k} {len(v)}" for k, v in train_sets.items())
         + f"; {recipe.steps} steps ({recipe.steps_per_task} per task) of batch {recipe.batch_size}"
-        + f" at <= {recipe.max_seq_length} tokens on {device}")
+        + f" at <= {recipe.max_seq_length} tokens on {device} in {train_dtype} ({dtype_why})")
 
     try:
         from sentence_transformers.sentence_transformer import losses
@@ -231,7 +256,7 @@ def train(recipe: Recipe, splits: dict[str, list[Post]], out, *, base=None, prog
             multi_dataset_batch_sampler="round_robin",  # equal steps per task
             eval_strategy="steps", eval_steps=recipe.eval_every, logging_steps=max(1, recipe.eval_every // 2),
             save_strategy="no", report_to="none", use_cpu=(device == "cpu"), disable_tqdm=not progress,
-            dataloader_num_workers=0, fp16=False, bf16=False)
+            dataloader_num_workers=0, fp16=False, bf16=train_dtype == "bfloat16")
         trainer = st.SentenceTransformerTrainer(model=model, args=args, train_dataset=train_sets,
                                                 eval_dataset=eval_sets, loss=losses.MultipleNegativesRankingLoss(model))
         before = trainer.evaluate()
@@ -249,6 +274,7 @@ def train(recipe: Recipe, splits: dict[str, list[Post]], out, *, base=None, prog
                 for t in recipe.tasks}
     ranges = write_ranges(out, [p.text for p in splits["validation"]], device)
     record = {"recipe": {**asdict(recipe), "device": device}, "base": str(base or "all-MiniLM-L6-v2"),
+              "train_dtype": train_dtype, "train_dtype_reason": dtype_why,
               "train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / recipe.steps, 3),
               "validation_loss": val_loss, "log_history": history, "ranges_shape": list(ranges.shape)}
     (out / RECIPE_FILE).write_text(json.dumps(record, indent=1))
