@@ -392,7 +392,8 @@ def test_every_subcommand_helps_without_its_extra_and_train_says_what_to_install
             assert flag in got["helps"][name], (name, flag)
         for flag in flags:
             assert flag in got["helps"][name], (name, flag)
-    assert "--dtype" not in got["helps"]["train"]  # train takes only --device of the model flags
+    # train takes only --device of the model flags; its --dtype is the training precision (auto default)
+    assert "--dtype {auto,float32,bfloat16}" in got["helps"]["train"]
     assert got["loaded"] == [], got["loaded"]
     assert got["train_code"] == 2
     assert ("sentence_transformers is not installed; install with: pip install 'postembed_fast[train]'"

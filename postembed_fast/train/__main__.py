@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--freeze-layers", type=int, default=None, help=f"lower encoder layers not trained (default {d.freeze_layers})")
     p.add_argument("--learning-rate", type=float, default=None, help=f"default {d.learning_rate}")
     add_model_args(p, only=("device",))  # the base model is --base; --dtype below is the training's
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=d.dtype,
+    p.add_argument("--dtype", dest="train_dtype", choices=("auto", "float32", "bfloat16"), default=d.dtype,
                    help="training precision: bfloat16 = bf16 autocast (float32 weights and optimizer); auto "
                         "(default): bfloat16 on a CPU with AMX-BF16 or AVX512-BF16 (POSTEMBED_CPU_DTYPE "
                         "overrides), float32 elsewhere")
@@ -91,7 +91,7 @@ def recipe_from_args(a):
     from postembed_fast.train.recipe import Recipe
 
     kw = {"tasks": a.tasks, "dim": a.dim, "device": ModelOptions.from_args(a).device, "seed": a.seed,
-          "dtype": a.dtype}
+          "dtype": a.train_dtype}
     for name in ("batch_size", "max_seq_length", "freeze_layers", "learning_rate"):
         if getattr(a, name) is not None:
             kw[name] = getattr(a, name)
