@@ -503,6 +503,26 @@ PYBIND11_MODULE(_C, m) {
         py::arg("x"), py::arg("ldx"), py::arg("bias"), py::arg("out"), py::arg("ldo"), py::arg("rows"), py::arg("F"),
         py::arg("dtype"), py::arg("num_threads"));
 
+  m.def("signdot_rerank_cpu",
+        [](uintptr_t q, int64_t nq, int64_t ldq, uintptr_t db, int64_t N, int64_t lddb, int64_t cols, uintptr_t cand,
+           int64_t P, int64_t k, uintptr_t out_s, uintptr_t out_i, int num_threads) {
+          const char* fn = "signdot_rerank_cpu";
+          for (auto [name, p] : {std::pair{"q", q}, {"db", db}, {"cand", cand}, {"out_s", out_s}, {"out_i", out_i}})
+            check_ptr(fn, name, p);
+          PE_CHECK(nq > 0 && N > 0 && cols > 0 && P > 0 && k >= 1, fn, ": need nq, N, cols, P > 0 and k >= 1, got nq=",
+                   nq, ", N=", N, ", cols=", cols, ", P=", P, ", k=", k);
+          PE_CHECK(ldq >= 8 * cols && lddb >= cols, fn, ": row pitches must be ldq >= 8 * cols and lddb >= cols");
+          PE_CHECK(cols <= (int64_t{1} << 14), fn, ": ", cols, " bytes per row is too many (int32 scores)");
+          PE_CHECK(num_threads >= 1, fn, ": num_threads must be >= 1, got ", num_threads);
+          py::gil_scoped_release release;
+          postembed::signdot_rerank_cpu(reinterpret_cast<const int8_t*>(q), nq, ldq, reinterpret_cast<const uint8_t*>(db),
+                                        N, lddb, cols, reinterpret_cast<const int64_t*>(cand), P, k,
+                                        reinterpret_cast<int32_t*>(out_s), reinterpret_cast<int64_t*>(out_i), num_threads);
+        },
+        "sign_dot_rerank's C++ kernel: the k best of each query's P candidates (int64 [nq, P], -1 = none) by\n"
+        "sum_d q_d * (bit d ? +1 : -1) of raw packed bits; out_s int32 / out_i int64 [nq, k], best first, ties by row.",
+        py::arg("q"), py::arg("nq"), py::arg("ldq"), py::arg("db"), py::arg("N"), py::arg("lddb"), py::arg("cols"),
+        py::arg("cand"), py::arg("P"), py::arg("k"), py::arg("out_s"), py::arg("out_i"), py::arg("num_threads"));
   m.def("topk_cpu", &py_topk_cpu,
         "Exact top-k scan: kind 0=binary (8*cols - Hamming), 1=int8 (q.x + db_bias[row]), 2=float32 (q.x),\n"
         "3=sign-dot (sum_d q_d * (bit d set ? +1 : -1); q int8 [nq, 8 * cols], db packed bits [N, cols] in\n"

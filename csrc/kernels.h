@@ -128,6 +128,11 @@ void topk_cpu(const TopkArgs& a);
 // The build every CPU scan runs now: 0 baseline, 1 AVX2 + POPCNT, 2 AVX-512 with VPOPCNTDQ and VNNI
 // (needs both; otherwise 1). Follows cpu_isa(), so POSTEMBED_CPU_ISA / the test cap lowers it.
 int topk_cpu_level();
+// The k best of each query's P candidate rows (cand [nq, P], -1 = none) by the sign-dot score of raw
+// bits, best first, ties by the lower row; -1 / INT32_MIN past the candidates (kernels/sign_dot_topk.py).
+void signdot_rerank_cpu(const int8_t* q, int64_t nq, int64_t ldq, const uint8_t* db, int64_t N, int64_t lddb,
+                        int64_t cols, const int64_t* cand, int64_t P, int64_t k, int32_t* out_s, int64_t* out_i,
+                        int num_threads);
 
 void pool_normalize_cpu(const PoolArgs& a);
 void add_layernorm_cpu(const LayerNormArgs& a);

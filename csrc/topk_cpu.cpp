@@ -36,6 +36,7 @@
 #include <vector>
 
 #include <thread>
+#include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -529,17 +530,72 @@ PE_INLINE void score_float(const float* const* q, int nq, const float* x, int64_
 // ---- the scan -------------------------------------------------------------------------------
 
 template <typename S>
+PE_INLINE void offer_one(TopK<S>& h, S s, int64_t row, const uint8_t* allow, int64_t k) {
+  if (h.rejects(s)) return;
+  if (allow && !allow[row]) return;
+  h.offer(s, row, k);
+}
+
+// Rows [r, nr) of one query's tile scores once its candidates are full: almost every score is
+// rejected, so the vector builds compare 16 (AVX-512) or 8 (AVX2) scores with the threshold at once
+// and visit only those above it, in row order (the threshold only rises, so the mask is a superset
+// and each visited score is checked again; NaN is never above, as !(s > thr) rejects it). Measured
+// (binary, 256 queries x 100k rows, AVX-512, 1 thread): the one-compare-per-score loop took twice
+// as long as the scoring itself. Returns the first row not visited.
+#if defined(__x86_64__) && defined(__GNUC__)
+PE_AVX512 PE_INLINE uint32_t above(const int32_t* t, int32_t thr, std::integral_constant<int, 16>) {
+  return _mm512_cmpgt_epi32_mask(_mm512_loadu_si512(t), _mm512_set1_epi32(thr));
+}
+PE_AVX512 PE_INLINE uint32_t above(const float* t, float thr, std::integral_constant<int, 16>) {
+  return _mm512_cmp_ps_mask(_mm512_loadu_ps(t), _mm512_set1_ps(thr), _CMP_GT_OQ);
+}
+__attribute__((target("avx2"))) PE_INLINE uint32_t above(const int32_t* t, int32_t thr, std::integral_constant<int, 8>) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t));
+  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(v, _mm256_set1_epi32(thr)))));
+}
+__attribute__((target("avx2"))) PE_INLINE uint32_t above(const float* t, float thr, std::integral_constant<int, 8>) {
+  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(t), _mm256_set1_ps(thr), _CMP_GT_OQ)));
+}
+// (the loop is written in each target function: GCC inlines a target-specific intrinsic only into a
+// function compiled for that target)
+#define PE_OFFER_MASKED(V)                                        \
+  for (; r + (V) <= nr; r += (V)) {                               \
+    uint32_t m = above(t + r, h.thr, std::integral_constant<int, (V)>()); \
+    while (m) {                                                   \
+      const int b = __builtin_ctz(m);                             \
+      m &= m - 1;                                                 \
+      offer_one(h, t[r + b], r0 + r + b, allow, k);               \
+    }                                                             \
+  }                                                               \
+  return r;
+template <typename S>
+PE_AVX512 int64_t offer_masked_avx512(TopK<S>& h, const S* t, int64_t r, int64_t nr, int64_t r0, const uint8_t* allow,
+                                      int64_t k) {
+  PE_OFFER_MASKED(16)
+}
+template <typename S>
+__attribute__((target("avx2"))) int64_t offer_masked_avx2(TopK<S>& h, const S* t, int64_t r, int64_t nr, int64_t r0,
+                                                          const uint8_t* allow, int64_t k) {
+  PE_OFFER_MASKED(8)
+}
+#undef PE_OFFER_MASKED
+#endif
+
+template <typename S, int ISA>
 PE_INLINE void offer_tile(TopK<S>* heaps, int q0, int nq, const S* tile, int64_t r0, int64_t nr,
                           const uint8_t* allow, int64_t k) {
   for (int j = 0; j < nq; ++j) {
     TopK<S>& h = heaps[q0 + j];
     const S* t = tile + j * kRowTile;
-    for (int64_t r = 0; r < nr; ++r) {
-      const S s = t[r];
-      if (h.rejects(s)) continue;
-      if (allow && !allow[r0 + r]) continue;
-      h.offer(s, r0 + r, k);
-    }
+    int64_t r = 0;
+    for (; r < nr && !h.full; ++r) offer_one(h, t[r], r0 + r, allow, k);
+#if defined(__x86_64__) && defined(__GNUC__)
+    if constexpr (ISA >= 2)
+      r = offer_masked_avx512(h, t, r, nr, r0, allow, k);
+    else if constexpr (ISA == 1)
+      r = offer_masked_avx2(h, t, r, nr, r0, allow, k);
+#endif
+    for (; r < nr; ++r) offer_one(h, t[r], r0 + r, allow, k);
   }
 }
 
@@ -649,7 +705,7 @@ PE_INLINE void scan_range(const TopkArgs& a, const void* qprep, int64_t qpitch, 
         score_float(qp, nq, static_cast<const float*>(a.db) + t0 * a.lddb, a.lddb, nr, a.cols,
                     reinterpret_cast<float*>(tile));
       }
-      offer_tile(heaps, static_cast<int>(q0), nq, tile, t0, nr, a.allow, a.k);
+      offer_tile<S, ISA>(heaps, static_cast<int>(q0), nq, tile, t0, nr, a.allow, a.k);
     }
   }
 }
@@ -851,6 +907,51 @@ int topk_cpu_level() {
   if (avx2_enabled() && cpu_has_popcnt()) return 1;
 #endif
   return 0;
+}
+
+void signdot_rerank_cpu(const int8_t* q, int64_t nq, int64_t ldq, const uint8_t* db, int64_t N, int64_t lddb,
+                        int64_t cols, const int64_t* cand, int64_t P, int64_t k, int32_t* out_s, int64_t* out_i,
+                        int num_threads) {
+  // Per query a byte table T[b][v] = the sum of q over the set bits of byte value v at byte b (code
+  // byte b, bit 7 - t <-> dimension 8 b + t, numpy.packbits), built by one add per entry from the
+  // entry without its lowest bit; a candidate then costs cols lookups. Exact integers.
+  (void)N;
+  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, nq * P >= 4096 ? nq : 1)));
+  auto work_of = [&](int t) {
+    std::vector<int32_t> table(static_cast<size_t>(cols * 256));
+    std::vector<Cand<int32_t>> c;
+    c.reserve(static_cast<size_t>(P));
+    for (int64_t i = nq * t / nthreads; i < nq * (t + 1) / nthreads; ++i) {
+      const int8_t* qi = q + i * ldq;
+      int32_t sumq = 0;
+      for (int64_t d = 0; d < 8 * cols; ++d) sumq += qi[d];
+      for (int64_t b = 0; b < cols; ++b) {
+        int32_t* tb = table.data() + b * 256;
+        tb[0] = 0;
+        for (int v = 1; v < 256; ++v) tb[v] = tb[v & (v - 1)] + qi[8 * b + 7 - __builtin_ctz(static_cast<unsigned>(v))];
+      }
+      c.clear();
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t row = cand[i * P + p];
+        if (row < 0) continue;
+        const uint8_t* x = db + row * lddb;
+        int32_t ub = 0;
+        for (int64_t b = 0; b < cols; ++b) ub += table[static_cast<size_t>(b * 256 + x[b])];
+        c.push_back(Cand<int32_t>{2 * ub - sumq, row});
+      }
+      const int64_t m = std::min<int64_t>(k, static_cast<int64_t>(c.size()));
+      if (m < static_cast<int64_t>(c.size())) std::nth_element(c.begin(), c.begin() + (m - 1), c.end(), Better<int32_t>());
+      std::sort(c.begin(), c.begin() + m, Better<int32_t>());
+      for (int64_t j = 0; j < k; ++j) {
+        out_s[i * k + j] = j < m ? c[j].s : INT32_MIN;
+        out_i[i * k + j] = j < m ? c[j].i : -1;
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < nthreads; ++t) pool.emplace_back(work_of, t);
+  work_of(0);
+  for (auto& th : pool) th.join();
 }
 
 void topk_cpu(const TopkArgs& a) {

@@ -84,23 +84,34 @@ def sign_dot_topk(q_int8, db_codes, k, allow=None, backend=None):
     return fn(*raw_bit_query(q_int8, db_codes), k, allow)
 
 
-def sign_dot_rerank(q_int8, db_codes, cand, k):
+def sign_dot_rerank(q_int8, db_codes, cand, k, backend=None):
     """The k best of each query's candidate rows by the same exact score as sign_dot_topk, best first,
     ties by the lower row; cand int64 [nq, P] (rows of db_codes; -1 = no candidate, as a scan pads).
     Returns (scores int32 [nq, k], rows int64 [nq, k]), -1 rows with INT32_MIN past the candidates.
-    The second stage of a pre-filtered search (EmbeddingIndex: Hamming top P, then this): P rows per
-    query are scored through a per-query byte table, T[j, b, v] = the sum of q_j over the set bits of
-    byte value v at byte b, so a candidate costs B lookups instead of 8 B multiply-adds (float32 sums
-    of integers below 2^24: exact)."""
+    The second stage of a pre-filtered search (EmbeddingIndex: Hamming top P, then this). Both
+    backends score a candidate through a per-query byte table, T[b, v] = the sum of q over the set
+    bits of byte value v at byte b: B lookups instead of 8 B multiply-adds (exact integers)."""
     _check(q_int8, db_codes, 1, None)
     if cand.dim() != 2 or cand.shape[0] != q_int8.shape[0] or cand.dtype != torch.int64:
         raise ValueError(f"sign_dot_rerank: cand must be int64 [nq={q_int8.shape[0]}, P], got "
                          f"{cand.dtype} {tuple(cand.shape)}")
     if bool(((cand < -1) | (cand >= db_codes.shape[0])).any()):
         raise ValueError(f"sign_dot_rerank: cand rows must be in [-1, {db_codes.shape[0]})")
-    if not 1 <= k:
-        raise ValueError(f"sign_dot_rerank: k must be >= 1, got {k}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"sign_dot_rerank: k must be >= 1, got {k!r}")
+    if cand.device != db_codes.device or q_int8.device != db_codes.device:
+        raise ValueError("sign_dot_rerank: q_int8, db_codes and cand must be on one device")
     q, db = raw_bit_query(q_int8, db_codes)
+    if q.shape[0] == 0 or cand.shape[1] == 0:
+        return (torch.full((q.shape[0], k), -(1 << 31), dtype=torch.int32, device=db.device),
+                torch.full((q.shape[0], k), -1, dtype=torch.int64, device=db.device))
+    return choose("sign_dot_rerank", db.device, backend)(q, db, cand, k)
+
+
+@register("sign_dot_rerank", "torch")
+def sign_dot_rerank_torch(q, db, cand, k):
+    """Reference: the byte table by one matmul (sums of integers below 2^24 in float32: exact), a
+    gather per candidate byte, one int64 key (score desc, row asc) for torch.topk."""
     nq, P = cand.shape
     B = db.shape[1]
     bits = ((torch.arange(256, device=db.device)[:, None] >> _SHIFTS.to(db.device).long()) & 1).float()  # [256, 8]
@@ -123,6 +134,19 @@ def sign_dot_rerank(q_int8, db_codes, cand, k):
     return out_s, out_rows
 
 
+def sign_dot_rerank_cpp(q, db, cand, k):
+    """csrc/topk_cpu.cpp signdot_rerank_cpu: the byte table per query, threads over queries."""
+    q = q.contiguous()
+    db = db if db.stride(1) == 1 else db.contiguous()
+    cand = cand.contiguous()
+    nq, P = cand.shape
+    out = (torch.empty(nq, k, dtype=torch.int32), torch.empty(nq, k, dtype=torch.int64))
+    _ext._C.signdot_rerank_cpu(q.data_ptr(), nq, q.shape[1], db.data_ptr(), db.shape[0],
+                               db.stride(0) if db.shape[0] > 1 else db.shape[1], db.shape[1], cand.data_ptr(), P, k,
+                               out[0].data_ptr(), out[1].data_ptr(), torch.get_num_threads())
+    return out
+
+
 def sign_dot_topk_cpp(q, db, k, allow, out=None):
     """csrc/topk_cpu.cpp's scan (kind sign-dot) of raw bits (see raw_bit_query). out: optional
     (scores int32, idx int64) [nq, k] buffers that get every element written (the tests poison them)."""
@@ -131,6 +155,7 @@ def sign_dot_topk_cpp(q, db, k, allow, out=None):
 
 if _ext._C is not None:
     register("sign_dot_topk", "cpp", devices=("cpu",))(sign_dot_topk_cpp)
+    register("sign_dot_rerank", "cpp", devices=("cpu",))(sign_dot_rerank_cpp)
 
 
 if TRITON_IMPORT_ERROR is None:

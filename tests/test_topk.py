@@ -329,9 +329,11 @@ def test_sign_dot_bad_input():
 
 
 # ---- sign_dot_rerank: the asymmetric score of given candidate rows (the pre-filtered search's second stage) ----
-@pytest.mark.parametrize("dtype", [np.int8, np.uint8], ids=_codes_id)
-@pytest.mark.parametrize("n, dim, P, k", [(1, 48, 1, 1), (50, 64, 7, 3), (300, 384, 160, 40), (90, 48, 10, 25)])
-def test_sign_dot_rerank_matches_the_reference_on_its_candidates(dtype, n, dim, P, k):
+@pytest.mark.backends("sign_dot_rerank", "dtype, n, dim, P, k",
+                      [pytest.param(d, n, dim, P, k, id=f"{_codes_id(d)}-{n}-{dim}-{P}-{k}") for d in (np.int8, np.uint8)
+                       for n, dim, P, k in [(1, 48, 1, 1), (50, 64, 7, 3), (300, 384, 160, 40), (90, 48, 10, 25)]],
+                      device="cpu")
+def test_sign_dot_rerank_matches_the_reference_on_its_candidates(backend, device, dtype, n, dim, P, k):
     """The k best of each query's candidates by sum_d q_d s_d, ties by the lower row, -1 candidates ignored,
     -1 / INT32_MIN past them; the same scores as sign_dot_topk."""
     sd = importlib.import_module("postembed_fast.kernels.sign_dot_topk")
@@ -343,7 +345,7 @@ def test_sign_dot_rerank_matches_the_reference_on_its_candidates(dtype, n, dim, 
     if cand.shape[1] > 2:
         cand[0, 1] = -1  # a hole, as an allow-filtered first stage leaves
     scores = np_sign_scores(q, codes)
-    s, rows = sd.sign_dot_rerank(torch.from_numpy(q), torch.from_numpy(codes), torch.from_numpy(cand), k)
+    s, rows = sd.sign_dot_rerank(torch.from_numpy(q), torch.from_numpy(codes), torch.from_numpy(cand), k, backend=backend)
     assert s.dtype == torch.int32 and rows.dtype == torch.int64 and rows.shape == (len(q), k)
     for i in range(len(q)):
         c = cand[i][cand[i] >= 0]
