@@ -77,10 +77,9 @@ INDEX_PRECISIONS = tuple(sorted((name for name, p in TABLE.items() if p.index_pr
                                 key=lambda name: TABLE[name].row_bytes(64)))
 _INT_LOWEST = -(2**31)
 # Binary search with rescore=r, search(prefilter=f): the asymmetric first stage scores only the Hamming
-# top f * k * r rows. Off by default (0) until it pays: measured (AVX-512 EPYC, 100k x 384-d, batch 256,
-# k 10, r 4) f = 4 took 62 ms against 65 ms for every row, because a Hamming scan keeping 160
-# candidates costs 2.4x one keeping 10 and the torch rerank 24 ms; and on 5,000 real titles -> texts
-# recall@10 of exact float32 is 0.963 (f = 4), 0.967 (8), 0.968 (16) against 0.968 without it.
+# top f * k * r rows. Off by default (0): on 5,000 real titles -> texts recall@10 of exact float32 is
+# 0.963 (f = 4), 0.967 (8), 0.968 (16) against 0.968 without it, and only f = 4 is faster (AVX-512
+# EPYC, 100k x 384-d, batch 256, k 10, r 4: 7,112 against 4,410 q/s; bench/search.py).
 HAMMING_PREFILTER = 0
 INT8_MAX_DIM = 16384  # int8_topk's int32 scores: 16384 * 255 * 255 < 2^31
 
