@@ -242,6 +242,14 @@ def test_rescore_float16(reference_quantize):
     for bad in (-1, 1.5, True, "4"):
         with pytest.raises(ValueError, match="prefilter must be an int >= 0"):
             index.search(qf, 10, rescore=4, prefilter=bad)
+    with pytest.raises(ValueError, match="prefilter is for a binary index searched with rescore=; this is a "
+                                         "'binary' index searched without rescore"):
+        index.search(qf, 10, prefilter=4)
+    f16 = EmbeddingIndex(dim, precision="float16", keep_float16=True)
+    f16.add(xf)
+    with pytest.raises(ValueError, match="this is a 'float16' index"):
+        f16.search(qf, 10, rescore=4, prefilter=4)
+    np.testing.assert_array_equal(f16.search(qf, 10, rescore=4, prefilter=0)[1], f16.search(qf, 10, rescore=4)[1])
     # rescore over all rows = exact float16 search
     s_all, ids_all = index.search(qf, 10, rescore=n)
     exact = np.argsort(-(qf @ x16.T), axis=1, kind="stable")[:, :10]

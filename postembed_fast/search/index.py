@@ -574,6 +574,9 @@ class EmbeddingIndex:
             raise ValueError(f"prefilter must be an int >= 0 (0: no Hamming pre-filter), got {prefilter!r}")
         scan = self.spec.scan
         asymmetric = rescore is not None and scan == "hamming_topk"  # its own int8 queries: no codes
+        if prefilter and not asymmetric:
+            raise ValueError(f"prefilter is for a binary index searched with rescore=; this is a {self.precision!r} "
+                             f"index{'' if rescore is not None else ' searched without rescore'}")
         # int8 and rabitq make their own queries from the float ones (int8 codes are decoded)
         own_query = asymmetric or scan in ("int8_topk", "rabitq_topk")
         q, qf = self._encode("queries", queries, need_float=rescore is not None, quantize=not own_query)
