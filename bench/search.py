@@ -471,7 +471,7 @@ def main(argv=None):
     ob, fb_ = by.get(("postembed_fast EmbeddingIndex", "binary")), by.get(("faiss IndexBinaryFlat", "binary"))
     if ob and fb_:
         tgt["binary_vs_faiss_binary_flat_batch256"] = ob["qps_batch256"] / fb_["qps_batch256"]
-        tgt["binary_scan_build"] = (cpu_description().get("scans") or {}).get("build")
+        tgt["binary_scan_build"] = cpu_isa.scan_level() if _ext._C is not None else "torch"
         for level in ("avx2", "baseline"):
             lb = by.get((f"postembed_fast EmbeddingIndex [{level} build]", "binary"))
             if lb:

@@ -111,6 +111,20 @@ struct TopK {
   }
 };
 
+// Calls f with std::integral_constant<int, NQ> for the scorers' query-count builds: 1, 2, 4 or kQ
+// (NQ >= nq; the unused accumulators of a build score copies of the last query and are not stored).
+template <typename F>
+PE_INLINE void by_query_count(int nq, F&& f) {
+  if (nq == 1)
+    f(std::integral_constant<int, 1>());
+  else if (nq == 2)
+    f(std::integral_constant<int, 2>());
+  else if (nq <= 4)
+    f(std::integral_constant<int, 4>());
+  else
+    f(std::integral_constant<int, kQ>());
+}
+
 typedef float v8 __attribute__((vector_size(32)));
 
 PE_INLINE v8 load8(const float* p) {
@@ -250,14 +264,7 @@ __attribute__((target("avx2"))) void score_int8_avx2_n(const int16_t* const* q, 
 }
 void score_int8_avx2(const int16_t* const* q, int nq, const int8_t* x, int64_t ldx, int64_t nr, int64_t D,
                      const int32_t* bias, int32_t* out) {
-  if (nq == 1)
-    score_int8_avx2_n<1>(q, nq, x, ldx, nr, D, bias, out);
-  else if (nq == 2)
-    score_int8_avx2_n<2>(q, nq, x, ldx, nr, D, bias, out);
-  else if (nq <= 4)
-    score_int8_avx2_n<4>(q, nq, x, ldx, nr, D, bias, out);
-  else
-    score_int8_avx2_n<kQ>(q, nq, x, ldx, nr, D, bias, out);
+  by_query_count(nq, [&](auto n) { score_int8_avx2_n<decltype(n)::value>(q, nq, x, ldx, nr, D, bias, out); });
 }
 #endif
 
@@ -355,14 +362,7 @@ __attribute__((target("avx2,popcnt"))) void score_signdot_avx2_n(const uint64_t*
   }
 }
 void score_signdot_avx2(const uint64_t* const* q, int nq, const uint64_t* x, int64_t nr, int64_t W, int32_t* out) {
-  if (nq == 1)
-    score_signdot_avx2_n<1>(q, nq, x, nr, W, out);
-  else if (nq == 2)
-    score_signdot_avx2_n<2>(q, nq, x, nr, W, out);
-  else if (nq <= 4)
-    score_signdot_avx2_n<4>(q, nq, x, nr, W, out);
-  else
-    score_signdot_avx2_n<kQ>(q, nq, x, nr, W, out);
+  by_query_count(nq, [&](auto n) { score_signdot_avx2_n<decltype(n)::value>(q, nq, x, nr, W, out); });
 }
 #endif
 
@@ -430,14 +430,7 @@ PE_AVX512 void score_int8_avx512_n(const uint8_t* const* q, int nq, const int8_t
 }
 void score_int8_avx512(const uint8_t* const* q, int nq, const int8_t* x, int64_t ldx, int64_t nr, int64_t D,
                        const int32_t* bias, int32_t* out) {
-  if (nq == 1)
-    score_int8_avx512_n<1>(q, nq, x, ldx, nr, D, bias, out);
-  else if (nq == 2)
-    score_int8_avx512_n<2>(q, nq, x, ldx, nr, D, bias, out);
-  else if (nq <= 4)
-    score_int8_avx512_n<4>(q, nq, x, ldx, nr, D, bias, out);
-  else
-    score_int8_avx512_n<kQ>(q, nq, x, ldx, nr, D, bias, out);
+  by_query_count(nq, [&](auto n) { score_int8_avx512_n<decltype(n)::value>(q, nq, x, ldx, nr, D, bias, out); });
 }
 
 // AVX-512 sign-dot: q[j] is the query's prepared block: u_d = q_d + 128 as bytes in 8 W words, the
@@ -466,14 +459,7 @@ PE_AVX512 void score_signdot_avx512_n(const uint64_t* const* q, int nq, const ui
   }
 }
 void score_signdot_avx512(const uint64_t* const* q, int nq, const uint64_t* x, int64_t nr, int64_t W, int32_t* out) {
-  if (nq == 1)
-    score_signdot_avx512_n<1>(q, nq, x, nr, W, out);
-  else if (nq == 2)
-    score_signdot_avx512_n<2>(q, nq, x, nr, W, out);
-  else if (nq <= 4)
-    score_signdot_avx512_n<4>(q, nq, x, nr, W, out);
-  else
-    score_signdot_avx512_n<kQ>(q, nq, x, nr, W, out);
+  by_query_count(nq, [&](auto n) { score_signdot_avx512_n<decltype(n)::value>(q, nq, x, nr, W, out); });
 }
 
 // AVX-512 float32: 16-wide FMA partial sums per query, the row's tail by a masked load.
@@ -496,14 +482,7 @@ PE_AVX512 void score_float_avx512_n(const float* const* q, int nq, const float* 
 }
 void score_float_avx512(const float* const* q, int nq, const float* x, int64_t ldx, int64_t nr, int64_t D,
                         float* out) {
-  if (nq == 1)
-    score_float_avx512_n<1>(q, nq, x, ldx, nr, D, out);
-  else if (nq == 2)
-    score_float_avx512_n<2>(q, nq, x, ldx, nr, D, out);
-  else if (nq <= 4)
-    score_float_avx512_n<4>(q, nq, x, ldx, nr, D, out);
-  else
-    score_float_avx512_n<kQ>(q, nq, x, ldx, nr, D, out);
+  by_query_count(nq, [&](auto n) { score_float_avx512_n<decltype(n)::value>(q, nq, x, ldx, nr, D, out); });
 }
 #endif
 
