@@ -523,6 +523,83 @@ PYBIND11_MODULE(_C, m) {
         "sum_d q_d * (bit d ? +1 : -1) of raw packed bits; out_s int32 / out_i int64 [nq, k], best first, ties by row.",
         py::arg("q"), py::arg("nq"), py::arg("ldq"), py::arg("db"), py::arg("N"), py::arg("lddb"), py::arg("cols"),
         py::arg("cand"), py::arg("P"), py::arg("k"), py::arg("out_s"), py::arg("out_i"), py::arg("num_threads"));
+  m.def("float16_rerank_cpu",
+        [](uintptr_t q, int64_t nq, int64_t ldq, uintptr_t vec, int64_t N, int64_t ldv, int64_t D, uintptr_t cand,
+           int64_t P, int64_t k, uintptr_t out_s, uintptr_t out_i, int num_threads) {
+          const char* fn = "float16_rerank_cpu";
+          for (auto [name, p] : {std::pair{"q", q}, {"vec", vec}, {"cand", cand}, {"out_s", out_s}, {"out_i", out_i}})
+            check_ptr(fn, name, p);
+          PE_CHECK(nq > 0 && N > 0 && D > 0 && P > 0 && k >= 1, fn, ": need nq, N, D, P > 0 and k >= 1, got nq=", nq,
+                   ", N=", N, ", D=", D, ", P=", P, ", k=", k);
+          PE_CHECK(ldq >= D && ldv >= D, fn, ": row pitches must be ldq >= D and ldv >= D, got ldq=", ldq, ", ldv=", ldv);
+          PE_CHECK(num_threads >= 1, fn, ": num_threads must be >= 1, got ", num_threads);
+          (void)N;  // rows of cand are checked in [-1, N) by the launcher
+          py::gil_scoped_release release;
+          postembed::float16_rerank_cpu(reinterpret_cast<const float*>(q), nq, ldq, reinterpret_cast<const uint16_t*>(vec),
+                                        ldv, D, reinterpret_cast<const int64_t*>(cand), P, k,
+                                        reinterpret_cast<float*>(out_s), reinterpret_cast<int64_t*>(out_i), num_threads);
+        },
+        "float16_rerank's C++ kernel: the k best of each query's P candidates (int64 [nq, P], -1 = none) by the\n"
+        "float32 dot product of q (float32 [nq, D]) with float16 vectors [N, D]; out_s float32 / out_i int64 [nq, k],\n"
+        "best first, ties by row, -inf / -1 past the candidates.",
+        py::arg("q"), py::arg("nq"), py::arg("ldq"), py::arg("vec"), py::arg("N"), py::arg("ldv"), py::arg("D"),
+        py::arg("cand"), py::arg("P"), py::arg("k"), py::arg("out_s"), py::arg("out_i"), py::arg("num_threads"));
+  m.def("gated_signdot_topk_cpu",
+        [](uintptr_t q, int64_t nq, int64_t ldq, uintptr_t q_bits, uintptr_t gate, uintptr_t db, int64_t N, int64_t lddb,
+           int64_t cols, uintptr_t allow, int64_t k, uintptr_t out_s, uintptr_t out_i, int num_threads) {
+          const char* fn = "gated_signdot_topk_cpu";
+          for (auto [name, p] : {std::pair{"q", q}, {"q_bits", q_bits}, {"gate", gate}, {"db", db}, {"out_s", out_s},
+                                 {"out_i", out_i}})
+            check_ptr(fn, name, p);
+          PE_CHECK(nq > 0 && N > 0 && cols > 0, fn, ": need nq > 0, N > 0 and cols > 0, got nq=", nq, ", N=", N,
+                   ", cols=", cols);
+          PE_CHECK(ldq >= 8 * cols && lddb >= cols, fn, ": row pitches must be ldq >= ", 8 * cols,
+                   " and lddb >= cols=", cols, ", got ldq=", ldq, ", lddb=", lddb);
+          PE_CHECK(k >= 1 && k <= N, fn, ": k must be in [1, N=", N, "], got ", k);
+          PE_CHECK(cols <= (int64_t{1} << 19), fn, ": ", cols, " bytes per row overflow int32");
+          PE_CHECK(num_threads >= 1, fn, ": num_threads must be >= 1, got ", num_threads);
+          PE_CHECK(nq <= std::numeric_limits<int64_t>::max() / 64 / k, fn, ": nq * k is too large");
+          TopkArgs a;
+          a.kind = kTopkGatedSignDot;
+          a.q = reinterpret_cast<const void*>(q);
+          a.nq = nq, a.ldq = ldq;
+          a.db = reinterpret_cast<const void*>(db);
+          a.N = N, a.lddb = lddb, a.cols = cols;
+          a.db_bias = nullptr;
+          a.allow = reinterpret_cast<const uint8_t*>(allow);
+          a.k = k;
+          a.out_scores = reinterpret_cast<void*>(out_s);
+          a.out_idx = reinterpret_cast<int64_t*>(out_i);
+          a.num_threads = num_threads;
+          a.q_bits = reinterpret_cast<const uint8_t*>(q_bits);
+          a.gate = reinterpret_cast<const int32_t*>(gate);
+          py::gil_scoped_release release;
+          topk_cpu(a);
+        },
+        "gated_sign_dot_topk's C++ kernel: the sign-dot top-k (as kind 3) over the rows whose binary score\n"
+        "8 * cols - Hamming(q_bits[i], row) is >= gate[i] (int32 [nq]); q_bits uint8 [nq, cols] contiguous, coded as db.",
+        py::arg("q"), py::arg("nq"), py::arg("ldq"), py::arg("q_bits"), py::arg("gate"), py::arg("db"), py::arg("N"),
+        py::arg("lddb"), py::arg("cols"), py::arg("allow"), py::arg("k"), py::arg("out_s"), py::arg("out_i"),
+        py::arg("num_threads"));
+  m.def("hamming_kth_cpu",
+        [](uintptr_t q, int64_t nq, int64_t ldq, uintptr_t db, int64_t N, int64_t lddb, int64_t cols, uintptr_t allow,
+           int64_t k, uintptr_t out, int num_threads) {
+          const char* fn = "hamming_kth_cpu";
+          for (auto [name, p] : {std::pair{"q", q}, {"db", db}, {"out", out}}) check_ptr(fn, name, p);
+          PE_CHECK(nq > 0 && N > 0 && cols > 0 && k >= 1, fn, ": need nq, N, cols > 0 and k >= 1, got nq=", nq, ", N=",
+                   N, ", cols=", cols, ", k=", k);
+          PE_CHECK(ldq >= cols && lddb >= cols, fn, ": row pitches must be ldq >= cols and lddb >= cols=", cols);
+          PE_CHECK(cols <= (int64_t{1} << 16), fn, ": ", cols, " bytes per row is too many (a histogram per query)");
+          PE_CHECK(num_threads >= 1, fn, ": num_threads must be >= 1, got ", num_threads);
+          py::gil_scoped_release release;
+          postembed::hamming_kth_cpu(reinterpret_cast<const uint8_t*>(q), nq, ldq, reinterpret_cast<const uint8_t*>(db),
+                                     N, lddb, cols, reinterpret_cast<const uint8_t*>(allow), k,
+                                     reinterpret_cast<int32_t*>(out), num_threads);
+        },
+        "hamming_kth_score's C++ kernel: per query the k-th best 8 * cols - Hamming over the allowed rows\n"
+        "(allow uint8 [N] or 0), INT32_MIN where fewer; out int32 [nq].",
+        py::arg("q"), py::arg("nq"), py::arg("ldq"), py::arg("db"), py::arg("N"), py::arg("lddb"), py::arg("cols"),
+        py::arg("allow"), py::arg("k"), py::arg("out"), py::arg("num_threads"));
   m.def("topk_cpu", &py_topk_cpu,
         "Exact top-k scan: kind 0=binary (8*cols - Hamming), 1=int8 (q.x + db_bias[row]), 2=float32 (q.x),\n"
         "3=sign-dot (sum_d q_d * (bit d set ? +1 : -1); q int8 [nq, 8 * cols], db packed bits [N, cols] in\n"

@@ -101,7 +101,11 @@ struct BiasGeluArgs {
 // RaBitQ (kind 4): q and db as sign-dot, float32 scores
 //   float(row_scale[r] * (q_scale[i] * S) + row_add[r] + q_add[i])   (in double, left to right)
 // of the exact integer sign-dot S (csrc/rabitq_cpu.cpp: rabitq_scores).
-enum TopkKind { kTopkBinary = 0, kTopkInt8 = 1, kTopkFloat32 = 2, kTopkSignDot = 3, kTopkRaBitQ = 4 };
+// Gated sign-dot (kind 5): q as sign-dot; q_bits [nq, cols] binary query codes (rows cols apart) and
+// gate int32 [nq]: for query i only rows with 8 * cols - Hamming(q_bits[i], row) >= gate[i] are scored
+// (kernels/sign_dot_topk.py gated_sign_dot_topk: the Hamming pre-filter fused into the scan).
+enum TopkKind { kTopkBinary = 0, kTopkInt8 = 1, kTopkFloat32 = 2, kTopkSignDot = 3, kTopkRaBitQ = 4,
+                kTopkGatedSignDot = 5 };
 struct TopkArgs {
   int kind;
   const void* q;
@@ -119,6 +123,12 @@ struct TopkArgs {
   const float* row_add = nullptr;
   const double* q_scale = nullptr;
   const double* q_add = nullptr;
+  // kind 5 only
+  const uint8_t* q_bits = nullptr;
+  const int32_t* gate = nullptr;
+  // set by topk_cpu itself (kind 5): the sign-dot's prepared queries, their pitch in words
+  const uint64_t* sd_prep = nullptr;
+  int64_t sd_pitch = 0;
 };
 // RaBitQ scores of a tile: out[j * pitch + r] = float(row_scale[r] * (q_scale[j] * s[j * pitch + r]) +
 // row_add[r] + q_add[j]) for j < nq, r < nr; double arithmetic without contraction (the numpy formula).
@@ -133,6 +143,17 @@ int topk_cpu_level();
 void signdot_rerank_cpu(const int8_t* q, int64_t nq, int64_t ldq, const uint8_t* db, int64_t N, int64_t lddb,
                         int64_t cols, const int64_t* cand, int64_t P, int64_t k, int32_t* out_s, int64_t* out_i,
                         int num_threads);
+
+// The k best of each query's P candidate rows (cand [nq, P], -1 = none) by the float32 dot product of
+// q (float32 [nq, D], rows ldq apart) with float16 vectors (raw bits [N, D], rows ldv apart), best
+// first, ties by the lower row; -1 / -inf past the candidates (kernels/float16_rerank.py).
+void float16_rerank_cpu(const float* q, int64_t nq, int64_t ldq, const uint16_t* vec, int64_t ldv, int64_t D,
+                        const int64_t* cand, int64_t P, int64_t k, float* out_s, int64_t* out_i, int num_threads);
+
+// The k-th best binary score (8 * cols - Hamming) of each query over the allowed rows (allow may be
+// null), INT32_MIN where fewer than k are allowed (kernels/hamming_kth_score.py).
+void hamming_kth_cpu(const uint8_t* q, int64_t nq, int64_t ldq, const uint8_t* db, int64_t N, int64_t lddb,
+                     int64_t cols, const uint8_t* allow, int64_t k, int32_t* out, int num_threads);
 
 void pool_normalize_cpu(const PoolArgs& a);
 void add_layernorm_cpu(const LayerNormArgs& a);

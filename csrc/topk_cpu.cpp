@@ -4,6 +4,9 @@
 //   float32: q . x                                  (float)
 //   sign-dot: sum_d q_d * (bit_d ? +1 : -1)         (int32; int8 query [8 * bytes], packed-bit rows)
 //   rabitq:  row_scale * (q_scale * sign-dot) + row_add + q_add   (float; csrc/rabitq_cpu.cpp)
+//   gated sign-dot: sign-dot, for the rows whose binary score against the query's bits reaches its
+//            gate only (the Hamming pre-filter of binary search, fused: the Hamming tile is scored
+//            as binary's, and a row that passes is scored by the sign-dot right there, in cache)
 // best first, ties broken by the lower row index; rows with allow[row] == 0 are skipped inside
 // the scan; fewer than k candidates: the rest of the row is index -1 with the lowest score
 // (INT32_MIN / -inf).
@@ -75,9 +78,10 @@ struct Better {
 // against the heap's O(log k) (measured, binary, 256 queries x 100k rows, 2 threads: k = 250 took
 // 44 ms with the heap, 32 ms lazily; k = 1 takes 17 ms).
 constexpr int64_t kLazyTopK = 32;  // k above this: the lazy buffer
+PE_INLINE int64_t lazy_capacity(int64_t k) { return 2 * k; }  // (k + 128 .. k + 1024 measured no faster)
 template <typename S>
 struct TopK {
-  Cand<S>* c;  // capacity 2k
+  Cand<S>* c;  // capacity lazy_capacity(k)
   int64_t n;
   S thr;  // once full: no candidate at or below it can enter
   bool full;
@@ -88,7 +92,7 @@ struct TopK {
     const Cand<S> x{s, i};
     if (k > kLazyTopK) {
       c[n++] = x;
-      if (n == 2 * k) {
+      if (n == lazy_capacity(k)) {
         std::nth_element(c, c + (k - 1), c + n, Better<S>());
         n = k;
         thr = c[k - 1].s;
@@ -560,6 +564,109 @@ __attribute__((target("avx2"))) int64_t offer_masked_avx2(TopK<S>& h, const S* t
 #undef PE_OFFER_MASKED
 #endif
 
+// Gated sign-dot: the rows of one tile whose Hamming score (tile) reaches the query's gate get their
+// sign-dot score (one row, one query: the build's scorer) offered to the query's candidates. Few rows
+// pass (the gate keeps about f * k * r of N), so the compare is the cost: vectorized as above.
+template <int ISA>
+PE_INLINE int32_t signdot_one(const TopkArgs& a, int64_t i, int64_t row, uint64_t* rowbuf) {
+  const int64_t W = (a.cols + 7) / 8;
+  const uint8_t* src = static_cast<const uint8_t*>(a.db) + row * a.lddb;
+  const uint64_t* xr = reinterpret_cast<const uint64_t*>(src);  // in place as scan_range reads words
+  if (a.cols % 8 != 0) {
+    rowbuf[W - 1] = 0;
+    std::memcpy(rowbuf, src, static_cast<size_t>(a.cols));
+    xr = rowbuf;
+  }
+  const uint64_t* qp[1] = {a.sd_prep + i * a.sd_pitch};
+  int32_t s;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (ISA >= 2) {
+    score_signdot_avx512(qp, 1, xr, 1, W, &s);
+    return s;
+  } else if constexpr (ISA == 1) {
+    score_signdot_avx2(qp, 1, xr, 1, W, &s);
+    return s;
+  }
+#endif
+  score_signdot(qp, 1, xr, 1, W, &s);
+  return s;
+}
+template <int ISA>
+PE_INLINE void gated_hit(const TopkArgs& a, TopK<int32_t>& h, int64_t i, int64_t row, uint64_t* rowbuf) {
+  if (a.allow && !a.allow[row]) return;
+  const int32_t s = signdot_one<ISA>(a, i, row, rowbuf);
+  if (!h.rejects(s)) h.offer(s, row, a.k);
+}
+#if defined(__x86_64__) && defined(__GNUC__)
+// One row, one query, inlined into the AVX-512 gate loop (the scorer's per-call dispatch and
+// horizontal sum cost as much as its 6 dot steps at 384-d): score_signdot_avx512_n's arithmetic.
+PE_AVX512 PE_INLINE int32_t signdot_row_avx512(const uint64_t* qb, const uint64_t* xr, int64_t W) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i acc = _mm512_setzero_si512();
+  int64_t pb = 0;
+  for (int64_t w = 0; w < W; ++w) {
+    pb += static_cast<int64_t>(_mm_popcnt_u64(xr[w]));
+    acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(qb + 8 * w), _mm512_maskz_mov_epi8(static_cast<__mmask64>(xr[w]), ones));
+  }
+  const int32_t sumq = static_cast<int32_t>(static_cast<int64_t>(qb[8 * W]));
+  return 2 * (_mm512_reduce_add_epi32(acc) - 128 * static_cast<int32_t>(pb)) - sumq;
+}
+PE_AVX512 PE_INLINE void gated_hit_avx512(const TopkArgs& a, TopK<int32_t>& h, int64_t i, int64_t row,
+                                          uint64_t* rowbuf) {
+  if (a.allow && !a.allow[row]) return;
+  const int64_t W = (a.cols + 7) / 8;
+  const uint8_t* src = static_cast<const uint8_t*>(a.db) + row * a.lddb;
+  const uint64_t* xr = reinterpret_cast<const uint64_t*>(src);
+  if (a.cols % 8 != 0) {
+    rowbuf[W - 1] = 0;
+    std::memcpy(rowbuf, src, static_cast<size_t>(a.cols));
+    xr = rowbuf;
+  }
+  const int32_t s = signdot_row_avx512(a.sd_prep + i * a.sd_pitch, xr, W);
+  if (!h.rejects(s)) h.offer(s, row, a.k);
+}
+#define PE_GATE_MASKED(V, HIT)                                            \
+  for (; r + (V) <= nr; r += (V)) {                                       \
+    uint32_t m = above(t + r, g, std::integral_constant<int, (V)>());     \
+    while (m) {                                                           \
+      const int b = __builtin_ctz(m);                                     \
+      m &= m - 1;                                                         \
+      HIT(a, h, i, r0 + r + b, rowbuf);                                   \
+    }                                                                     \
+  }                                                                       \
+  return r;
+PE_AVX512 int64_t gate_masked_avx512(const TopkArgs& a, TopK<int32_t>& h, int64_t i, const int32_t* t, int32_t g,
+                                     int64_t r, int64_t nr, int64_t r0, uint64_t* rowbuf) {
+  PE_GATE_MASKED(16, gated_hit_avx512)
+}
+__attribute__((target("avx2,fma,popcnt"))) int64_t gate_masked_avx2(const TopkArgs& a, TopK<int32_t>& h, int64_t i,
+                                                                     const int32_t* t, int32_t g, int64_t r, int64_t nr,
+                                                                     int64_t r0, uint64_t* rowbuf) {
+  PE_GATE_MASKED(8, gated_hit<1>)
+}
+#undef PE_GATE_MASKED
+#endif
+
+template <int ISA>
+PE_INLINE void offer_gated(const TopkArgs& a, TopK<int32_t>* heaps, int q0, int nq, const int32_t* tile, int64_t r0,
+                           int64_t nr, uint64_t* rowbuf) {
+  for (int j = 0; j < nq; ++j) {
+    const int64_t i = q0 + j;
+    TopK<int32_t>& h = heaps[i];
+    const int32_t* t = tile + j * kRowTile;
+    const int32_t g = std::max(a.gate[i], 0) - 1;  // pass: score > g (scores are >= 0)
+    int64_t r = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if constexpr (ISA >= 2)
+      r = gate_masked_avx512(a, h, i, t, g, r, nr, r0, rowbuf);
+    else if constexpr (ISA == 1)
+      r = gate_masked_avx2(a, h, i, t, g, r, nr, r0, rowbuf);
+#endif
+    for (; r < nr; ++r)
+      if (t[r] > g) gated_hit<ISA>(a, h, i, r0 + r, rowbuf);
+  }
+}
+
 template <typename S, int ISA>
 PE_INLINE void offer_tile(TopK<S>* heaps, int q0, int nq, const S* tile, int64_t r0, int64_t nr,
                           const uint8_t* allow, int64_t k) {
@@ -585,15 +692,17 @@ PE_INLINE void scan_range(const TopkArgs& a, const void* qprep, int64_t qpitch, 
   // Few queries: the tile transposition would cost as much as scoring it; rows are scored in place
   // by popcnt instead.
   constexpr bool AVX2 = ISA >= 1, AVX512 = ISA >= 2;
-  const bool transposed = AVX2 && a.nq >= 4 && a.kind == kTopkBinary;
+  const bool gated = a.kind == kTopkGatedSignDot;  // scored as binary, offered by offer_gated
+  const bool hamming = a.kind == kTopkBinary || gated;
+  const bool transposed = AVX2 && a.nq >= 4 && hamming;
   const bool signdot = a.kind == kTopkSignDot || a.kind == kTopkRaBitQ;  // rabitq: sign-dot, then its factors
-  const bool words = a.kind == kTopkBinary || signdot;  // rows read as uint64 words
+  const bool words = hamming || signdot;  // rows read as uint64 words
   // (sign-dot: qpitch is the prepared query block, 8 planes of W words + 1; the rows have W words)
   const int64_t W = (a.cols + 7) / 8;
   for (int64_t t0 = r0; t0 < r1; t0 += kRowTile) {
     const int64_t nr = std::min(kRowTile, r1 - t0);
     const uint64_t* xw = nullptr;
-    if (a.kind == kTopkBinary && transposed) {  // transposed, zero-padded tile for score_binary_avx2
+    if (transposed) {  // transposed, zero-padded tile for score_binary_avx2
       const uint8_t* src = static_cast<const uint8_t*>(a.db) + t0 * a.lddb;
       uint64_t row[64];
       for (int64_t r = 0; r < kRowTile; ++r) {
@@ -623,7 +732,7 @@ PE_INLINE void scan_range(const TopkArgs& a, const void* qprep, int64_t qpitch, 
     }
     for (int64_t q0 = 0; q0 < a.nq; q0 += kQ) {
       const int nq = static_cast<int>(std::min<int64_t>(kQ, a.nq - q0));
-      if (a.kind == kTopkBinary && transposed) {
+      if (transposed) {
 #if defined(__x86_64__) && defined(__GNUC__)
         const uint64_t* qp[kQ];
         for (int j = 0; j < kQ; ++j) qp[j] = static_cast<const uint64_t*>(qprep) + (q0 + std::min(j, nq - 1)) * qpitch;
@@ -632,7 +741,7 @@ PE_INLINE void scan_range(const TopkArgs& a, const void* qprep, int64_t qpitch, 
         else
           score_binary_avx2(qp, nq, xpad, qpitch, static_cast<int32_t>(8 * a.cols), reinterpret_cast<int32_t*>(tile));
 #endif
-      } else if (a.kind == kTopkBinary) {
+      } else if (hamming) {
         const uint64_t* qp[kQ];
         for (int j = 0; j < kQ; ++j) qp[j] = static_cast<const uint64_t*>(qprep) + (q0 + std::min(j, nq - 1)) * qpitch;
         score_binary(qp, nq, xw, nr, qpitch, static_cast<int32_t>(8 * a.cols), reinterpret_cast<int32_t*>(tile));
@@ -684,6 +793,12 @@ PE_INLINE void scan_range(const TopkArgs& a, const void* qprep, int64_t qpitch, 
         score_float(qp, nq, static_cast<const float*>(a.db) + t0 * a.lddb, a.lddb, nr, a.cols,
                     reinterpret_cast<float*>(tile));
       }
+      if constexpr (std::is_same_v<S, int32_t>) {
+        if (gated) {  // the row buffer of signdot_one: past the tile's words in xpad
+          offer_gated<ISA>(a, heaps, static_cast<int>(q0), nq, tile, t0, nr, xpad + kRowTile * W);
+          continue;
+        }
+      }
       offer_tile<S, ISA>(heaps, static_cast<int>(q0), nq, tile, t0, nr, a.allow, a.k);
     }
   }
@@ -730,7 +845,8 @@ bool cpu_has_popcnt() {
 #endif
 
 template <typename S>
-void topk_typed(const TopkArgs& a) {
+void topk_typed(const TopkArgs& args) {
+  TopkArgs a = args;  // kind 5: gets its sign-dot queries (sd_prep) below
   const bool is_float = a.kind == kTopkFloat32 || a.kind == kTopkRaBitQ;
   RangeFn fn = is_float ? range_f32_baseline : range_i32_baseline;
   const int level = topk_cpu_level();
@@ -743,14 +859,8 @@ void topk_typed(const TopkArgs& a) {
   std::vector<uint64_t> qwords;
   int64_t qpitch = 0;
   const void* qprep = a.q;
-  if (a.kind == kTopkBinary) {
-    qpitch = (a.cols + 7) / 8;
-    qwords.assign(static_cast<size_t>(a.nq * qpitch), 0);
-    for (int64_t i = 0; i < a.nq; ++i)
-      std::memcpy(qwords.data() + i * qpitch, static_cast<const uint8_t*>(a.q) + i * a.ldq, a.cols);
-    qprep = qwords.data();
-  }
-  const bool signdot = a.kind == kTopkSignDot || a.kind == kTopkRaBitQ;
+  const bool gated = a.kind == kTopkGatedSignDot;
+  const bool signdot = a.kind == kTopkSignDot || a.kind == kTopkRaBitQ || gated;  // queries prepared for the sign-dot
   if (signdot && (use_avx2 || use_avx512)) {
     // Per query (score_signdot_avx2): u_d = q_d + 128 as 8 W words of bytes (0 past the last
     // dimension: those bits are 0 in the zero-padded rows), then sum_d q_d.
@@ -809,16 +919,27 @@ void topk_typed(const TopkArgs& a) {
       for (int64_t d = 0; d < a.cols; ++d) q16[i * qpitch + d] = static_cast<const int8_t*>(a.q)[i * a.ldq + d];
     qprep = q16.data();
   }
-  const int64_t work = a.nq * a.N * std::max<int64_t>(a.cols, 1) * (signdot ? 8 : 1);
+  std::vector<uint64_t> bwords;  // binary (and gated: the Hamming side's) queries as zero-padded uint64 words
+  if (a.kind == kTopkBinary || gated) {
+    const uint8_t* qb = gated ? a.q_bits : static_cast<const uint8_t*>(a.q);
+    const int64_t ldb = gated ? a.cols : a.ldq;
+    if (gated) a.sd_prep = qwords.data(), a.sd_pitch = qpitch;
+    qpitch = (a.cols + 7) / 8;
+    bwords.assign(static_cast<size_t>(a.nq * qpitch), 0);
+    for (int64_t i = 0; i < a.nq; ++i) std::memcpy(bwords.data() + i * qpitch, qb + i * ldb, a.cols);
+    qprep = bwords.data();
+  }
+  const int64_t work = a.nq * a.N * std::max<int64_t>(a.cols, 1) * (signdot && !gated ? 8 : 1);
   int nthreads = 1;
   if (work >= (int64_t{1} << 20))
     nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, (a.N + kRowTile - 1) / kRowTile)));
   const int64_t k = a.k;
-  std::vector<Cand<S>> store(static_cast<size_t>(nthreads) * a.nq * 2 * k);
+  const int64_t cap = std::max<int64_t>(k, k > kLazyTopK ? lazy_capacity(k) : k);
+  std::vector<Cand<S>> store(static_cast<size_t>(nthreads) * a.nq * cap);
   std::vector<TopK<S>> heaps(static_cast<size_t>(nthreads) * a.nq);
   for (int t = 0; t < nthreads; ++t)
     for (int64_t i = 0; i < a.nq; ++i)
-      heaps[t * a.nq + i] = TopK<S>{store.data() + (t * a.nq + i) * 2 * k, 0, S{}, false};
+      heaps[t * a.nq + i] = TopK<S>{store.data() + (t * a.nq + i) * cap, 0, S{}, false};
 
   // Threads: std::thread fork/join, not OpenMP. Measured on the 2-core dev machine: a libgomp
   // parallel region started while torch's own OpenMP pool (a second libgomp) still spins after a
@@ -831,7 +952,8 @@ void topk_typed(const TopkArgs& a) {
     const int64_t r1 = std::min(a.N, tiles * (t + 1) / nthreads * kRowTile);
     std::vector<S> tile(static_cast<size_t>(kQ * kRowTile));
     const int64_t xwords = (a.cols + 7) / 8;  // per-row words of the binary / sign-dot tile
-    std::vector<uint64_t> xpad(a.kind == kTopkBinary || signdot ? static_cast<size_t>(kRowTile * xwords) : 0);
+    // (+ one row for the gated kind's signdot_one)
+    std::vector<uint64_t> xpad(a.kind == kTopkBinary || signdot ? static_cast<size_t>((kRowTile + gated) * xwords) : 0);
     if (r1 > r0) fn(a, qprep, qpitch, r0, r1, heaps.data() + t * a.nq, tile.data(), xpad.data());
     // A lazy buffer holds up to 2k: down to its k best here, in parallel, so the merge reads k per thread.
     for (int64_t i = 0; i < a.nq; ++i) {
@@ -925,6 +1047,119 @@ void signdot_rerank_cpu(const int8_t* q, int64_t nq, int64_t ldq, const uint8_t*
         out_s[i * k + j] = j < m ? c[j].s : INT32_MIN;
         out_i[i * k + j] = j < m ? c[j].i : -1;
       }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < nthreads; ++t) pool.emplace_back(work_of, t);
+  work_of(0);
+  for (auto& th : pool) th.join();
+}
+
+// The r-th best binary score (8 * cols - Hamming) of each query over the allowed rows; INT32_MIN where
+// fewer than r rows are allowed. The gates of the Hamming pre-filter (EmbeddingIndex: a sample of the
+// rows, r ~ f k r' / stride). Only a score, not the rows: per query a histogram of the scores at or
+// above a floor, the floor raised while at least r recorded scores lie above it, so a row costs one
+// vector compare and the few that pass one increment (a top-k of rows costs a heap or selection step
+// per accepted row: 3x the time on 256 queries x 6,250 rows). Threads split the queries; each tile
+// of rows is transposed once per thread and scored by the scan's binary scorers.
+namespace {
+struct KthState {
+  int32_t floor;  // every score >= floor is in hist
+  int64_t cnt;    // recorded scores (all >= floor)
+  int32_t* hist;
+};
+PE_INLINE void kth_hit(KthState& st, int32_t s, int64_t r) {
+  ++st.hist[s];
+  ++st.cnt;
+  while (st.cnt - st.hist[st.floor] >= r) st.cnt -= st.hist[st.floor++];
+}
+#if defined(__x86_64__) && defined(__GNUC__)
+#define PE_KTH_MASKED(V)                                                       \
+  int64_t r = 0;                                                               \
+  for (; r + (V) <= nr; r += (V)) {                                            \
+    uint32_t m = above(t + r, st.floor - 1, std::integral_constant<int, (V)>()); \
+    while (m) {                                                                \
+      const int b = __builtin_ctz(m);                                          \
+      m &= m - 1;                                                              \
+      if (t[r + b] >= st.floor && (!allow || allow[r0 + r + b])) kth_hit(st, t[r + b], k);   \
+    }                                                                          \
+  }                                                                            \
+  return r;
+PE_AVX512 int64_t kth_masked_avx512(KthState& st, const int32_t* t, int64_t nr, int64_t r0, const uint8_t* allow,
+                                    int64_t k) {
+  PE_KTH_MASKED(16)
+}
+__attribute__((target("avx2"))) int64_t kth_masked_avx2(KthState& st, const int32_t* t, int64_t nr, int64_t r0,
+                                                        const uint8_t* allow, int64_t k) {
+  PE_KTH_MASKED(8)
+}
+#undef PE_KTH_MASKED
+#endif
+}  // namespace
+
+void hamming_kth_cpu(const uint8_t* q, int64_t nq, int64_t ldq, const uint8_t* db, int64_t N, int64_t lddb,
+                     int64_t cols, const uint8_t* allow, int64_t k, int32_t* out, int num_threads) {
+  const int level = topk_cpu_level();
+  const int64_t W = (cols + 7) / 8;
+  const int32_t total = static_cast<int32_t>(8 * cols);
+  std::vector<uint64_t> qw(static_cast<size_t>(nq * W), 0);
+  for (int64_t i = 0; i < nq; ++i) std::memcpy(qw.data() + i * W, q + i * ldq, static_cast<size_t>(cols));
+  std::vector<int32_t> hist(static_cast<size_t>(nq * (total + 1)), 0);
+  const int64_t work = nq * N * cols;
+  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, work >= (1 << 20) ? nq : 1)));
+  auto work_of = [&](int t) {
+    const int64_t i0 = nq * t / nthreads, i1 = nq * (t + 1) / nthreads;
+    std::vector<KthState> st(static_cast<size_t>(i1 - i0));
+    for (int64_t i = i0; i < i1; ++i) st[i - i0] = KthState{0, 0, hist.data() + i * (total + 1)};
+    std::vector<uint64_t> xpad(static_cast<size_t>(kRowTile * W));
+    alignas(64) int32_t tile[kQ * kRowTile];
+    for (int64_t t0 = 0; t0 < N; t0 += kRowTile) {
+      const int64_t nr = std::min(kRowTile, N - t0);
+      for (int64_t r = 0; r < kRowTile; ++r) {  // rows zero-padded to W words; transposed for the vector builds
+        uint64_t row[64];
+        for (int64_t w0 = 0; w0 < W; w0 += 64) {
+          const int64_t nw = std::min<int64_t>(64, W - w0);
+          for (int64_t w = 0; w < nw; ++w) row[w] = 0;
+          if (r < nr) std::memcpy(row, db + (t0 + r) * lddb + w0 * 8, static_cast<size_t>(std::min<int64_t>(cols - w0 * 8, nw * 8)));
+          for (int64_t w = 0; w < nw; ++w) xpad[level >= 1 ? (w0 + w) * kRowTile + r : r * W + w0 + w] = row[w];
+        }
+      }
+      for (int64_t b0 = i0; b0 < i1; b0 += kQ) {
+        const int nb = static_cast<int>(std::min<int64_t>(kQ, i1 - b0));
+        const uint64_t* qp[kQ];
+        for (int j = 0; j < kQ; ++j) qp[j] = qw.data() + (b0 + std::min(j, nb - 1)) * W;
+#if defined(__x86_64__) && defined(__GNUC__)
+        if (level >= 2)
+          score_binary_avx512(qp, nb, xpad.data(), W, total, tile);
+        else if (level == 1)
+          score_binary_avx2(qp, nb, xpad.data(), W, total, tile);
+        else
+#endif
+          score_binary(qp, nb, xpad.data(), nr, W, total, tile);
+        for (int j = 0; j < nb; ++j) {
+          KthState& s = st[b0 + j - i0];
+          const int32_t* tj = tile + j * kRowTile;
+          int64_t r = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+          if (level >= 2)
+            r = kth_masked_avx512(s, tj, nr, t0, allow, k);
+          else if (level == 1)
+            r = kth_masked_avx2(s, tj, nr, t0, allow, k);
+#endif
+          for (; r < nr; ++r)
+            if (tj[r] >= s.floor && (!allow || allow[t0 + r])) kth_hit(s, tj[r], k);
+        }
+      }
+    }
+    for (int64_t i = i0; i < i1; ++i) {  // the largest T with at least k recorded scores >= T
+      const int32_t* h = hist.data() + i * (total + 1);
+      int64_t acc = 0;
+      out[i] = INT32_MIN;
+      for (int32_t v = total; v >= 0; --v)
+        if ((acc += h[v]) >= k) {
+          out[i] = v;
+          break;
+        }
     }
   };
   std::vector<std::thread> pool;

@@ -7,8 +7,11 @@ from . import cpp_ops  # noqa: F401  (registers the "cpp" backend)
 from .attention import varlen_attention
 from .float_topk import float_topk
 from .hamming_topk import hamming_topk
+from .hamming_kth_score import hamming_kth_score
 from .int8_topk import int8_topk
 from .sign_dot_topk import sign_dot_rerank, sign_dot_topk
+from .gated_sign_dot_topk import gated_sign_dot_topk
+from .float16_rerank import float16_rerank
 from .rabitq_topk import rabitq_topk
 from .dispatch import BACKENDS, implemented, unavailable_reason
 from .gelu import bias_gelu
@@ -23,10 +26,13 @@ __all__ = [
     "bias_gelu",
     "quantize_embeddings",
     "hamming_topk",
+    "hamming_kth_score",
     "int8_topk",
     "float_topk",
     "sign_dot_topk",
     "sign_dot_rerank",
+    "gated_sign_dot_topk",
+    "float16_rerank",
     "rabitq_topk",
     "BACKENDS",
     "implemented",

@@ -61,21 +61,31 @@ def asym_scores(qf, xf, rotation=None):
     return q8 @ np.where(xf > 0, 1, -1).T
 
 
-def prefiltered_candidates(qf, xf, kk, factor, rotation=None, allow_rows=None):
+def prefiltered_candidates(qf, xf, kk, factor, rotation=None, allow_rows=None, stride=16):
     """search(..., rescore=r)'s binary first stage with the Hamming pre-filter, by its documented
-    formula: the Hamming top factor * kk (query bits: q8 > 0; rows: x R > 0; ties by row), then the
-    asymmetric top kk of those (score desc, row asc); -1 past the candidates."""
+    formula: per query the gate = the Hamming score (equal sign bits; query bits: q8 > 0; rows: x R > 0)
+    of rank ceil(p m / n) among the m allowed rows of every stride-th row (p = factor * kk, n the
+    allowed rows; 0 if the sample has fewer), then the asymmetric top kk (score desc, row asc) of the
+    allowed rows reaching the gate; a query left with fewer than min(kk, n) of them: the asymmetric
+    top kk of every allowed row; -1 past the candidates."""
     if rotation is not None:
         qf = qf.astype(np.float64) @ rotation.astype(np.float64)
         xf = (xf.astype(np.float64) @ rotation.astype(np.float64)).astype(np.float32)
     q8 = np.rint(qf.astype(np.float64) * 127 / np.abs(qf).max(axis=1, keepdims=True)).astype(np.int64)
-    dim = xf.shape[1]
+    dim, N = xf.shape[1], len(xf)
     ham = (dim + np.where(q8 > 0, 1, -1) @ np.where(xf > 0, 1, -1).T) // 2  # equal sign bits
-    pre = ref_topk(ham, factor * kk, np.arange(len(xf)), allow_rows)[1]
+    allowed = np.ones(N, bool) if allow_rows is None else np.isin(np.arange(N), allow_rows)
+    sample = np.arange(0, N, stride)
+    sample = sample[allowed[sample]]
+    n, m = int(allowed.sum()), len(sample)
+    r = -(-factor * kk * m // max(n, 1))
     asym = q8 @ np.where(xf > 0, 1, -1).T
     out = np.full((len(qf), kk), -1, np.int64)
     for i in range(len(qf)):
-        c = pre[i][pre[i] >= 0]
+        gate = 0 if (m == 0 or r > m) else max(0, np.sort(ham[i, sample])[::-1][r - 1])
+        c = np.flatnonzero(allowed & (ham[i] >= gate))
+        if len(c) < min(kk, n):
+            c = np.flatnonzero(allowed)
         o = np.lexsort((c, -asym[i, c]))[:kk]
         out[i, : len(o)] = c[o]
     return out

@@ -56,12 +56,14 @@ import numpy as np
 import torch
 
 from postembed_fast.kernels import (
+    float16_rerank,
     float_topk,
+    gated_sign_dot_topk,
+    hamming_kth_score,
     hamming_topk,
     int8_topk,
     quantize_embeddings,
     rabitq_topk,
-    sign_dot_rerank,
     sign_dot_topk,
 )
 from postembed_fast.kernels.precision import TABLE, Precision
@@ -76,11 +78,14 @@ FORMATS = (FORMAT, FORMAT_ROTATED, FORMAT_RABITQ)
 INDEX_PRECISIONS = tuple(sorted((name for name, p in TABLE.items() if p.index_precision == name),
                                 key=lambda name: TABLE[name].row_bytes(64)))
 _INT_LOWEST = -(2**31)
-# Binary search with rescore=r, search(prefilter=f): the asymmetric first stage scores only the Hamming
-# top f * k * r rows. Off by default (0): on 5,000 real titles -> texts recall@10 of exact float32 is
-# 0.963 (f = 4), 0.967 (8), 0.968 (16) against 0.968 without it, and only f = 4 is faster (AVX-512
-# EPYC, 100k x 384-d, batch 256, k 10, r 4: 7,112 against 4,410 q/s; bench/search.py).
+# Binary search with rescore=r, search(prefilter=f): the asymmetric first stage scores only the rows whose
+# Hamming score reaches a per-query gate (about f * k * r rows; _prefilter_gates), fused into one scan.
+# Off by default (0) for now. Measured (AVX-512 EPYC, 2 threads, session 9, bench numbers to re-run): on
+# 5,000 real titles -> texts recall@10 of exact float32 0.9672 (f = 8), 0.96804 (12), 0.96812 (16)
+# against 0.96806 for every row; at 100k x 384-d, batch 256, k 10, r 4: f = 12 about 8.3 ms against
+# ~50 ms for every row and 4.6 ms for plain search() (1.8x: the 1.5x target is not met yet).
 HAMMING_PREFILTER = 0
+PREFILTER_STRIDE = 16  # prefilter_gates ranks every 16th row's Hamming score: 1/16 of a scan
 INT8_MAX_DIM = 16384  # int8_topk's int32 scores: 16384 * 255 * 255 < 2^31
 
 
@@ -602,37 +607,46 @@ class EmbeddingIndex:
         return s, ids
 
     def _asymmetric_candidates(self, qf, kk, allow_t, prefilter):
-        """Rows [nq, kk] of a binary index's asymmetric first stage. prefilter = f > 0: the Hamming top
-        f * kk (the index's own scan, about 7x cheaper per row than the int8 x sign dot), then the
-        exact asymmetric score of only those (sign_dot_rerank); 0, or an index of at most 2 f kk
-        rows: the asymmetric score of every row (sign_dot_topk)."""
+        """Rows [nq, kk] of a binary index's asymmetric first stage. prefilter = f > 0: the exact
+        asymmetric score of only the rows whose Hamming score reaches the query's gate, the score
+        expected to keep f * kk rows (_prefilter_gates), fused into one scan (gated_sign_dot_topk:
+        Hamming per row, the int8 x sign dot for the few that pass); a query left with fewer than kk
+        candidates is scanned again without the gate. 0, or an index of at most 2 f kk rows: the
+        asymmetric score of every row (sign_dot_topk)."""
         q8 = self._query_int8(qf)
         codes = self._codes[: self._n]
-        p = prefilter * kk
-        if prefilter == 0 or 2 * p >= self._n:
+        if prefilter == 0 or 2 * prefilter * kk >= self._n:
             return sign_dot_topk(q8, codes, kk, allow_t)[1]
         # the sign bits of the (rotated) query, packed as the codes are (binary = ubinary - 128)
         bits = np.packbits(q8.cpu().numpy()[:, : self.dim] > 0, axis=1)
-        qcodes = torch.from_numpy(bits if codes.dtype == torch.uint8 else (bits ^ 0x80).view(np.int8))
-        _, pre = hamming_topk(qcodes.to(self.device), codes, p, allow_t)
-        return sign_dot_rerank(q8, codes, pre, kk)[1]
+        qcodes = torch.from_numpy(bits if codes.dtype == torch.uint8 else (bits ^ 0x80).view(np.int8)).to(self.device)
+        gate = self._prefilter_gates(qcodes, prefilter * kk, allow_t)
+        cand = gated_sign_dot_topk(q8, qcodes, codes, gate, kk, allow_t)[1]
+        allowed = self._n if allow_t is None else int(allow_t.sum())
+        short = (cand >= 0).sum(1) < min(kk, allowed)  # the gate kept too few: never fewer candidates than asked
+        if bool(short.any()):
+            cand[short] = sign_dot_topk(q8[short], codes, kk, allow_t)[1]
+        return cand
+
+    def _prefilter_gates(self, qcodes, p, allow_t=None) -> torch.Tensor:
+        """int32 [nq]: per query the Hamming score (8 * bytes - Hamming) of rank ceil(p m / n) among the
+        m allowed rows of every PREFILTER_STRIDE-th row (n: the allowed rows), so that about p rows
+        of the index reach it; 0 (every row) where the sample has fewer. A fixed sample: the gates,
+        and so the search, do not depend on thread count."""
+        codes = self._codes[: self._n]
+        sample = codes[::PREFILTER_STRIDE]
+        sallow = None if allow_t is None else allow_t[::PREFILTER_STRIDE].contiguous()
+        m = len(sample) if sallow is None else int(sallow.sum())
+        n = self._n if allow_t is None else int(allow_t.sum())
+        r = -(-p * m // max(n, 1))
+        if m == 0 or r > m:
+            return torch.zeros(qcodes.shape[0], dtype=torch.int32, device=qcodes.device)
+        return hamming_kth_score(qcodes, sample, r, sallow).clamp(min=0).contiguous()
 
     def _rescore(self, qf, cand, k):
-        valid = cand >= 0
-        vec = self._f16[: self._n][cand.clamp(min=0)].float()  # [nq, kk, dim]
-        s = torch.einsum("qd,qkd->qk", qf, vec).masked_fill(~valid, float("-inf"))
-        # best first, ties by row (= insertion order): sort by row, then stably by score
-        key = torch.where(valid, cand, torch.full_like(cand, 2**62))
-        o1 = torch.argsort(key, dim=1, stable=True)
-        o2 = torch.argsort(torch.gather(s, 1, o1), dim=1, descending=True, stable=True)
-        order = torch.gather(o1, 1, o2)[:, :k]
-        rows = torch.gather(cand, 1, order)
-        sc = torch.gather(s, 1, order)
-        if rows.shape[1] < k:
-            pad = k - rows.shape[1]
-            rows = torch.cat([rows, torch.full((rows.shape[0], pad), -1, dtype=rows.dtype, device=rows.device)], 1)
-            sc = torch.cat([sc, torch.full((sc.shape[0], pad), float("-inf"), device=sc.device)], 1)
-        return sc, rows
+        """The k best of the candidates by float32 dot products with the float16 vectors (float16_rerank),
+        best first, ties by row (= insertion order)."""
+        return float16_rerank(qf.float().contiguous(), self._f16[: self._n], cand, k)
 
     # ---- persistence ---------------------------------------------------------------------
     def to(self, device):
