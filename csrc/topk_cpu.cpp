@@ -564,6 +564,31 @@ __attribute__((target("avx2"))) int64_t offer_masked_avx2(TopK<S>& h, const S* t
 #undef PE_OFFER_MASKED
 #endif
 
+// Rows [0, nr) of a tile (row r at src + r * lddb, cols bytes) as uint64 words zero-padded to W, rows
+// past nr zero: transposed (word w of row r at x[w * kRowTile + r], the vector Hamming scorers) or
+// row-major (x[r * W + w]). Word by word: a fixed 8-byte copy is one load where a row-sized memcpy
+// is a `rep movs` (measured: as costly as scoring the tile at 384-d).
+PE_INLINE void load_tile_words(const uint8_t* src, int64_t lddb, int64_t cols, int64_t nr, int64_t W, bool transposed,
+                               uint64_t* x) {
+  const int64_t whole = cols / 8, tail = cols - 8 * whole;
+  const int64_t rs = transposed ? 1 : W, ws = transposed ? kRowTile : 1;
+  for (int64_t r = 0; r < nr; ++r) {
+    const uint8_t* row = src + r * lddb;
+    for (int64_t w = 0; w < whole; ++w) {
+      uint64_t v;
+      std::memcpy(&v, row + 8 * w, 8);
+      x[r * rs + w * ws] = v;
+    }
+    if (tail) {
+      uint64_t v = 0;
+      std::memcpy(&v, row + 8 * whole, static_cast<size_t>(tail));
+      x[r * rs + whole * ws] = v;
+    }
+  }
+  for (int64_t r = nr; r < kRowTile; ++r)
+    for (int64_t w = 0; w < W; ++w) x[r * rs + w * ws] = 0;
+}
+
 // Gated sign-dot: the rows of one tile whose Hamming score (tile) reaches the query's gate get their
 // sign-dot score (one row, one query: the build's scorer) offered to the query's candidates. Few rows
 // pass (the gate keeps about f * k * r of N), so the compare is the cost: vectorized as above.
@@ -598,32 +623,90 @@ PE_INLINE void gated_hit(const TopkArgs& a, TopK<int32_t>& h, int64_t i, int64_t
   if (!h.rejects(s)) h.offer(s, row, a.k);
 }
 #if defined(__x86_64__) && defined(__GNUC__)
-// One row, one query, inlined into the AVX-512 gate loop (the scorer's per-call dispatch and
-// horizontal sum cost as much as its 6 dot steps at 384-d): score_signdot_avx512_n's arithmetic.
-PE_AVX512 PE_INLINE int32_t signdot_row_avx512(const uint64_t* qb, const uint64_t* xr, int64_t W) {
+// AVX-512: the passing (query, row) pairs of a block of queries x one tile are listed first (compare +
+// in-register compress), then scored kGateRows pairs at a time with independent accumulators, then
+// offered. (Row by row, each pass cost a branch miss at its mask bit and the latency of its own
+// dependent dot chain: about 100 cycles, measured; about 1.4 rows of a 256-row tile pass per query
+// at prefilter 12, so the list spans the block's queries to fill the batches.) Row words come from
+// the tile the Hamming scorer read: word w of tile row r at x[r * rs + w * ws] (transposed: rs 1,
+// ws kRowTile; rows in place or padded: rs W, ws 1), zero-padded past the row's bytes.
+constexpr int kGateRows = 4;  // pairs scored together
+PE_AVX512 PE_INLINE void signdot_pairs_avx512(const TopkArgs& a, int64_t q0, const int32_t* e, const uint64_t* x,
+                                              int64_t rs, int64_t ws, int64_t W, int32_t* out) {
   const __m512i ones = _mm512_set1_epi8(1);
-  __m512i acc = _mm512_setzero_si512();
-  int64_t pb = 0;
-  for (int64_t w = 0; w < W; ++w) {
-    pb += static_cast<int64_t>(_mm_popcnt_u64(xr[w]));
-    acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(qb + 8 * w), _mm512_maskz_mov_epi8(static_cast<__mmask64>(xr[w]), ones));
+  const uint64_t* qb[kGateRows];
+  const uint64_t* xr[kGateRows];
+  __m512i acc[kGateRows];
+  int64_t pb[kGateRows];
+  for (int u = 0; u < kGateRows; ++u) {
+    qb[u] = a.sd_prep + (q0 + e[u] / kRowTile) * a.sd_pitch;
+    xr[u] = x + (e[u] % kRowTile) * rs;
+    acc[u] = _mm512_setzero_si512(), pb[u] = 0;
   }
-  const int32_t sumq = static_cast<int32_t>(static_cast<int64_t>(qb[8 * W]));
-  return 2 * (_mm512_reduce_add_epi32(acc) - 128 * static_cast<int32_t>(pb)) - sumq;
+  for (int64_t w = 0; w < W; ++w)
+    for (int u = 0; u < kGateRows; ++u) {
+      const uint64_t xw = xr[u][w * ws];
+      pb[u] += static_cast<int64_t>(_mm_popcnt_u64(xw));
+      acc[u] = _mm512_dpbusd_epi32(acc[u], _mm512_loadu_si512(qb[u] + 8 * w),
+                                   _mm512_maskz_mov_epi8(static_cast<__mmask64>(xw), ones));
+    }
+  // qb holds q + 128 as uint8 (score_signdot_avx512's layout) and sum_d q at word 8 W
+  for (int u = 0; u < kGateRows; ++u)
+    out[u] = 2 * (_mm512_reduce_add_epi32(acc[u]) - 128 * static_cast<int32_t>(pb[u])) -
+             static_cast<int32_t>(static_cast<int64_t>(qb[u][8 * W]));
 }
-PE_AVX512 PE_INLINE void gated_hit_avx512(const TopkArgs& a, TopK<int32_t>& h, int64_t i, int64_t row,
-                                          uint64_t* rowbuf) {
-  if (a.allow && !a.allow[row]) return;
-  const int64_t W = (a.cols + 7) / 8;
-  const uint8_t* src = static_cast<const uint8_t*>(a.db) + row * a.lddb;
-  const uint64_t* xr = reinterpret_cast<const uint64_t*>(src);
-  if (a.cols % 8 != 0) {
-    rowbuf[W - 1] = 0;
-    std::memcpy(rowbuf, src, static_cast<size_t>(a.cols));
-    xr = rowbuf;
+PE_AVX512 void gated_tile_avx512(const TopkArgs& a, TopK<int32_t>* heaps, int64_t q0, int nq, const int32_t* tile,
+                                 int64_t r0, int64_t nr, const uint64_t* x, int64_t rs, int64_t ws) {
+  alignas(64) int32_t list[kQ * kRowTile + 16];  // j * kRowTile + r; + 16: each compress stores a whole vector
+  int64_t n = 0;
+  const __m512i step = _mm512_set1_epi32(16);
+  for (int j = 0; j < nq; ++j) {
+    const int32_t* t = tile + j * kRowTile;
+    const int32_t g = std::max(a.gate[q0 + j], 0) - 1;  // pass: score > g (scores are >= 0)
+    const __m512i gv = _mm512_set1_epi32(g);
+    __m512i lane = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                    _mm512_set1_epi32(j * static_cast<int32_t>(kRowTile)));
+    int64_t r = 0;
+    for (; r + 64 <= nr; r += 64) {  // most 64-row groups have no pass: compress only the others
+      const __mmask16 m0 = _mm512_cmpgt_epi32_mask(_mm512_loadu_si512(t + r), gv);
+      const __mmask16 m1 = _mm512_cmpgt_epi32_mask(_mm512_loadu_si512(t + r + 16), gv);
+      const __mmask16 m2 = _mm512_cmpgt_epi32_mask(_mm512_loadu_si512(t + r + 32), gv);
+      const __mmask16 m3 = _mm512_cmpgt_epi32_mask(_mm512_loadu_si512(t + r + 48), gv);
+      if (static_cast<uint32_t>(m0 | m1 | m2 | m3) != 0) {
+        const __mmask16 ms[4] = {m0, m1, m2, m3};
+        for (int u = 0; u < 4; ++u) {  // register-form compress: fast on Zen 4 too (the store form is not)
+          _mm512_storeu_si512(list + n, _mm512_maskz_compress_epi32(ms[u], lane));
+          n += _mm_popcnt_u32(ms[u]);
+          lane = _mm512_add_epi32(lane, step);
+        }
+      } else {
+        lane = _mm512_add_epi32(lane, _mm512_set1_epi32(64));
+      }
+    }
+    for (; r < nr; ++r) {  // the tile's tail
+      list[n] = j * static_cast<int32_t>(kRowTile) + static_cast<int32_t>(r);
+      n += t[r] > g;
+    }
   }
-  const int32_t s = signdot_row_avx512(a.sd_prep + i * a.sd_pitch, xr, W);
-  if (!h.rejects(s)) h.offer(s, row, a.k);
+  if (a.allow) {  // the allowed ones, in order
+    int64_t kept = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      list[kept] = list[j];
+      kept += a.allow[r0 + list[j] % kRowTile] != 0;
+    }
+    n = kept;
+  }
+  for (int64_t u = n; u < n + kGateRows; ++u) list[u] = n ? list[n - 1] : 0;  // a short last batch: copies
+  const int64_t W = (a.cols + 7) / 8;
+  int32_t sc[kGateRows];
+  for (int64_t j = 0; j < n; j += kGateRows) {
+    signdot_pairs_avx512(a, q0, list + j, x, rs, ws, W, sc);
+    const int nb = static_cast<int>(std::min<int64_t>(kGateRows, n - j));
+    for (int u = 0; u < nb; ++u) {  // per query, rows still arrive in increasing order
+      TopK<int32_t>& h = heaps[q0 + list[j + u] / kRowTile];
+      if (!h.rejects(sc[u])) h.offer(sc[u], r0 + list[j + u] % kRowTile, a.k);
+    }
+  }
 }
 #define PE_GATE_MASKED(V, HIT)                                            \
   for (; r + (V) <= nr; r += (V)) {                                       \
@@ -635,10 +718,6 @@ PE_AVX512 PE_INLINE void gated_hit_avx512(const TopkArgs& a, TopK<int32_t>& h, i
     }                                                                     \
   }                                                                       \
   return r;
-PE_AVX512 int64_t gate_masked_avx512(const TopkArgs& a, TopK<int32_t>& h, int64_t i, const int32_t* t, int32_t g,
-                                     int64_t r, int64_t nr, int64_t r0, uint64_t* rowbuf) {
-  PE_GATE_MASKED(16, gated_hit_avx512)
-}
 __attribute__((target("avx2,fma,popcnt"))) int64_t gate_masked_avx2(const TopkArgs& a, TopK<int32_t>& h, int64_t i,
                                                                      const int32_t* t, int32_t g, int64_t r, int64_t nr,
                                                                      int64_t r0, uint64_t* rowbuf) {
@@ -649,7 +728,13 @@ __attribute__((target("avx2,fma,popcnt"))) int64_t gate_masked_avx2(const TopkAr
 
 template <int ISA>
 PE_INLINE void offer_gated(const TopkArgs& a, TopK<int32_t>* heaps, int q0, int nq, const int32_t* tile, int64_t r0,
-                           int64_t nr, uint64_t* rowbuf) {
+                           int64_t nr, uint64_t* rowbuf, const uint64_t* x, int64_t rs, int64_t ws) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (ISA >= 2) {
+    gated_tile_avx512(a, heaps, q0, nq, tile, r0, nr, x, rs, ws);
+    return;
+  }
+#endif
   for (int j = 0; j < nq; ++j) {
     const int64_t i = q0 + j;
     TopK<int32_t>& h = heaps[i];
@@ -657,10 +742,7 @@ PE_INLINE void offer_gated(const TopkArgs& a, TopK<int32_t>* heaps, int q0, int 
     const int32_t g = std::max(a.gate[i], 0) - 1;  // pass: score > g (scores are >= 0)
     int64_t r = 0;
 #if defined(__x86_64__) && defined(__GNUC__)
-    if constexpr (ISA >= 2)
-      r = gate_masked_avx512(a, h, i, t, g, r, nr, r0, rowbuf);
-    else if constexpr (ISA == 1)
-      r = gate_masked_avx2(a, h, i, t, g, r, nr, r0, rowbuf);
+    if constexpr (ISA == 1) r = gate_masked_avx2(a, h, i, t, g, r, nr, r0, rowbuf);
 #endif
     for (; r < nr; ++r)
       if (t[r] > g) gated_hit<ISA>(a, h, i, r0 + r, rowbuf);
@@ -704,29 +786,13 @@ PE_INLINE void scan_range(const TopkArgs& a, const void* qprep, int64_t qpitch, 
     const uint64_t* xw = nullptr;
     if (transposed) {  // transposed, zero-padded tile for score_binary_avx2
       const uint8_t* src = static_cast<const uint8_t*>(a.db) + t0 * a.lddb;
-      uint64_t row[64];
-      for (int64_t r = 0; r < kRowTile; ++r) {
-        for (int64_t w0 = 0; w0 < W; w0 += 64) {
-          const int64_t nw = std::min<int64_t>(64, W - w0);
-          if (r < nr) {
-            const int64_t b0 = w0 * 8, nb = std::min<int64_t>(a.cols - b0, nw * 8);
-            row[nw - 1] = 0;
-            std::memcpy(row, src + r * a.lddb + b0, static_cast<size_t>(nb));
-          } else {
-            for (int64_t w = 0; w < nw; ++w) row[w] = 0;
-          }
-          for (int64_t w = 0; w < nw; ++w) xpad[(w0 + w) * kRowTile + r] = row[w];
-        }
-      }
+      load_tile_words(src, a.lddb, a.cols, nr, W, true, xpad);
     } else if (words) {
       const uint8_t* src = static_cast<const uint8_t*>(a.db) + t0 * a.lddb;
       if (a.cols % 8 == 0 && a.lddb == a.cols) {
         xw = reinterpret_cast<const uint64_t*>(src);  // read in place (alignment: memcpy-free only on x86)
       } else {
-        for (int64_t r = 0; r < nr; ++r) {
-          xpad[r * W + W - 1] = 0;
-          std::memcpy(xpad + r * W, src + r * a.lddb, a.cols);
-        }
+        load_tile_words(src, a.lddb, a.cols, nr, W, false, xpad);
         xw = xpad;
       }
     }
@@ -795,7 +861,9 @@ PE_INLINE void scan_range(const TopkArgs& a, const void* qprep, int64_t qpitch, 
       }
       if constexpr (std::is_same_v<S, int32_t>) {
         if (gated) {  // the row buffer of signdot_one: past the tile's words in xpad
-          offer_gated<ISA>(a, heaps, static_cast<int>(q0), nq, tile, t0, nr, xpad + kRowTile * W);
+          // the tile's row words as the scorer read them: transposed in xpad, or rows of W words
+          offer_gated<ISA>(a, heaps, static_cast<int>(q0), nq, tile, t0, nr, xpad + kRowTile * W,
+                           transposed ? xpad : xw, transposed ? 1 : W, transposed ? kRowTile : 1);
           continue;
         }
       }
@@ -1068,6 +1136,9 @@ struct KthState {
   int64_t cnt;    // recorded scores (all >= floor)
   int32_t* hist;
 };
+// A score equal to the floor once k are recorded cannot change the answer (the floor is it, or a
+// higher score is): only scores above kth_gate are recorded (fewer hits where scores tie).
+PE_INLINE int32_t kth_gate(const KthState& st, int64_t k) { return st.cnt < k ? st.floor - 1 : st.floor; }
 PE_INLINE void kth_hit(KthState& st, int32_t s, int64_t r) {
   ++st.hist[s];
   ++st.cnt;
@@ -1077,11 +1148,11 @@ PE_INLINE void kth_hit(KthState& st, int32_t s, int64_t r) {
 #define PE_KTH_MASKED(V)                                                       \
   int64_t r = 0;                                                               \
   for (; r + (V) <= nr; r += (V)) {                                            \
-    uint32_t m = above(t + r, st.floor - 1, std::integral_constant<int, (V)>()); \
+    uint32_t m = above(t + r, kth_gate(st, k), std::integral_constant<int, (V)>()); \
     while (m) {                                                                \
       const int b = __builtin_ctz(m);                                          \
       m &= m - 1;                                                              \
-      if (t[r + b] >= st.floor && (!allow || allow[r0 + r + b])) kth_hit(st, t[r + b], k);   \
+      if (t[r + b] > kth_gate(st, k) && (!allow || allow[r0 + r + b])) kth_hit(st, t[r + b], k);   \
     }                                                                          \
   }                                                                            \
   return r;
@@ -1115,15 +1186,7 @@ void hamming_kth_cpu(const uint8_t* q, int64_t nq, int64_t ldq, const uint8_t* d
     alignas(64) int32_t tile[kQ * kRowTile];
     for (int64_t t0 = 0; t0 < N; t0 += kRowTile) {
       const int64_t nr = std::min(kRowTile, N - t0);
-      for (int64_t r = 0; r < kRowTile; ++r) {  // rows zero-padded to W words; transposed for the vector builds
-        uint64_t row[64];
-        for (int64_t w0 = 0; w0 < W; w0 += 64) {
-          const int64_t nw = std::min<int64_t>(64, W - w0);
-          for (int64_t w = 0; w < nw; ++w) row[w] = 0;
-          if (r < nr) std::memcpy(row, db + (t0 + r) * lddb + w0 * 8, static_cast<size_t>(std::min<int64_t>(cols - w0 * 8, nw * 8)));
-          for (int64_t w = 0; w < nw; ++w) xpad[level >= 1 ? (w0 + w) * kRowTile + r : r * W + w0 + w] = row[w];
-        }
-      }
+      load_tile_words(db + t0 * lddb, lddb, cols, nr, W, level >= 1, xpad.data());  // transposed for the vector builds
       for (int64_t b0 = i0; b0 < i1; b0 += kQ) {
         const int nb = static_cast<int>(std::min<int64_t>(kQ, i1 - b0));
         const uint64_t* qp[kQ];
@@ -1147,7 +1210,7 @@ void hamming_kth_cpu(const uint8_t* q, int64_t nq, int64_t ldq, const uint8_t* d
             r = kth_masked_avx2(s, tj, nr, t0, allow, k);
 #endif
           for (; r < nr; ++r)
-            if (tj[r] >= s.floor && (!allow || allow[t0 + r])) kth_hit(s, tj[r], k);
+            if (tj[r] > kth_gate(s, k) && (!allow || allow[t0 + r])) kth_hit(s, tj[r], k);
         }
       }
     }

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from postembed_fast.search import EmbeddingIndex, itq_rotation
+from postembed_fast.search.index import HAMMING_PREFILTER
 
 INT_LOWEST = -(2**31)
 _POP = np.array([bin(i).count("1") for i in range(256)], np.int64)
@@ -238,9 +239,11 @@ def test_rescore_float16(reference_quantize):
     index.add(xf)
     x16 = xf.astype(np.float16).astype(np.float32)
     # binary candidates: the top 40 by the asymmetric score (int8 query . +-1 signs), ties by row, of
-    # every row (the default), or of the Hamming top 4 * 40 / 2 * 40 (prefilter=)
+    # every row (prefilter=0), or of the rows reaching a Hamming gate (prefilter=f; None: the default)
     full = ref_topk(asym_scores(qf, xf), 40, np.arange(n))[1]
-    for prefilter, cand in ((None, full), (0, full), (4, prefiltered_candidates(qf, xf, 40, 4)),
+    default = prefiltered_candidates(qf, xf, 40, HAMMING_PREFILTER)
+    assert 2 * HAMMING_PREFILTER * 40 < n  # the default pre-filters here
+    for prefilter, cand in ((None, default), (0, full), (4, prefiltered_candidates(qf, xf, 40, 4)),
                             (2, prefiltered_candidates(qf, xf, 40, 2))):
         s, ids = index.search(qf, 10, rescore=4, prefilter=prefilter)
         for i in range(len(qf)):
