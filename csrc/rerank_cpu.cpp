@@ -89,6 +89,12 @@ DotFn pick_dot() {
   return dot_baseline;
 }
 
+constexpr int64_t kPrefetchRows = 4;
+inline void prefetch_row(const uint16_t* v, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(v);
+  for (int64_t off = 0; off < 2 * D; off += 64) __builtin_prefetch(p + off);
+}
+
 }  // namespace
 
 void float16_rerank_cpu(const float* q, int64_t nq, int64_t ldq, const uint16_t* vec, int64_t ldv, int64_t D,
@@ -99,10 +105,15 @@ void float16_rerank_cpu(const float* q, int64_t nq, int64_t ldq, const uint16_t*
   auto work_of = [&](int t) {
     std::vector<Scored> c;
     c.reserve(static_cast<size_t>(P));
-    for (int64_t i = nq * t / nthreads; i < nq * (t + 1) / nthreads; ++i) {
+    const int64_t i0 = nq * t / nthreads, i1 = nq * (t + 1) / nthreads;
+    for (int64_t i = i0; i < i1; ++i) {
       const float* qi = q + i * ldq;
       c.clear();
       for (int64_t p = 0; p < P; ++p) {
+        // the rows are random gathers from DRAM: ask for the one kPrefetchRows ahead (into the next
+        // query's candidates) while this one is scored
+        const int64_t ahead = i * P + p + kPrefetchRows;
+        if (ahead < i1 * P && cand[ahead] >= 0) prefetch_row(vec + cand[ahead] * ldv, D);
         const int64_t row = cand[i * P + p];
         if (row < 0) continue;
         const float s = dot(qi, vec + row * ldv, D);

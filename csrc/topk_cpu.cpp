@@ -1202,6 +1202,15 @@ void hamming_kth_cpu(const uint8_t* q, int64_t nq, int64_t ldq, const uint8_t* d
         for (int j = 0; j < nb; ++j) {
           KthState& s = st[b0 + j - i0];
           const int32_t* tj = tile + j * kRowTile;
+          if (s.cnt < k) {  // still filling (the floor is 0): the whole tile, without a branch per row
+            for (int64_t r = 0; r < nr; ++r) {
+              const int64_t in = !allow || allow[t0 + r];
+              s.hist[tj[r]] += static_cast<int32_t>(in);
+              s.cnt += in;
+            }
+            while (s.cnt - s.hist[s.floor] >= k) s.cnt -= s.hist[s.floor++];
+            continue;
+          }
           int64_t r = 0;
 #if defined(__x86_64__) && defined(__GNUC__)
           if (level >= 2)
