@@ -6,7 +6,10 @@ postembed_fast.train.evaluate on the same test triplets, results written after e
 
 Rows: the base model (384-d); the base reduced to 50-d by PCA fitted on training posts; one 50-d model
 per task trained alone (same recipe, the steps that task gets in the multi-task run); the multi-task
-model at 50-d and at full dimension (no Dense). Then the claims, each as a paired bootstrap interval
+model at 50-d and at full dimension (no Dense); recipe variants of the multi-task 50-d model, one
+change each (`--only` picks rows; `--out` elsewhere keeps the main table): GISTEmbedLoss guided by the
+base (multi-50-gist), CachedMNRL at batch 64 (multi-50-cached-mnrl-b64), twice the steps
+(multi-50-steps-2x). Then the claims, each as a paired bootstrap interval
 of an accuracy difference on the same triplets, and int8/binary retention of the 50-d model.
 About 90 minutes on the 2-core CPU machine (training dominates).
 """
@@ -90,6 +93,12 @@ def main() -> int:
             ("multi-384", lambda d: train(Recipe(dim=None, **base_recipe), splits, d))]
     plan += [(f"single-{t}-50", (lambda t: lambda d: train(Recipe(tasks=(t,), **base_recipe), splits, d))(t))
              for t in TRAIN_TASKS]
+    # recipe variants of multi-50, one change each (issue 24's rows)
+    variants = {"multi-50-gist": dict(loss="gist"),
+                "multi-50-cached-mnrl-b64": dict(loss="cached-mnrl", batch_size=64),
+                "multi-50-steps-2x": dict(steps_per_task=2 * a.steps_per_task)}
+    plan += [(name, (lambda kw: lambda d: train(Recipe(**{**base_recipe, **kw}), splits, d))(kw))
+             for name, kw in variants.items()]
     if a.only:
         keep = set(a.only.split(","))
         plan = [p for p in plan if p[0] in keep]

@@ -224,6 +224,30 @@ def test_training_in_each_dtype_lowers_the_loss_and_saves_float32_weights(dtype,
     assert dtypes == {torch.float32}, dtypes
 
 
+@pytest.mark.parametrize("loss", ["cached-mnrl", "gist"])
+def test_training_with_each_loss_lowers_its_loss(loss, small_data, tiny_bert, tmp_path):
+    """The recipe's other losses (sentence-transformers' CachedMNRL and GISTEmbedLoss guided by the
+    base) train: their own validation loss falls, and the folder serves at the recipe's dim."""
+    recipe = Recipe(dim=16, steps_per_task=5, batch_size=8, max_seq_length=32, freeze_layers=0,
+                    learning_rate=1e-3, warmup_steps=2, eval_every=20, device="cpu", dtype="float32", loss=loss)
+    out = tmp_path / loss
+    record = train(recipe, split_posts(read_posts(small_data)), out, base=tiny_bert, progress=False,
+                   log=lambda m: None)
+    assert record["recipe"]["loss"] == loss
+    before = sum(v["before"] for v in record["validation_loss"].values())
+    after = sum(v["after"] for v in record["validation_loss"].values())
+    assert after < before, record["validation_loss"]
+    assert Embedder(out, device="cpu").embed(["a post about rust"]).shape == (1, 16)
+
+
+def test_unknown_loss_is_refused(small_data, tmp_path, capsys):
+    with pytest.raises(ValueError, match="loss must be one of mnrl, cached-mnrl, gist, got 'triplet'"):
+        Recipe(loss="triplet").check()
+    with pytest.raises(SystemExit):
+        train_main(["--data", str(small_data), "--out", str(tmp_path / "m"), "--loss", "triplet"])
+    assert "invalid choice: 'triplet'" in capsys.readouterr().err
+
+
 def test_trained_folder_loads_in_both_libraries(trained, posts):
     from sentence_transformers import SentenceTransformer
 

@@ -67,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training precision: bfloat16 = bf16 autocast (float32 weights and optimizer); auto "
                         "(default): bfloat16 on a CPU with AMX-BF16 or AVX512-BF16 (POSTEMBED_CPU_DTYPE "
                         "overrides), float32 elsewhere")
+    p.add_argument("--loss", choices=("mnrl", "cached-mnrl", "gist"), default=d.loss,
+                   help="contrastive loss: mnrl = MultipleNegativesRankingLoss (default), cached-mnrl = its "
+                        "GradCache form (large batches at small memory), gist = GISTEmbedLoss guided by the base")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--full", action="store_true",
                    help="the GPU-size recipe: all layers, 256 tokens, batch 128, 1,500 steps per task")
@@ -91,7 +94,7 @@ def recipe_from_args(a):
     from postembed_fast.train.recipe import Recipe
 
     kw = {"tasks": a.tasks, "dim": a.dim, "device": ModelOptions.from_args(a).device, "seed": a.seed,
-          "dtype": a.train_dtype}
+          "dtype": a.train_dtype, "loss": a.loss}
     for name in ("batch_size", "max_seq_length", "freeze_layers", "learning_rate"):
         if getattr(a, name) is not None:
             kw[name] = getattr(a, name)

@@ -1,7 +1,8 @@
 """The training recipe: a pre-trained encoder + mean pooling + Dense (hidden -> dim) + Normalize,
 fine-tuned with in-batch-negative contrastive loss over several tasks at once, by
 sentence-transformers' trainer (SentenceTransformerTrainer: round-robin over one dataset per task,
-`no_duplicates` batches, MultipleNegativesRankingLoss). Nothing here is a hand-written training loop.
+`no_duplicates` batches, MultipleNegativesRankingLoss or another loss of LOSSES). Nothing here is a
+hand-written training loop.
 
 The Dense layer starts as the PCA projection of the base model's pooled embeddings of training
 posts: step 0 is then "the base model reduced to dim by PCA" (the cheap baseline) rather than a
@@ -23,6 +24,14 @@ from postembed_fast.train.data import Post
 from postembed_fast.train.tasks import TRAIN_TASKS, training_pairs
 
 RECIPE_FILE = "postembed_train.json"
+# The contrastive losses of the recipe, all sentence-transformers' own (bench.train_compare's rows):
+#   mnrl         MultipleNegativesRankingLoss: in-batch negatives (the default)
+#   cached-mnrl  CachedMultipleNegativesRankingLoss (GradCache): the same loss over a batch embedded
+#                CACHED_MINI_BATCH pairs at a time, so a larger batch (more negatives) fits the memory
+#   gist         GISTEmbedLoss with the base model as guide: an in-batch "negative" the guide scores
+#                above the positive is not pushed away (same-section posts that are true positives)
+LOSSES = ("mnrl", "cached-mnrl", "gist")
+CACHED_MINI_BATCH = 32
 PCA_SAMPLE = 4000  # training posts the Dense layer's PCA is fitted on
 VALIDATION_PAIRS = 128  # pairs per task for the per-task validation loss in the log
 
@@ -49,6 +58,7 @@ class Recipe:
     device: str | None = None  # None: cuda if available, else cpu
     eval_every: int = 50
     dtype: str = "auto"  # TRAIN_DTYPES: bf16 autocast where the CPU has native bf16 (resolve_train_dtype)
+    loss: str = "mnrl"  # LOSSES
 
     @property
     def steps(self) -> int:
@@ -76,6 +86,8 @@ class Recipe:
             raise ValueError(f"dim must be >= 1 (or None for no Dense), got {self.dim}")
         if self.dtype not in TRAIN_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(TRAIN_DTYPES)}, got {self.dtype!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.freeze_layers < 0 or self.warmup_steps < 0 or not self.learning_rate > 0:
             raise ValueError("freeze_layers and warmup_steps must be >= 0 and learning_rate > 0")
 
@@ -258,7 +270,8 @@ def train(recipe: Recipe, splits: dict[str, list[Post]], out, *, base=None, prog
             save_strategy="no", report_to="none", use_cpu=(device == "cpu"), disable_tqdm=not progress,
             dataloader_num_workers=0, fp16=False, bf16=train_dtype == "bfloat16")
         trainer = st.SentenceTransformerTrainer(model=model, args=args, train_dataset=train_sets,
-                                                eval_dataset=eval_sets, loss=losses.MultipleNegativesRankingLoss(model))
+                                                eval_dataset=eval_sets,
+                                                loss=make_loss(recipe, model, losses, base, device))
         before = trainer.evaluate()
         trainer.train()
         history = [dict(h) for h in trainer.state.log_history]
@@ -279,6 +292,19 @@ def train(recipe: Recipe, splits: dict[str, list[Post]], out, *, base=None, prog
               "validation_loss": val_loss, "log_history": history, "ranges_shape": list(ranges.shape)}
     (out / RECIPE_FILE).write_text(json.dumps(record, indent=1))
     return record
+
+
+def make_loss(recipe: Recipe, model, losses, base, device: str):
+    """The recipe's loss (LOSSES) over `model`; gist's guide is a frozen copy of the base encoder
+    (mean pooled, no Dense: its similarities only decide which in-batch negatives to mask)."""
+    if recipe.loss == "cached-mnrl":
+        return losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=min(CACHED_MINI_BATCH,
+                                                                                    recipe.batch_size))
+    if recipe.loss == "gist":
+        guide = encoder_model(base, recipe.max_seq_length, device)
+        guide.requires_grad_(False)
+        return losses.GISTEmbedLoss(model, guide=guide)
+    return losses.MultipleNegativesRankingLoss(model)
 
 
 def write_ranges(folder, texts: list[str], device: str) -> np.ndarray:
