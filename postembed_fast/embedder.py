@@ -27,7 +27,7 @@ from postembed_fast.kernels.precision import precision_spec
 from postembed_fast.loading import model_tag, read_model_folder, resolve_model
 from postembed_fast.model import Encoder, EncoderConfig, ThreadWorkspaces, load_state_dict
 from postembed_fast.packing import PackedBatch
-from postembed_fast.ranges import ranges_for_call, ranges_of, shipped_ranges
+from postembed_fast.ranges import ranges_for_call, ranges_of, shipped_mean, shipped_ranges
 from postembed_fast.tokenization import FlatTokenizer, TokenizedTexts
 
 OUTPUTS = ("numpy", "torch")
@@ -114,6 +114,7 @@ class Embedder:
                                spec.encoder_folder)
         self.dim = dense[-1].weight.shape[0] if dense else config.hidden
         self._ranges = shipped_ranges(is_default, folder, self.dim)
+        self._mean = shipped_mean(is_default, folder, self.dim)
         self._calibration = None  # normalized float32 embeddings from calibrate(), for truncated ranges
         self._lock = threading.Lock()
         self._workspaces = ThreadWorkspaces()  # activation buffers, one set per calling thread
@@ -148,14 +149,22 @@ class Embedder:
         """float32 [2, dim]: per-dimension min (row 0) and max (row 1) of normalized embeddings."""
         return None if self._ranges is None else self._ranges.copy()
 
+    @property
+    def embedding_mean(self) -> np.ndarray | None:
+        """float32 [dim]: the mean normalized embedding of the calibration posts (shipped with the
+        default model and trained folders, or set by calibrate()); None if unknown."""
+        return None if self._mean is None else self._mean.copy()
+
     def calibrate(self, texts, *, batch_tokens=None, show_progress=False) -> np.ndarray:
-        """Set quantization_ranges from the embeddings of a corpus (real posts, ideally > 1,000)."""
+        """Set quantization_ranges (and embedding_mean) from the embeddings of a corpus (real posts,
+        ideally > 1,000)."""
         emb = self.embed(texts, batch_tokens=batch_tokens, show_progress=show_progress)
         if len(emb) < 2:
             raise ValueError("calibrate() needs at least 2 texts")
         with self._lock:
             self._calibration = emb
             self._ranges = ranges_of(emb)
+            self._mean = emb.astype(np.float64).mean(axis=0).astype(np.float32)
         return self._ranges.copy()
 
     # ---- tokenizing ----------------------------------------------------------------------

@@ -5,6 +5,10 @@ quantized: the default model ships ranges calibrated on out-of-sample posts
 (bench/calibrate_default.py), a model folder may carry its own (FOLDER_RANGES_FILE, written by
 the training recipe from validation posts), other models get them from Embedder.calibrate(texts)
 or the user's ranges= argument.
+
+The same calibration posts give the model's mean embedding ([dim] float32, shipped the same way:
+DEFAULT_MEAN_FILE, FOLDER_MEAN_FILE, calibrate()): the default centroid of a rabitq index
+(EmbeddingIndex.for_embedder), a statistic of the model, not of any database.
 """
 from __future__ import annotations
 
@@ -16,6 +20,22 @@ DEFAULT_RANGES_FILE = Path(__file__).resolve().parent / "data" / "all-MiniLM-L6-
 
 
 FOLDER_RANGES_FILE = "quantization_ranges.npy"  # in a model folder: float32 [2, dim]
+DEFAULT_MEAN_FILE = DEFAULT_RANGES_FILE.with_name("all-MiniLM-L6-v2.mean.npy")
+FOLDER_MEAN_FILE = "embedding_mean.npy"  # in a model folder: float32 [dim]
+
+
+def shipped_mean(is_default_model: bool, folder: Path | None = None, dim: int | None = None) -> np.ndarray | None:
+    """The mean embedding that comes with a model (as shipped_ranges), checked: finite float32 [dim]; else None."""
+    path = DEFAULT_MEAN_FILE if is_default_model else None if folder is None else Path(folder) / FOLDER_MEAN_FILE
+    if path is None or not path.is_file():
+        return None
+    try:
+        m = np.asarray(np.load(path, allow_pickle=False), dtype=np.float32)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable .npy array ({exc})") from None
+    if m.shape != (dim,) or not np.isfinite(m).all():
+        raise ValueError(f"{path}: expected a finite float32 [{dim}] mean embedding, got shape {m.shape}")
+    return m
 
 
 def shipped_ranges(is_default_model: bool, folder: Path | None = None, dim: int | None = None) -> np.ndarray | None:

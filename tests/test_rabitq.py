@@ -334,3 +334,25 @@ def test_recall_on_real_posts(embedder):
                hamming=recall(binary.search(q, 10)[1]))
     assert got["int8"] >= 0.98 and got["int8"] >= got["int8 before"] + 0.03, got
     assert got["rabitq"] >= got["hamming"] + 0.05 and got["rabitq_x4"] >= 0.97, got
+
+
+def test_for_embedder_centroid_is_the_models_mean(embedder):
+    """The default centroid is the model's shipped mean embedding (its calibration posts'), else the
+    ranges' midpoint; an Embedder without either gets zeros; centroid= overrides."""
+    mean = embedder.embedding_mean
+    assert mean.shape == (embedder.dim,) and mean.dtype == np.float32 and np.isfinite(mean).all()
+    assert 0.2 < float(np.linalg.norm(mean)) < 1.0  # a mean of unit vectors of one domain: inside the ball
+    ix = EmbeddingIndex.for_embedder(embedder, precision="rabitq")
+    np.testing.assert_array_equal(ix._rabitq.centroid, mean)
+
+    class NoMean:
+        dim, model_tag, embedding_mean = embedder.dim, embedder.model_tag, None
+        quantization_ranges = embedder.quantization_ranges
+
+    mid = EmbeddingIndex.for_embedder(NoMean(), precision="rabitq")._rabitq.centroid
+    np.testing.assert_allclose(mid, embedder.quantization_ranges.sum(0) / 2, rtol=0, atol=1e-7)
+    NoMean.quantization_ranges = None
+    assert not EmbeddingIndex.for_embedder(NoMean(), precision="rabitq")._rabitq.centroid.any()
+    own = np.full(embedder.dim, 0.01, np.float32)
+    np.testing.assert_array_equal(EmbeddingIndex.for_embedder(embedder, precision="rabitq", centroid=own)._rabitq.centroid,
+                                  own)

@@ -16,7 +16,7 @@ pytest.importorskip("datasets", reason="needs the train extra: pip install 'post
 
 from postembed_fast import Embedder, fast_embed  # noqa: E402
 from postembed_fast.loading import default_model_folder  # noqa: E402
-from postembed_fast.ranges import FOLDER_RANGES_FILE  # noqa: E402
+from postembed_fast.ranges import FOLDER_MEAN_FILE, FOLDER_RANGES_FILE  # noqa: E402
 from postembed_fast.train import evaluate as ev  # noqa: E402
 from postembed_fast.train.__main__ import main as train_main  # noqa: E402
 from postembed_fast.train.data import read_posts, split_of, split_posts, tag_phrase  # noqa: E402
@@ -279,6 +279,22 @@ def test_bad_folder_ranges_are_refused(trained, tmp_path):
     np.save(copy / FOLDER_RANGES_FILE, np.zeros((2, 7), np.float32))
     with pytest.raises(ValueError, match=r"quantization_ranges.npy: expected finite float32 \[2, 16\]"):
         Embedder(str(copy), device="cpu")
+    np.save(copy / FOLDER_RANGES_FILE, np.load(folder / FOLDER_RANGES_FILE))
+    np.save(copy / FOLDER_MEAN_FILE, np.full(16, np.nan, np.float32))
+    with pytest.raises(ValueError, match=r"embedding_mean.npy: expected a finite float32 \[16\] mean embedding"):
+        Embedder(str(copy), device="cpu")
+
+
+def test_folder_mean_is_the_calibration_posts_mean(trained, small_data):
+    """The recipe writes the mean embedding of the posts it calibrates the ranges on (validation), and
+    calibrate() sets it the same way."""
+    folder, _ = trained
+    emb = Embedder(str(folder), device="cpu", dtype="float32")
+    shipped = emb.embedding_mean
+    val = [p.text for p in split_posts(read_posts(small_data))["validation"]]
+    np.testing.assert_allclose(shipped, emb.embed(val).astype(np.float64).mean(0), rtol=0, atol=1e-6)
+    emb.calibrate(val[:40])
+    np.testing.assert_allclose(emb.embedding_mean, emb.embed(val[:40]).astype(np.float64).mean(0), rtol=0, atol=1e-6)
 
 
 def test_evaluate_command(trained, small_data, tmp_path, capsys):

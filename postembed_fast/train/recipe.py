@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from postembed_fast.ranges import FOLDER_RANGES_FILE
+from postembed_fast.ranges import FOLDER_MEAN_FILE, FOLDER_RANGES_FILE
 from postembed_fast.train.data import Post
 from postembed_fast.train.tasks import TRAIN_TASKS, training_pairs
 
@@ -308,13 +308,14 @@ def make_loss(recipe: Recipe, model, losses, base, device: str):
 
 
 def write_ranges(folder, texts: list[str], device: str) -> np.ndarray:
-    """int8 ranges of the model in `folder`, calibrated by the engine on held-out posts (validation),
-    saved where Embedder finds them (postembed_fast.ranges.shipped_ranges)."""
+    """int8 ranges and the mean embedding of the model in `folder`, calibrated by the engine on
+    held-out posts (validation), saved where Embedder finds them (postembed_fast.ranges)."""
     from postembed_fast import Embedder
 
     emb = Embedder(str(folder), device=device if device != "cuda" else None, dtype="float32")
     ranges = emb.calibrate(texts)
-    tmp = Path(folder) / (FOLDER_RANGES_FILE + ".tmp.npy")
-    np.save(tmp, ranges)
-    os.replace(tmp, Path(folder) / FOLDER_RANGES_FILE)
+    for name, array in ((FOLDER_RANGES_FILE, ranges), (FOLDER_MEAN_FILE, emb.embedding_mean)):
+        tmp = Path(folder) / (name + ".tmp.npy")
+        np.save(tmp, array)
+        os.replace(tmp, Path(folder) / name)
     return ranges
