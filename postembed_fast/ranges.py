@@ -17,11 +17,16 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_RANGES_FILE = Path(__file__).resolve().parent / "data" / "all-MiniLM-L6-v2.ranges.npy"
-
-
 FOLDER_RANGES_FILE = "quantization_ranges.npy"  # in a model folder: float32 [2, dim]
 DEFAULT_MEAN_FILE = DEFAULT_RANGES_FILE.with_name("all-MiniLM-L6-v2.mean.npy")
 FOLDER_MEAN_FILE = "embedding_mean.npy"  # in a model folder: float32 [dim]
+
+
+def _read_float32(path: Path) -> np.ndarray:
+    try:
+        return np.asarray(np.load(path, allow_pickle=False), dtype=np.float32)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable .npy array ({exc})") from None
 
 
 def shipped_mean(is_default_model: bool, folder: Path | None = None, dim: int | None = None) -> np.ndarray | None:
@@ -29,10 +34,7 @@ def shipped_mean(is_default_model: bool, folder: Path | None = None, dim: int | 
     path = DEFAULT_MEAN_FILE if is_default_model else None if folder is None else Path(folder) / FOLDER_MEAN_FILE
     if path is None or not path.is_file():
         return None
-    try:
-        m = np.asarray(np.load(path, allow_pickle=False), dtype=np.float32)
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"{path}: not a readable .npy array ({exc})") from None
+    m = _read_float32(path)
     if m.shape != (dim,) or not np.isfinite(m).all():
         raise ValueError(f"{path}: expected a finite float32 [{dim}] mean embedding, got shape {m.shape}")
     return m
@@ -46,10 +48,7 @@ def shipped_ranges(is_default_model: bool, folder: Path | None = None, dim: int 
     path = None if folder is None else Path(folder) / FOLDER_RANGES_FILE
     if path is None or not path.is_file():
         return None
-    try:
-        r = np.asarray(np.load(path, allow_pickle=False), dtype=np.float32)
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"{path}: not a readable .npy array ({exc})") from None
+    r = _read_float32(path)
     if r.shape != (2, dim) or not np.isfinite(r).all() or not (r[0] < r[1]).all():
         raise ValueError(f"{path}: expected finite float32 [2, {dim}] ranges with min < max per dimension, "
                          f"got shape {r.shape}")
