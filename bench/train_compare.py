@@ -7,11 +7,12 @@ postembed_fast.train.evaluate on the same test triplets, results written after e
 Rows: the base model (384-d); the base reduced to 50-d by PCA fitted on training posts; one 50-d model
 per task trained alone (same recipe, the steps that task gets in the multi-task run); the multi-task
 model at 50-d and at full dimension (no Dense); recipe variants of the multi-task 50-d model, one
-change each (`--only` picks rows; `--out` elsewhere keeps the main table): GISTEmbedLoss guided by the
-base (multi-50-gist), CachedMNRL at batch 64 (multi-50-cached-mnrl-b64), twice the steps
-(multi-50-steps-2x). Then the claims, each as a paired bootstrap interval
-of an accuracy difference on the same triplets, and int8/binary retention of the 50-d model.
-About 90 minutes on the 2-core CPU machine (training dominates).
+change each (VARIANTS; `--only` picks rows, `--merge` adds them to the rows already in `--out`,
+`--reuse` scores a folder already trained instead of training it again). A Matryoshka folder is
+scored twice: at its default 50-d and at full width (multi-50-matryoshka@384). Then the claims, each
+as a paired bootstrap interval of an accuracy difference on the same triplets (every row keeps its
+per-triplet outcomes as packed bits, so merged rows pair exactly), and int8/binary retention of the
+50-d model. About 90 minutes on the 2-core CPU machine for the main rows (training dominates).
 """
 from __future__ import annotations
 
@@ -34,6 +35,30 @@ from postembed_fast.train.recipe import Recipe, build_pca_model, train  # noqa: 
 from postembed_fast.train.tasks import EVAL_TASKS, NEGATIVE_KINDS, TRAIN_TASKS, build_triplets, write_triplets  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# recipe variants of multi-50, one change each (issue 24's rows); steps scale with --steps-per-task
+VARIANTS = {
+    "multi-50-gist": dict(loss="gist"),
+    "multi-50-cached-mnrl-b64": dict(loss="cached-mnrl", batch_size=64),
+    "multi-50-steps-2x": dict(steps_per_task=2),  # x --steps-per-task
+    "multi-50-lr2e-4": dict(learning_rate=2e-4),
+    "multi-50-freeze0": dict(freeze_layers=0),
+    "multi-50-hard-negatives": dict(hard_negatives=True),
+    "multi-50-matryoshka": dict(matryoshka=True),
+}
+MATRYOSHKA_FULL = "multi-50-matryoshka@384"  # the same folder served at full width
+
+
+def pack_correct(correct: dict) -> dict:
+    """{(task, kind): bool array} -> {"task/kind": [n, hex of the packed bits]} (JSON-sized)."""
+    return {f"{t}/{k}": [int(c.size), np.packbits(c.astype(bool)).tobytes().hex()] for (t, k), c in correct.items()}
+
+
+def unpack_correct(packed: dict) -> dict:
+    out = {}
+    for key, (n, hexbits) in packed.items():
+        t, k = key.split("/")
+        out[(t, k)] = np.unpackbits(np.frombuffer(bytes.fromhex(hexbits), dtype=np.uint8))[:n].astype(bool)
+    return out
 
 
 def _git_rev() -> str:
@@ -76,6 +101,8 @@ def main() -> int:
     ap.add_argument("--steps-per-task", type=int, default=Recipe().steps_per_task)
     ap.add_argument("--device", default=None)
     ap.add_argument("--only", default=None, help="comma-separated row names to run (default: all)")
+    ap.add_argument("--merge", action="store_true", help="keep the rows already in --out that this run does not redo")
+    ap.add_argument("--reuse", action="store_true", help="score a row's folder if it is already trained")
     a = ap.parse_args()
 
     posts = read_posts(a.data)
@@ -94,11 +121,11 @@ def main() -> int:
     plan += [(f"single-{t}-50", (lambda t: lambda d: train(Recipe(tasks=(t,), **base_recipe), splits, d))(t))
              for t in TRAIN_TASKS]
     # recipe variants of multi-50, one change each (issue 24's rows)
-    variants = {"multi-50-gist": dict(loss="gist"),
-                "multi-50-cached-mnrl-b64": dict(loss="cached-mnrl", batch_size=64),
-                "multi-50-steps-2x": dict(steps_per_task=2 * a.steps_per_task)}
+    variants = {n: {**kw, "steps_per_task": kw["steps_per_task"] * a.steps_per_task} if "steps_per_task" in kw else kw
+                for n, kw in VARIANTS.items()}
     plan += [(name, (lambda kw: lambda d: train(Recipe(**{**base_recipe, **kw}), splits, d))(kw))
              for name, kw in variants.items()]
+    plan.append((MATRYOSHKA_FULL, "multi-50-matryoshka"))  # (name, folder of a row above)
     if a.only:
         keep = set(a.only.split(","))
         plan = [p for p in plan if p[0] in keep]
@@ -109,6 +136,15 @@ def main() -> int:
               "triplets": {"file": str(models_dir / "triplets.jsonl.gz"), "count": len(triplets)},
               "rows": {}, "retention": {}, "claims": [], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     correct = {}
+    if a.merge and Path(a.out).is_file():
+        old = json.loads(Path(a.out).read_text())
+        if old.get("triplets", {}).get("count") != len(triplets):
+            raise SystemExit(f"--merge: {a.out} was scored on other triplets ({old.get('triplets')})")
+        for name, row in old["rows"].items():
+            if "correct_bits" in row:
+                report["rows"][name], correct[name] = row, unpack_correct(row["correct_bits"])
+        report["retention"] = old.get("retention", {})
+        report["merged_from"] = old.get("git")
 
     def save():
         report["claims"] = claims(report["rows"], correct)
@@ -119,13 +155,24 @@ def main() -> int:
 
     for name, make in plan:
         t0 = time.perf_counter()
-        path = "all-MiniLM-L6-v2" if make is None else str(models_dir / name)
-        record = None if make is None else make(path)
+        truncate_dim = None
+        if make is None:
+            path, record = "all-MiniLM-L6-v2", None
+        elif isinstance(make, str):  # another row's folder at full width
+            path, record, truncate_dim = str(models_dir / make), None, 384
+        else:
+            path = str(models_dir / name)
+            trained = Path(path) / "postembed_train.json"
+            record = json.loads(trained.read_text()) if a.reuse and trained.is_file() else make(path)
         made_s = time.perf_counter() - t0
-        info, c = ev.score_model(path, triplets, by_id, device=a.device)
+        info, c = ev.score_model(path, triplets, by_id, device=a.device, truncate_dim=truncate_dim)
         correct[name] = c
         row = ev.summarize(name, info, c)
+        row["correct_bits"] = pack_correct(c)
         row["make_seconds"] = round(made_s, 1)
+        if isinstance(record, dict):
+            row["recipe"] = record["recipe"]
+            row["hard_negatives"] = record.get("hard_negatives")
         if isinstance(record, dict):
             row["train_seconds"] = record["train_seconds"]
             row["seconds_per_step"] = record["seconds_per_step"]

@@ -24,7 +24,7 @@ from postembed_fast.head import HeadOptions, PoolingHead
 from postembed_fast.kernels import _ext, cpu_isa
 from postembed_fast.kernels.checks import QuantRanges
 from postembed_fast.kernels.precision import precision_spec
-from postembed_fast.loading import model_tag, read_model_folder, resolve_model
+from postembed_fast.loading import Dense, model_tag, read_model_folder, resolve_model
 from postembed_fast.model import Encoder, EncoderConfig, ThreadWorkspaces, load_state_dict
 from postembed_fast.packing import PackedBatch
 from postembed_fast.ranges import ranges_for_call, ranges_of, shipped_mean, shipped_ranges
@@ -97,7 +97,11 @@ class Embedder:
     call: ~63 MB per calling thread at the CPU default of 4,096 tokens per batch), and the
     weights are never written after loading."""
 
-    def __init__(self, model=None, *, device=None, dtype=None):
+    def __init__(self, model=None, *, device=None, dtype=None, truncate_dim=None):
+        """truncate_dim (as sentence-transformers'): serve the first k dimensions, re-normalized; None
+        = the folder's own (config_sentence_transformers.json, e.g. 50 for a Matryoshka folder) or
+        else the full width. The folder's int8 ranges and mean embedding belong to its default width:
+        at another width they are not loaded (calibrate() makes them)."""
         folder, is_default = resolve_model(model)
         self._is_default = is_default
         self.device = resolve_device(device)
@@ -106,15 +110,30 @@ class Embedder:
         spec = read_model_folder(folder)
         dense = [type(d)(d.weight.to(self.device), None if d.bias is None else d.bias.to(self.device), d.activation)
                  for d in spec.dense]
-        self.head = PoolingHead(spec.pooling, dense)
         self.max_seq_length = spec.max_seq_length
         self.tokenizer = FlatTokenizer.from_folder(spec.encoder_folder, spec.max_seq_length, lowercase=spec.do_lower_case)
         config = EncoderConfig.from_json(spec.encoder_folder / "config.json")
         self.encoder = Encoder(config, load_state_dict(spec.encoder_folder), self.device, self.dtype,
                                spec.encoder_folder)
-        self.dim = dense[-1].weight.shape[0] if dense else config.hidden
-        self._ranges = shipped_ranges(is_default, folder, self.dim)
-        self._mean = shipped_mean(is_default, folder, self.dim)
+        self.full_dim = dense[-1].weight.shape[0] if dense else config.hidden
+        folder_dim = spec.truncate_dim or self.full_dim
+        if spec.truncate_dim is not None and not spec.truncate_dim <= self.full_dim:
+            raise ValueError(f"{folder}: truncate_dim {spec.truncate_dim} exceeds the model's {self.full_dim} dimensions")
+        if truncate_dim is not None and (isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int)
+                                         or not 1 <= truncate_dim <= self.full_dim):
+            raise ValueError(f"truncate_dim must be None or an int in [1, {self.full_dim}], got {truncate_dim!r}")
+        self.dim = truncate_dim or folder_dim
+        if self.dim < self.full_dim:  # the first dim outputs of the last linear map (activations are per element)
+            if dense:
+                last = dense[-1]
+                dense[-1] = type(last)(last.weight[: self.dim].contiguous(),
+                                       None if last.bias is None else last.bias[: self.dim].contiguous(), last.activation)
+            else:
+                dense.append(Dense(torch.eye(self.dim, self.full_dim, device=self.device), None, None))
+        self.head = PoolingHead(spec.pooling, dense)
+        shipped = self.dim == folder_dim
+        self._ranges = shipped_ranges(is_default, folder, self.dim) if shipped else None
+        self._mean = shipped_mean(is_default, folder, self.dim) if shipped else None
         self._calibration = None  # normalized float32 embeddings from calibrate(), for truncated ranges
         self._lock = threading.Lock()
         self._workspaces = ThreadWorkspaces()  # activation buffers, one set per calling thread

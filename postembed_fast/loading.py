@@ -105,6 +105,7 @@ class ModelFolder:
     dense: list  # [Dense], applied in order after pooling (fp32)
     max_seq_length: int
     do_lower_case: bool
+    truncate_dim: int | None = None  # config_sentence_transformers.json: served width (Matryoshka)
 
 
 def _read_json(path: Path) -> dict:
@@ -182,7 +183,18 @@ def read_model_folder(folder: Path) -> ModelFolder:
     tok_max = _read_json(tok_cfg_path).get("model_max_length") if tok_cfg_path.is_file() else None
     max_len = st_cfg.get("max_seq_length") or (tok_max if isinstance(tok_max, int) and tok_max < 1e6 else None)
     max_len = min(int(max_len or limit), limit)
-    return ModelFolder(encoder_folder, pooling, dense, max_len, bool(st_cfg.get("do_lower_case", False)))
+    return ModelFolder(encoder_folder, pooling, dense, max_len, bool(st_cfg.get("do_lower_case", False)),
+                       _truncate_dim(folder))
+
+
+def _truncate_dim(folder: Path) -> int | None:
+    """The folder's `truncate_dim` (sentence-transformers writes it for a model served truncated, such
+    as a Matryoshka one): a positive int or None."""
+    path = folder / "config_sentence_transformers.json"
+    k = _read_json(path).get("truncate_dim") if path.is_file() else None
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"{path}: truncate_dim must be a positive integer or null, got {k!r}")
+    return k
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")

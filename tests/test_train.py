@@ -240,6 +240,101 @@ def test_training_with_each_loss_lowers_its_loss(loss, small_data, tiny_bert, tm
     assert Embedder(out, device="cpu").embed(["a post about rust"]).shape == (1, 16)
 
 
+def test_labelled_positive_names_what_the_labels_make_positive(posts):
+    """A mined negative the labels make a positive (same source; a shared topical tag for interest; one
+    of the post's own tags for hashtag) is caught; a post of another source with no shared tag is not."""
+    from postembed_fast.train.tasks import labelled_positive
+
+    a = next(p for p in posts if p.topical_tags and p.title.strip())
+    sibling = next((p for p in posts if p.source == a.source and p.id != a.id), None)
+    shares = next(p for p in posts if p.source != a.source and set(p.topical_tags) & set(a.topical_tags))
+    unrelated = next(p for p in posts if p.source != a.source and not set(p.tags) & set(a.tags))
+    for task in ("search", "storyline", "interest"):
+        is_pos = labelled_positive(task, posts)
+        query = a.title if task == "search" else a.text
+        assert not is_pos(query, unrelated.text), task
+        assert is_pos(query, shares.text) == (task == "interest"), task
+        if sibling is not None:
+            assert is_pos(query, sibling.text), task
+    is_pos = labelled_positive("hashtag", posts)
+    assert is_pos(a.text, tag_phrase(a.hashtag_tags[0]))
+    other = next(t for p in posts for t in p.hashtag_tags if t not in a.tags)
+    assert not is_pos(a.text, tag_phrase(other))
+    with pytest.raises(ValueError, match="unknown training task 'section'"):
+        labelled_positive("section", posts)
+
+
+def test_mined_hard_negatives_train(small_data, tiny_bert, tmp_path):
+    """hard_negatives: every kept pair gets a mined negative that is neither its positive nor a labelled
+    positive, scored by the base below (1 - margin) of the positive; training on the triplets lowers
+    the validation loss."""
+    import torch
+    from postembed_fast.train.recipe import HARD_NEGATIVE_MARGIN, encoder_model, mine_negatives, _pair_datasets
+    from postembed_fast.train.tasks import labelled_positive
+
+    splits = split_posts(read_posts(small_data))
+    # the real base model: a random tiny BERT scores every pair alike, so the margin would leave nothing
+    recipe = Recipe(dim=16, steps_per_task=3, batch_size=8, max_seq_length=32, freeze_layers=5,
+                    learning_rate=1e-3, warmup_steps=1, eval_every=20, device="cpu", dtype="float32",
+                    hard_negatives=True)
+    encoder = encoder_model(None, recipe.max_seq_length, "cpu")
+    mined, report = mine_negatives(_pair_datasets(splits["train"], recipe.tasks, 0), encoder, splits["train"], recipe)
+    assert set(mined) == set(TRAIN_TASKS)
+    for task, ds in mined.items():
+        assert ds.column_names == ["anchor", "positive", "negative"]
+        assert 2 <= len(ds) <= report["tasks"][task]["pairs"] <= 2 * 3 * 8
+        is_pos = labelled_positive(task, splits["train"])
+        rows = ds[:]
+        assert not any(n == p or is_pos(a, n) for a, p, n in zip(rows["anchor"], rows["positive"], rows["negative"]))
+        e = [torch.nn.functional.normalize(torch.as_tensor(encoder.encode(rows[c][:20])), dim=1)
+             for c in ("anchor", "positive", "negative")]
+        pos, neg = (e[0] * e[1]).sum(1), (e[0] * e[2]).sum(1)
+        assert bool((neg <= pos * (1 - HARD_NEGATIVE_MARGIN) + 1e-4).all()), task
+    record = train(recipe, splits, tmp_path / "hn", progress=False, log=lambda m: None)
+    assert record["hard_negatives"]["tasks"].keys() == set(TRAIN_TASKS)
+    before = sum(v["before"] for v in record["validation_loss"].values())
+    after = sum(v["after"] for v in record["validation_loss"].values())
+    assert after < before, record["validation_loss"]
+
+
+def test_matryoshka_folder_serves_dim_by_default_and_full_width_on_request(small_data, tiny_bert, tmp_path, posts):
+    """matryoshka: the folder keeps the hidden width (64 for the tiny BERT) and records truncate_dim=16;
+    Embedder(folder) serves 16-d (= sentence-transformers' own truncated output, re-normalized) with
+    the folder's ranges, Embedder(folder, truncate_dim=64) the full width, which starts with the
+    same 16 directions."""
+    from sentence_transformers import SentenceTransformer
+
+    recipe = Recipe(dim=16, steps_per_task=5, batch_size=8, max_seq_length=32, freeze_layers=0,
+                    learning_rate=1e-3, warmup_steps=2, eval_every=20, device="cpu", dtype="float32",
+                    matryoshka=True)
+    out = tmp_path / "mrl"
+    record = train(recipe, split_posts(read_posts(small_data)), out, base=tiny_bert, progress=False,
+                   log=lambda m: None)
+    before = sum(v["before"] for v in record["validation_loss"].values())
+    after = sum(v["after"] for v in record["validation_loss"].values())
+    assert after < before, record["validation_loss"]
+    texts = [p.text for p in posts[:30]] + ["", "x " * 200]
+    served = Embedder(out, device="cpu", dtype="float32")
+    assert (served.dim, served.full_dim) == (16, 64)
+    ours = served.embed(texts)
+    assert ours.shape == (len(texts), 16)
+    st = SentenceTransformer(str(out), device="cpu")
+    assert st.truncate_dim == 16
+    ref = st.encode(texts, convert_to_numpy=True, normalize_embeddings=True)
+    np.testing.assert_allclose(ours, ref, atol=2e-5)
+    assert served.quantization_ranges[0].shape == (16,)  # the folder's ranges, at its default width
+    full = Embedder(out, device="cpu", dtype="float32", truncate_dim=64)
+    wide = full.embed(texts)
+    assert wide.shape == (len(texts), 64) and full.quantization_ranges is None
+    prefix = wide[:, :16] / np.linalg.norm(wide[:, :16], axis=1, keepdims=True)
+    np.testing.assert_allclose(prefix, ours, atol=2e-5)
+    for bad in (0, 65, 16.0, True):
+        with pytest.raises(ValueError, match=r"truncate_dim must be None or an int in \[1, 64\]"):
+            Embedder(out, device="cpu", truncate_dim=bad)
+    with pytest.raises(ValueError, match="matryoshka needs dim"):
+        Recipe(dim=None, matryoshka=True).check()
+
+
 def test_unknown_loss_is_refused(small_data, tmp_path, capsys):
     with pytest.raises(ValueError, match="loss must be one of mnrl, cached-mnrl, gist, got 'triplet'"):
         Recipe(loss="triplet").check()

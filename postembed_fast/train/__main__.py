@@ -70,6 +70,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", choices=("mnrl", "cached-mnrl", "gist"), default=d.loss,
                    help="contrastive loss: mnrl = MultipleNegativesRankingLoss (default), cached-mnrl = its "
                         "GradCache form (large batches at small memory), gist = GISTEmbedLoss guided by the base")
+    p.add_argument("--hard-negatives", action="store_true",
+                   help="add a hard negative per pair, mined by the base model (sentence-transformers' "
+                        "mine_hard_negatives: the closest candidate under 95%% of the positive's score that the "
+                        "labels do not make a positive)")
+    p.add_argument("--matryoshka", action="store_true",
+                   help="MatryoshkaLoss over the full width and its first --dim dimensions: one folder serves "
+                        "--dim by default and the full width on request")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--full", action="store_true",
                    help="the GPU-size recipe: all layers, 256 tokens, batch 128, 1,500 steps per task")
@@ -94,7 +101,7 @@ def recipe_from_args(a):
     from postembed_fast.train.recipe import Recipe
 
     kw = {"tasks": a.tasks, "dim": a.dim, "device": ModelOptions.from_args(a).device, "seed": a.seed,
-          "dtype": a.train_dtype, "loss": a.loss}
+          "dtype": a.train_dtype, "loss": a.loss, "hard_negatives": a.hard_negatives, "matryoshka": a.matryoshka}
     for name in ("batch_size", "max_seq_length", "freeze_layers", "learning_rate"):
         if getattr(a, name) is not None:
             kw[name] = getattr(a, name)

@@ -78,11 +78,11 @@ def comparable_vectors(emb, texts: list[str], precision: str, **kw) -> np.ndarra
 
 
 def score_model(path: str, triplets: list[dict], by_id: dict, *, device=None, batch_tokens=None,
-                show_progress: bool = False, precision: str = "float32") -> tuple[dict, dict]:
+                show_progress: bool = False, precision: str = "float32", truncate_dim=None) -> tuple[dict, dict]:
     """-> (info {model_tag, dim, embed_seconds, texts}, {(task, kind): bool array per triplet})."""
     from postembed_fast import Embedder
 
-    emb = Embedder(path, device=device, dtype="float32")
+    emb = Embedder(path, device=device, dtype="float32", truncate_dim=truncate_dim)
     refs = sorted({r for t in triplets for r in (t["anchor"], t["positive"], t["negative_ref"])})
     row = {r: i for i, r in enumerate(refs)}
     t0 = time.perf_counter()

@@ -32,6 +32,14 @@ RECIPE_FILE = "postembed_train.json"
 #                above the positive is not pushed away (same-section posts that are true positives)
 LOSSES = ("mnrl", "cached-mnrl", "gist")
 CACHED_MINI_BATCH = 32
+# Mined hard negatives (Recipe.hard_negatives): sentence-transformers' mine_hard_negatives with the base
+# encoder over each task's pairs, taking the most similar candidate scored below 95% of the positive
+# (NV-Retriever's TopK-PercPos: a candidate closer than that is likely an unlabelled positive), then
+# dropping those the labels make positives (tasks.labelled_positive). Mining embeds every pair, so it
+# runs on the pairs training can reach: HARD_NEGATIVE_POOL x the pairs the task's steps draw.
+HARD_NEGATIVE_MARGIN = 0.05
+HARD_NEGATIVE_CANDIDATES = 4  # mined per query, best first; the first not labelled a positive is kept
+HARD_NEGATIVE_POOL = 2
 PCA_SAMPLE = 4000  # training posts the Dense layer's PCA is fitted on
 VALIDATION_PAIRS = 128  # pairs per task for the per-task validation loss in the log
 
@@ -59,6 +67,11 @@ class Recipe:
     eval_every: int = 50
     dtype: str = "auto"  # TRAIN_DTYPES: bf16 autocast where the CPU has native bf16 (resolve_train_dtype)
     loss: str = "mnrl"  # LOSSES
+    hard_negatives: bool = False  # a mined hard negative per pair (HARD_NEGATIVE_*), one more text per pair
+    # MatryoshkaLoss over the full width and its first `dim` dimensions: the Dense keeps the hidden
+    # width (hidden -> hidden, PCA-initialized), the folder records truncate_dim = dim, so it serves
+    # dim by default and the full width on request (Embedder(folder, truncate_dim=384))
+    matryoshka: bool = False
 
     @property
     def steps(self) -> int:
@@ -88,6 +101,8 @@ class Recipe:
             raise ValueError(f"dtype must be one of {', '.join(TRAIN_DTYPES)}, got {self.dtype!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.matryoshka and self.dim is None:
+            raise ValueError("matryoshka needs dim (the prefix served by default); got dim=None")
         if self.freeze_layers < 0 or self.warmup_steps < 0 or not self.learning_rate > 0:
             raise ValueError("freeze_layers and warmup_steps must be >= 0 and learning_rate > 0")
 
@@ -155,6 +170,11 @@ def encoder_model(base, max_seq_length: int | None, device: str):
     return st.SentenceTransformer(modules=[transformer, pooling], device=device)
 
 
+def _width(model) -> int:
+    """A SentenceTransformer's output width (the method was renamed in sentence-transformers 6)."""
+    return (getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension)()
+
+
 def pca_projection(pooled: np.ndarray, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(W [dim, hidden], b [dim]) with W x + b = the top-dim principal components of x - mean."""
     x = torch.as_tensor(pooled, dtype=torch.float64)
@@ -167,7 +187,8 @@ def pca_projection(pooled: np.ndarray, dim: int) -> tuple[torch.Tensor, torch.Te
 
 
 def with_head(encoder, dim: int | None, pooled_sample: np.ndarray | None):
-    """encoder (Transformer + Pooling) + [Dense(hidden -> dim, identity, PCA-initialized)] + Normalize."""
+    """encoder (Transformer + Pooling) + [Dense(hidden -> dim, identity, PCA-initialized)] + Normalize.
+    (A Matryoshka recipe passes dim = hidden: a full PCA rotation, whose first k outputs are PCA-k.)"""
     st = _st()
     m = _modules()
     mods = [encoder[0], encoder[1]]
@@ -245,9 +266,17 @@ def train(recipe: Recipe, splits: dict[str, list[Post]], out, *, base=None, prog
 
     encoder = encoder_model(base, recipe.max_seq_length, device)
     pooled = pooled_embeddings(encoder, _pca_sample(splits["train"], recipe.seed)) if recipe.dim else None
-    model = with_head(encoder, recipe.dim, pooled)
+    head_dim = _width(encoder) if recipe.matryoshka else recipe.dim
+    model = with_head(encoder, head_dim, pooled)
     freeze_lower_layers(model, recipe.freeze_layers)
     train_sets = _pair_datasets(splits["train"], recipe.tasks, recipe.seed)
+    mining = None
+    if recipe.hard_negatives:  # mined by the base encoder, before any training
+        t_mine = time.perf_counter()
+        train_sets, mining = mine_negatives(train_sets, encoder, splits["train"], recipe)
+        mining["seconds"] = round(time.perf_counter() - t_mine, 1)
+        log(f"mined hard negatives in {mining['seconds']} s: " + ", ".join(
+            f"{t} {m['kept']}/{m['pairs']}" for t, m in mining["tasks"].items()))
     eval_sets = _pair_datasets(splits["validation"], recipe.tasks, recipe.seed, limit=VALIDATION_PAIRS)
     log("pairs per task: " + ", ".join(f"{k} {len(v)}" for k, v in train_sets.items())
         + f"; {recipe.steps} steps ({recipe.steps_per_task} per task) of batch {recipe.batch_size}"
@@ -281,6 +310,8 @@ def train(recipe: Recipe, splits: dict[str, list[Post]], out, *, base=None, prog
     # Trained at max_seq_length for speed, served at the base's length (all-MiniLM-L6-v2 itself was
     # trained at 128 tokens and is served at 256): truncating posts at serving time would lose text.
     model.max_seq_length = recipe.serve_max_seq_length or encoder[0].base_max_seq_length
+    if recipe.matryoshka:
+        model.truncate_dim = recipe.dim  # config_sentence_transformers.json: served at dim by default
     model.save(str(out))
     val_loss = {t: {"before": before.get(f"eval_{t}_loss"),
                     "after": next((h[f"eval_{t}_loss"] for h in reversed(history) if f"eval_{t}_loss" in h), None)}
@@ -289,22 +320,67 @@ def train(recipe: Recipe, splits: dict[str, list[Post]], out, *, base=None, prog
     record = {"recipe": {**asdict(recipe), "device": device}, "base": str(base or "all-MiniLM-L6-v2"),
               "train_dtype": train_dtype, "train_dtype_reason": dtype_why,
               "train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / recipe.steps, 3),
-              "validation_loss": val_loss, "log_history": history, "ranges_shape": list(ranges.shape)}
+              "validation_loss": val_loss, "log_history": history, "ranges_shape": list(ranges.shape),
+              "hard_negatives": mining}
     (out / RECIPE_FILE).write_text(json.dumps(record, indent=1))
     return record
 
 
 def make_loss(recipe: Recipe, model, losses, base, device: str):
-    """The recipe's loss (LOSSES) over `model`; gist's guide is a frozen copy of the base encoder
-    (mean pooled, no Dense: its similarities only decide which in-batch negatives to mask)."""
+    """The recipe's loss (LOSSES) over `model`, wrapped in MatryoshkaLoss (the full width and the
+    first recipe.dim dimensions, equal weights) for a Matryoshka recipe; gist's guide is a frozen copy
+    of the base encoder (mean pooled, no Dense: its similarities only decide which in-batch negatives
+    to mask)."""
     if recipe.loss == "cached-mnrl":
-        return losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=min(CACHED_MINI_BATCH,
+        loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=min(CACHED_MINI_BATCH,
                                                                                     recipe.batch_size))
-    if recipe.loss == "gist":
+    elif recipe.loss == "gist":
         guide = encoder_model(base, recipe.max_seq_length, device)
         guide.requires_grad_(False)
-        return losses.GISTEmbedLoss(model, guide=guide)
-    return losses.MultipleNegativesRankingLoss(model)
+        loss = losses.GISTEmbedLoss(model, guide=guide)
+    else:
+        loss = losses.MultipleNegativesRankingLoss(model)
+    if recipe.matryoshka:
+        loss = losses.MatryoshkaLoss(model, loss, matryoshka_dims=[_width(model), recipe.dim])
+    return loss
+
+
+def mine_negatives(train_sets: dict, encoder, posts: list[Post], recipe: Recipe) -> tuple[dict, dict]:
+    """Each task's (anchor, positive) dataset -> (anchor, positive, negative), mined by `encoder` with
+    sentence-transformers' mine_hard_negatives (HARD_NEGATIVE_* above). Returns (datasets, report)."""
+    from datasets import Dataset
+    from sentence_transformers.util import mine_hard_negatives
+
+    from postembed_fast.train.tasks import labelled_positive
+
+    out, report = {}, {"margin": HARD_NEGATIVE_MARGIN, "pool": HARD_NEGATIVE_POOL, "tasks": {}}
+    reach = HARD_NEGATIVE_POOL * recipe.steps_per_task * recipe.batch_size
+    for task, ds in train_sets.items():
+        ds = ds.select(range(min(len(ds), reach)))  # training_pairs are shuffled: a random subset
+        # "triplet" keeps each (query, positive) with the candidates found, best first, one row each
+        # ("n-tuple" would drop a query with fewer than HARD_NEGATIVE_CANDIDATES under the margin)
+        mined = mine_hard_negatives(ds, encoder, anchor_column_name="anchor", positive_column_name="positive",
+                                    relative_margin=HARD_NEGATIVE_MARGIN, num_negatives=HARD_NEGATIVE_CANDIDATES,
+                                    sampling_strategy="top", output_format="triplet", batch_size=64,
+                                    verbose=False)
+        is_positive = labelled_positive(task, posts)
+        rows, done = {"anchor": [], "positive": [], "negative": []}, set()
+        labelled = 0
+        for r in mined:
+            key = (r["anchor"], r["positive"])
+            if key in done:
+                continue
+            if is_positive(r["anchor"], r["negative"]):
+                labelled += 1
+                continue
+            done.add(key)
+            for k in rows:
+                rows[k].append(r[k])
+        if len(rows["anchor"]) < 2:
+            raise ValueError(f"task {task!r}: mining left {len(rows['anchor'])} pair(s) with a hard negative")
+        out[task] = Dataset.from_dict(rows)
+        report["tasks"][task] = {"pairs": len(ds), "kept": len(rows["anchor"]), "labelled_positive_skipped": labelled}
+    return out, report
 
 
 def write_ranges(folder, texts: list[str], device: str) -> np.ndarray:

@@ -101,6 +101,31 @@ def training_pairs(task: str, posts: list[Post], seed: int = 0) -> list[tuple[st
     return pairs
 
 
+def labelled_positive(task: str, posts: list[Post]):
+    """is_positive(query, candidate) -> bool: whether the labels make `candidate` a positive of `query`
+    for `task` (the same post or source; a shared topical tag for interest; one of the post's own tags
+    for hashtag), so a negative mined by similarity that is really a positive can be dropped. A text
+    shared by several posts counts as each of them."""
+    if task not in TRAIN_TASKS:
+        raise ValueError(f"unknown training task {task!r}; valid: {', '.join(TRAIN_TASKS)}")
+    by_text, by_title = defaultdict(list), defaultdict(list)
+    for p in posts:
+        by_text[p.text].append(p)
+        by_title[p.title].append(p)
+    queries = by_title if task == "search" else by_text
+
+    def related(a: Post, c: Post) -> bool:
+        return a.source == c.source or (task == "interest" and bool(set(a.topical_tags) & set(c.topical_tags)))
+
+    def is_positive(query: str, candidate: str) -> bool:
+        anchors = queries.get(query, ())
+        if task == "hashtag":
+            return any(candidate == tag_phrase(t) for a in anchors for t in a.hashtag_tags)
+        return any(related(a, c) for a in anchors for c in by_text.get(candidate, ()))
+
+    return is_positive
+
+
 # ---- evaluation triplets -----------------------------------------------------------------------
 def _triplet_refs(task: str, rng: random.Random, ix: _Index, a: Post):
     """(anchor, positive, random negative, hard negative) references for anchor post a, or None."""
