@@ -335,6 +335,32 @@ def test_matryoshka_folder_serves_dim_by_default_and_full_width_on_request(small
         Recipe(dim=None, matryoshka=True).check()
 
 
+def test_task_weights_split_the_steps_and_train(small_data, tiny_bert, tmp_path, capsys):
+    """task_weights: each task's share of the steps (summing to the total), each dataset cut to its
+    share so one proportional pass draws it; a share the data cannot fill is refused by name."""
+    recipe = Recipe(dim=16, steps_per_task=4, batch_size=4, max_seq_length=32, freeze_layers=0,
+                    learning_rate=1e-3, warmup_steps=1, eval_every=20, device="cpu", dtype="float32",
+                    task_weights=(2, 1, 0.5, 0.5))
+    assert recipe.task_steps() == {"search": 8, "storyline": 4, "interest": 2, "hashtag": 2}
+    record = train(recipe, split_posts(read_posts(small_data)), tmp_path / "mix", base=tiny_bert, progress=False,
+                   log=lambda m: None)
+    assert record["recipe"]["task_weights"] == (2, 1, 0.5, 0.5)
+    before = sum(v["before"] for v in record["validation_loss"].values())
+    after = sum(v["after"] for v in record["validation_loss"].values())
+    assert after < before, record["validation_loss"]
+    greedy = Recipe(dim=16, steps_per_task=500, batch_size=8, freeze_layers=0, device="cpu", task_weights=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="task 'search': 500 steps of batch 8 need 4000 pairs; the data has"):
+        train(greedy, split_posts(read_posts(small_data)), tmp_path / "x", base=tiny_bert, progress=False,
+              log=lambda m: None)
+    with pytest.raises(ValueError, match="task_weights must be one positive weight per task"):
+        Recipe(task_weights=(1, 0, 1, 1)).check()
+    for bad, message in (("search=2,interest=1", "must give every task of --tasks"),
+                         ("search=x", "bad --task-weights item 'search=x'")):
+        with pytest.raises(SystemExit):
+            train_main(["--data", str(small_data), "--out", str(tmp_path / "m"), "--task-weights", bad])
+        assert message in capsys.readouterr().err
+
+
 def test_unknown_loss_is_refused(small_data, tmp_path, capsys):
     with pytest.raises(ValueError, match="loss must be one of mnrl, cached-mnrl, gist, got 'triplet'"):
         Recipe(loss="triplet").check()

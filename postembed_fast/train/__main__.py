@@ -31,6 +31,24 @@ def _tasks(s: str) -> tuple[str, ...]:
     return tasks
 
 
+def _task_weights(s: str) -> dict[str, float]:
+    """`--task-weights search=1.5,interest=0.5,...` -> {task: weight > 0}."""
+    out = {}
+    for item in (x.strip() for x in s.split(",") if x.strip()):
+        task, sep, w = item.partition("=")
+        try:
+            weight = float(w)
+        except ValueError:
+            weight = None
+        if not sep or task not in TRAIN_TASKS or task in out or weight is None or not weight > 0:
+            raise argparse.ArgumentTypeError(f"bad --task-weights item {item!r}: expected TASK=WEIGHT with TASK "
+                                             f"one of {','.join(TRAIN_TASKS)} (once each) and WEIGHT > 0")
+        out[task] = weight
+    if not out:
+        raise argparse.ArgumentTypeError("--task-weights is empty")
+    return out
+
+
 def _dim(s: str):
     """`--dim`: a positive integer, or none/full/0 for no Dense layer."""
     if s.lower() in ("none", "full", "0"):
@@ -77,6 +95,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--matryoshka", action="store_true",
                    help="MatryoshkaLoss over the full width and its first --dim dimensions: one folder serves "
                         "--dim by default and the full width on request")
+    p.add_argument("--task-weights", type=_task_weights, default=None,
+                   help="split the steps over the tasks in these proportions, e.g. search=1.5,storyline=0.75,"
+                        "interest=0.5,hashtag=1.25 (every task of --tasks; default: equal steps)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--full", action="store_true",
                    help="the GPU-size recipe: all layers, 256 tokens, batch 128, 1,500 steps per task")
@@ -105,6 +126,11 @@ def recipe_from_args(a):
     for name in ("batch_size", "max_seq_length", "freeze_layers", "learning_rate"):
         if getattr(a, name) is not None:
             kw[name] = getattr(a, name)
+    if a.task_weights is not None:
+        if set(a.task_weights) != set(a.tasks):
+            raise ValueError(f"--task-weights must give every task of --tasks ({','.join(a.tasks)}) a weight; "
+                             f"got {','.join(a.task_weights)}")
+        kw["task_weights"] = tuple(a.task_weights[t] for t in a.tasks)
     r = Recipe.full(**kw) if a.full else Recipe(**kw)
     if a.steps is not None:
         if a.steps < len(r.tasks):

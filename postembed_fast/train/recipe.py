@@ -72,10 +72,21 @@ class Recipe:
     # width (hidden -> hidden, PCA-initialized), the folder records truncate_dim = dim, so it serves
     # dim by default and the full width on request (Embedder(folder, truncate_dim=384))
     matryoshka: bool = False
+    # steps split over the tasks in these proportions (aligned with tasks) instead of equally: each
+    # task's pairs are cut to its steps x batch_size and the trainer's proportional sampler draws
+    # every batch once, so a task gets exactly its share (None: round-robin, steps_per_task each)
+    task_weights: tuple[float, ...] | None = None
 
     @property
     def steps(self) -> int:
         return self.steps_per_task * len(self.tasks)
+
+    def task_steps(self) -> dict[str, int]:
+        """Optimizer steps per task (they sum to `steps`, up to rounding of weighted shares)."""
+        if self.task_weights is None:
+            return {t: self.steps_per_task for t in self.tasks}
+        total = sum(self.task_weights)
+        return {t: max(1, round(self.steps * w / total)) for t, w in zip(self.tasks, self.task_weights)}
 
     @classmethod
     def full(cls, **kw) -> "Recipe":
@@ -101,6 +112,10 @@ class Recipe:
             raise ValueError(f"dtype must be one of {', '.join(TRAIN_DTYPES)}, got {self.dtype!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.task_weights is not None and (len(self.task_weights) != len(self.tasks)
+                                              or not all(w > 0 for w in self.task_weights)):
+            raise ValueError(f"task_weights must be one positive weight per task ({', '.join(self.tasks)}), "
+                             f"got {self.task_weights}")
         if self.matryoshka and self.dim is None:
             raise ValueError("matryoshka needs dim (the prefix served by default); got dim=None")
         if self.freeze_layers < 0 or self.warmup_steps < 0 or not self.learning_rate > 0:
@@ -270,6 +285,13 @@ def train(recipe: Recipe, splits: dict[str, list[Post]], out, *, base=None, prog
     model = with_head(encoder, head_dim, pooled)
     freeze_lower_layers(model, recipe.freeze_layers)
     train_sets = _pair_datasets(splits["train"], recipe.tasks, recipe.seed)
+    task_steps = recipe.task_steps()
+    if recipe.task_weights is not None:  # each task's share of the steps, one pass of the proportional sampler
+        for t, n in task_steps.items():
+            if len(train_sets[t]) < n * recipe.batch_size:
+                raise ValueError(f"task {t!r}: {n} steps of batch {recipe.batch_size} need "
+                                 f"{n * recipe.batch_size} pairs; the data has {len(train_sets[t])}")
+            train_sets[t] = train_sets[t].select(range(n * recipe.batch_size))
     mining = None
     if recipe.hard_negatives:  # mined by the base encoder, before any training
         t_mine = time.perf_counter()
@@ -279,7 +301,7 @@ def train(recipe: Recipe, splits: dict[str, list[Post]], out, *, base=None, prog
             f"{t} {m['kept']}/{m['pairs']}" for t, m in mining["tasks"].items()))
     eval_sets = _pair_datasets(splits["validation"], recipe.tasks, recipe.seed, limit=VALIDATION_PAIRS)
     log("pairs per task: " + ", ".join(f"{k} {len(v)}" for k, v in train_sets.items())
-        + f"; {recipe.steps} steps ({recipe.steps_per_task} per task) of batch {recipe.batch_size}"
+        + f"; {recipe.steps} steps ({', '.join(f'{t} {n}' for t, n in task_steps.items())}) of batch {recipe.batch_size}"
         + f" at <= {recipe.max_seq_length} tokens on {device} in {train_dtype} ({dtype_why})")
 
     try:
@@ -294,7 +316,8 @@ def train(recipe: Recipe, splits: dict[str, list[Post]], out, *, base=None, prog
             per_device_eval_batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
             warmup_steps=recipe.warmup_steps, seed=recipe.seed, data_seed=recipe.seed,
             batch_sampler="no_duplicates",  # a repeated text in a batch would be a false negative
-            multi_dataset_batch_sampler="round_robin",  # equal steps per task
+            # equal steps per task, or each task's weighted share (the datasets were cut to it)
+            multi_dataset_batch_sampler="round_robin" if recipe.task_weights is None else "proportional",
             eval_strategy="steps", eval_steps=recipe.eval_every, logging_steps=max(1, recipe.eval_every // 2),
             save_strategy="no", report_to="none", use_cpu=(device == "cpu"), disable_tqdm=not progress,
             dataloader_num_workers=0, fp16=False, bf16=train_dtype == "bfloat16")
@@ -354,8 +377,8 @@ def mine_negatives(train_sets: dict, encoder, posts: list[Post], recipe: Recipe)
     from postembed_fast.train.tasks import labelled_positive
 
     out, report = {}, {"margin": HARD_NEGATIVE_MARGIN, "pool": HARD_NEGATIVE_POOL, "tasks": {}}
-    reach = HARD_NEGATIVE_POOL * recipe.steps_per_task * recipe.batch_size
     for task, ds in train_sets.items():
+        reach = HARD_NEGATIVE_POOL * recipe.task_steps()[task] * recipe.batch_size
         ds = ds.select(range(min(len(ds), reach)))  # training_pairs are shuffled: a random subset
         # "triplet" keeps each (query, positive) with the candidates found, best first, one row each
         # ("n-tuple" would drop a query with fewer than HARD_NEGATIVE_CANDIDATES under the margin)
