@@ -132,8 +132,11 @@ def main() -> int:
             ("base-384", None),
             ("base-pca-50", lambda d: build_pca_model(None, splits["train"], 50, d, device=a.device)),
             ("multi-384", lambda d: train(Recipe(dim=None, **base_recipe), splits, d))]
-    plan += [(f"single-{t}-50", (lambda t: lambda d: train(Recipe(tasks=(t,), **base_recipe), splits, d))(t))
-             for t in TRAIN_TASKS]
+    # a single-task model gets the steps its task gets in the multi-task run (its weighted share, if any)
+    multi_steps = Recipe(**base_recipe).task_steps()
+    plan += [(f"single-{t}-50", (lambda t: lambda d: train(
+        Recipe(**{**base_recipe, "tasks": (t,), "steps_per_task": multi_steps[t], "task_weights": None}), splits, d))(t))
+        for t in TRAIN_TASKS]
     # recipe variants of multi-50, one change each (issue 24's rows)
     variants = {n: {**kw, "steps_per_task": kw["steps_per_task"] * a.steps_per_task} if "steps_per_task" in kw else kw
                 for n, kw in VARIANTS.items()}

@@ -171,6 +171,36 @@ def test_dimensions_truncates_and_renormalizes(embedder, posts):
     np.testing.assert_array_equal(packed, np.packbits(full[:, :12] > 0, axis=1))
 
 
+def test_truncate_dim_of_the_folder_or_the_call_sets_the_served_width(embedder, posts, tmp_path):
+    """A folder whose config_sentence_transformers.json says truncate_dim=k (no Dense here) serves the
+    first k dimensions re-normalized, as dimensions=k does; truncate_dim= at construction overrides it;
+    the default model's shipped ranges apply only at its own width; a bad value is named."""
+    import json
+    import shutil
+
+    from postembed_fast.loading import default_model_folder
+
+    src = default_model_folder()
+    folder = tmp_path / "truncated"
+    shutil.copytree(src, folder)
+    cfg = json.loads((folder / "config_sentence_transformers.json").read_text())
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({**cfg, "truncate_dim": 96}))
+    e = Embedder(folder, device="cpu", dtype=embedder.dtype)
+    assert (e.dim, e.full_dim) == (96, 384) and e.quantization_ranges is None
+    want = embedder.embed(posts[:12], dimensions=96)
+    np.testing.assert_allclose(e.embed(posts[:12]), want, atol=2e-6)
+    np.testing.assert_allclose(e.embed(posts[:12], dimensions=40), embedder.embed(posts[:12], dimensions=40), atol=2e-6)
+    wide = Embedder(folder, device="cpu", dtype=embedder.dtype, truncate_dim=384)
+    np.testing.assert_allclose(wide.embed(posts[:12]), embedder.embed(posts[:12]), atol=2e-6)
+    assert Embedder(device="cpu", dtype=embedder.dtype, truncate_dim=200).quantization_ranges is None
+    assert Embedder(device="cpu", dtype=embedder.dtype, truncate_dim=384).quantization_ranges is not None
+    with pytest.raises(ValueError, match=r"truncate_dim must be None or an int in \[1, 384\], got 385"):
+        Embedder(folder, device="cpu", truncate_dim=385)
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({**cfg, "truncate_dim": "50"}))
+    with pytest.raises(ValueError, match="truncate_dim must be a positive integer or null, got '50'"):
+        Embedder(folder, device="cpu")
+
+
 def test_normalize_false_returns_the_raw_pooled_vector(embedder, posts):
     raw = embedder.embed(posts[:5], normalize=False)
     norms = np.linalg.norm(raw, axis=1)
