@@ -40,7 +40,7 @@ VARIANTS = {
     "multi-50-gist": dict(loss="gist"),
     "multi-50-cached-mnrl-b64": dict(loss="cached-mnrl", batch_size=64),
     "multi-50-steps-2x": dict(steps_per_task=2),  # x --steps-per-task
-    "multi-50-lr2e-4": dict(learning_rate=2e-4),
+    "multi-50-lr2e-4": dict(learning_rate=2e-4),  # the default since (the variant rows were run from lr 5e-5)
     "multi-50-freeze0": dict(freeze_layers=0),
     "multi-50-hard-negatives": dict(hard_negatives=True),
     "multi-50-matryoshka": dict(matryoshka=True),
