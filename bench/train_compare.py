@@ -190,7 +190,6 @@ def main() -> int:
         if isinstance(record, dict):
             row["recipe"] = record["recipe"]
             row["hard_negatives"] = record.get("hard_negatives")
-        if isinstance(record, dict):
             row["train_seconds"] = record["train_seconds"]
             row["seconds_per_step"] = record["seconds_per_step"]
             row["validation_loss"] = record["validation_loss"]

@@ -126,8 +126,8 @@ class Embedder:
         if self.dim < self.full_dim:  # the first dim outputs of the last linear map (activations are per element)
             if dense:
                 last = dense[-1]
-                dense[-1] = type(last)(last.weight[: self.dim].contiguous(),
-                                       None if last.bias is None else last.bias[: self.dim].contiguous(), last.activation)
+                dense[-1] = Dense(last.weight[: self.dim].contiguous(),
+                                  None if last.bias is None else last.bias[: self.dim].contiguous(), last.activation)
             else:
                 dense.append(Dense(torch.eye(self.dim, self.full_dim, device=self.device), None, None))
         self.head = PoolingHead(spec.pooling, dense)

@@ -379,8 +379,9 @@ def mine_negatives(train_sets: dict, encoder, posts: list[Post], recipe: Recipe)
     from postembed_fast.train.tasks import labelled_positive
 
     out, report = {}, {"margin": HARD_NEGATIVE_MARGIN, "pool": HARD_NEGATIVE_POOL, "tasks": {}}
+    task_steps = recipe.task_steps()
     for task, ds in train_sets.items():
-        reach = HARD_NEGATIVE_POOL * recipe.task_steps()[task] * recipe.batch_size
+        reach = HARD_NEGATIVE_POOL * task_steps[task] * recipe.batch_size
         ds = ds.select(range(min(len(ds), reach)))  # training_pairs are shuffled: a random subset
         # "triplet" keeps each (query, positive) with the candidates found, best first, one row each
         # ("n-tuple" would drop a query with fewer than HARD_NEGATIVE_CANDIDATES under the margin)

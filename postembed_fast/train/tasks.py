@@ -108,11 +108,10 @@ def labelled_positive(task: str, posts: list[Post]):
     shared by several posts counts as each of them."""
     if task not in TRAIN_TASKS:
         raise ValueError(f"unknown training task {task!r}; valid: {', '.join(TRAIN_TASKS)}")
-    by_text, by_title = defaultdict(list), defaultdict(list)
+    by_text, queries = defaultdict(list), defaultdict(list)
     for p in posts:
         by_text[p.text].append(p)
-        by_title[p.title].append(p)
-    queries = by_title if task == "search" else by_text
+        queries[p.title if task == "search" else p.text].append(p)
 
     def related(a: Post, c: Post) -> bool:
         return a.source == c.source or (task == "interest" and bool(set(a.topical_tags) & set(c.topical_tags)))
